@@ -1,0 +1,75 @@
+"""The full set of config fields with their defaults; experiment configs start from here.
+
+Every field has a comment. Override any of them on the command line, e.g.
+``--config.peft.rank=16 --config.train.steps=300``; a misspelled key fails with its name.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds init, dropout and data order; the same seed gives the same run
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'bert'  # 'bert' | 'mlp' | 'cnn'
+  c.model.pretrained = ''  # HF BERT dir (config.json + model.safetensors); '' = bundled MiniLM-L6; 'random'
+  c.model.num_layers = 0  # keep only the first N encoder layers; 0 = all
+  c.model.pooling = 'mean'  # 'mean' (as sentence-transformers) | 'cls'
+  c.model.dropout_rate = 0.1  # hidden and attention dropout in training
+  c.model.grad_barrier = True  # materialize residual-stream grads per layer (XLA CPU speed-up)
+  c.model.dtype = 'float32'  # compute dtype
+  c.model.hidden = (256, 128)  # hidden sizes of the 'mlp' model
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'rotten_tomatoes'  # 'rotten_tomatoes' | 'mnist5k' | 'digits' | any prepared TFDS name
+  c.data.data_dir = ''  # TFDS data_dir; '' = $PEFTJAX_DATA_DIR or ~/.cache/peftjax/tfds
+  c.data.max_length = 64  # tokens per example (text)
+  c.data.padding = 'max_length'  # 'max_length' (static shapes) | 'longest'
+  c.data.text_key = 'text'  # feature holding the text
+  c.data.image_key = 'image'  # feature holding the image
+  c.data.label_key = 'label'  # feature holding the class label
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'  # evaluated during training
+  c.data.test_split = 'test'  # evaluated before and after training (the reported accuracy)
+  c.data.max_train_examples = -1  # -1 = all; N = the first N (tiny test configs)
+  c.data.max_eval_examples = -1  # -1 = all
+
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = 'lora'  # 'lora' | 'full' | 'linear_probe' | 'bitfit'
+  c.peft.rank = 8  # LoRA rank r
+  c.peft.alpha = 16.0  # LoRA scale is alpha / r
+  c.peft.dropout = 0.0  # dropout on the LoRA branch input
+  c.peft.targets = r'attention/(query|value)/kernel$'  # regex over weight paths LoRA adapts
+  c.peft.head = 'classifier/'  # regex of base leaves that train with every method (the new head)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 5e-4  # peak learning rate
+  c.optim.schedule = 'cosine'  # 'cosine' | 'linear' | 'constant' (after warmup)
+  c.optim.warmup_steps = 20  # linear warmup from 0
+  c.optim.end_lr_fraction = 0.0  # final lr as a fraction of the peak (cosine/linear)
+  c.optim.weight_decay = 0.01  # AdamW decoupled decay (not on biases and norms)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0  # global gradient-norm clipping; 0 = off
+  c.optim.grad_accum_steps = 1  # optax.MultiSteps: one update every k micro-batches
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300  # optimizer updates (micro-batches = steps * grad_accum_steps)
+  c.train.batch_size = 32  # global batch
+  c.train.eval_batch_size = 128
+  c.train.eval_every = 100  # validation every N steps (and at the end); 0 = only at the end
+  c.train.log_every = 10  # metrics to JSONL / TensorBoard every N steps
+  c.train.checkpoint_every = 100  # 0 = no checkpoints
+  c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+  c.train.eval_before = True  # test accuracy of the untrained model (accuracy_before)
+  c.train.progress = True  # progress bar
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # logical axis -> mesh axes; unlisted logical axes are replicated.
+  c.mesh.rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('heads', 'tensor'),
+                  ('mlp', 'tensor'), ('vocab', 'tensor'))
+  return c

@@ -1,0 +1,25 @@
+"""Quickstart: LoRA r=8 on query/value of MiniLM-L6, Rotten Tomatoes fresh vs rotten.
+
+  python -m peftjax.main --config=configs/quickstart.py --workdir=/tmp/run
+"""
+from configs import common
+
+
+def get_config():
+  c = common.get_config()
+  c.peft.method = 'lora'
+  c.peft.rank = 8
+  c.peft.alpha = 16.0
+  c.optim.learning_rate = 1e-3
+  c.optim.warmup_steps = 30
+  c.train.steps = 600
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  return c
+
+
+def sweep(add):
+  """Rank x learning-rate grid; ``add(**overrides)`` registers one run."""
+  for rank in (4, 8, 16):
+    for lr in (5e-4, 1e-3, 2e-3):
+      add(**{'peft.rank': rank, 'optim.learning_rate': lr})

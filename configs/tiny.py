@@ -1,0 +1,22 @@
+"""A tiny smoke-test config: the first MiniLM layer, short reviews, a few steps (seconds on CPU).
+
+  python -m peftjax.main --config=configs/tiny.py --workdir=/tmp/tiny
+"""
+from configs import common
+
+
+def get_config():
+  c = common.get_config()
+  c.model.num_layers = 1
+  c.data.max_length = 16
+  c.data.max_train_examples = 256
+  c.data.max_eval_examples = 64
+  c.optim.warmup_steps = 2
+  c.train.steps = 8
+  c.train.batch_size = 8
+  c.train.eval_batch_size = 32
+  c.train.eval_every = 4
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.train.progress = False
+  return c

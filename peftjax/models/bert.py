@@ -1,0 +1,196 @@
+"""A BERT-family encoder in flax.linen with logical axis names, and a sequence classifier.
+
+Parameter layout (per layer ``i``)::
+
+  encoder/embeddings/{word,position,token_type}_embeddings/embedding   ('vocab', 'embed')
+  encoder/embeddings/layer_norm/{scale,bias}                           ('embed',)
+  encoder/layer_i/attention/{query,key,value}/kernel                   ('embed', 'heads', 'kv')
+  encoder/layer_i/attention/out/kernel                                 ('heads', 'kv', 'embed')
+  encoder/layer_i/attention_norm/{scale,bias}
+  encoder/layer_i/intermediate/kernel                                  ('embed', 'mlp')
+  encoder/layer_i/output/kernel                                        ('mlp', 'embed')
+  encoder/layer_i/output_norm/{scale,bias}
+  classifier/{kernel,bias}                                             ('embed', 'classes')
+
+Post-LayerNorm blocks with exact (erf) GELU, as in the original BERT and MiniLM.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftjax.models.barrier import grad_barrier
+from peftjax.models.logical import param_init
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Architecture of a BERT encoder (the fields of a Hugging Face ``config.json``)."""
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 12
+  intermediate_size: int = 1536
+  max_position: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  grad_barrier: bool = True  # see peftjax/models/barrier.py
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+def _init(stddev: float, axes: tuple):
+  return param_init(nn.initializers.normal(stddev), axes)
+
+
+def _zeros(axes):
+  return param_init(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes):
+  return param_init(nn.initializers.ones_init(), axes)
+
+
+def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=cfg.dtype,
+                      scale_init=_ones(('embed',)), bias_init=_zeros(('embed',)))
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+class Embeddings(nn.Module):
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    cfg = self.cfg
+    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name,
+                                     embedding_init=_init(0.02, ('vocab', 'embed')))
+    x = embed(cfg.vocab_size, 'word_embeddings')(input_ids)
+    length = input_ids.shape[1]
+    x = x + embed(cfg.max_position, 'position_embeddings')(jnp.arange(length)[None, :])
+    x = x + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
+    x = _layer_norm(cfg, 'layer_norm')(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return _constrain(x.astype(cfg.dtype), ('batch', 'length', 'embed'))
+
+
+class SelfAttention(nn.Module):
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x, mask_bias, deterministic: bool):
+    cfg = self.cfg
+    proj = lambda name: nn.DenseGeneral(
+        (cfg.num_heads, cfg.head_dim), name=name, dtype=cfg.dtype,
+        kernel_init=_init(0.02, ('embed', 'heads', 'kv')), bias_init=_zeros(('heads', 'kv')))
+    q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
+    q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) + mask_bias
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cfg.dtype)
+    probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
+    ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    ctx = _constrain(ctx, ('batch', 'length', 'heads', 'kv'))
+    return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), name='out', dtype=cfg.dtype,
+                           kernel_init=_init(0.02, ('heads', 'kv', 'embed')),
+                           bias_init=_zeros(('embed',)))(ctx)
+
+
+class Layer(nn.Module):
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x, mask_bias, deterministic: bool):
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    h = SelfAttention(cfg, name='attention')(x, mask_bias, deterministic)
+    x = _layer_norm(cfg, 'attention_norm')(x + drop(h))
+    h = nn.Dense(cfg.intermediate_size, name='intermediate', dtype=cfg.dtype,
+                 kernel_init=_init(0.02, ('embed', 'mlp')), bias_init=_zeros(('mlp',)))(x)
+    h = nn.gelu(h, approximate=False)
+    h = _constrain(h, ('batch', 'length', 'mlp'))
+    h = nn.Dense(cfg.hidden_size, name='output', dtype=cfg.dtype,
+                 kernel_init=_init(0.02, ('mlp', 'embed')), bias_init=_zeros(('embed',)))(h)
+    x = _layer_norm(cfg, 'output_norm')(x + drop(h))
+    return _constrain(x, ('batch', 'length', 'embed'))
+
+
+class BertEncoder(nn.Module):
+  """Token ids -> final hidden states ``(batch, length, hidden)``.
+
+  >>> enc = BertEncoder(BertConfig(num_layers=1))
+  >>> ids = jnp.ones((2, 8), jnp.int32)
+  >>> params = enc.init(jax.random.key(0), ids, jnp.ones_like(ids))
+  """
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    cfg = self.cfg
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = Embeddings(cfg, name='embeddings')(input_ids, token_type_ids, deterministic)
+    # Additive mask: 0 for real keys, a large negative number for padding.
+    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                          jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    for i in range(cfg.num_layers):
+      if cfg.grad_barrier:
+        x = grad_barrier(x)
+      x = Layer(cfg, name=f'layer_{i}')(x, mask_bias, deterministic)
+    return x
+
+
+def mean_pool(hidden, attention_mask):
+  """Mean of the hidden states over real (unmasked) tokens, as sentence-transformers pools."""
+  m = attention_mask[..., None].astype(hidden.dtype)
+  return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+
+
+class BertClassifier(nn.Module):
+  """Encoder + pooling (``'mean'`` or ``'cls'``) + dropout + a linear head -> logits.
+
+  >>> model = BertClassifier(BertConfig(num_layers=1), num_classes=2)
+  >>> ids = jnp.ones((2, 8), jnp.int32)
+  >>> logits = model.apply(model.init(jax.random.key(0), ids, jnp.ones_like(ids)), ids, jnp.ones_like(ids))
+  """
+  cfg: BertConfig
+  num_classes: int
+  pooling: str = 'mean'
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    hidden = BertEncoder(self.cfg, name='encoder')(input_ids, attention_mask, token_type_ids,
+                                                   deterministic)
+    if self.pooling == 'mean':
+      pooled = mean_pool(hidden, attention_mask)
+    elif self.pooling == 'cls':
+      pooled = hidden[:, 0]
+    else:
+      raise ValueError(f"model.pooling={self.pooling!r}; valid: 'mean', 'cls'")
+    pooled = nn.Dropout(self.cfg.dropout_rate)(pooled, deterministic=deterministic)
+    logits = nn.Dense(self.num_classes, name='classifier', dtype=jnp.float32,
+                      kernel_init=_init(0.02, ('embed', 'classes')),
+                      bias_init=_zeros(('classes',)))(pooled)
+    return logits.astype(jnp.float32)
+
+
+def sentence_embedding(cfg: BertConfig, encoder_params, input_ids, attention_mask,
+                       token_type_ids=None, normalize: bool = True):
+  """The sentence-transformers embedding: mean pooling, then (optionally) L2 normalization."""
+  hidden = BertEncoder(cfg).apply({'params': encoder_params}, input_ids, attention_mask,
+                                  token_type_ids)
+  pooled = mean_pool(hidden, attention_mask)
+  if normalize:
+    pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+  return pooled

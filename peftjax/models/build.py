@@ -1,0 +1,90 @@
+"""Build a model and its initial parameters from the ``model`` section of a config."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftjax.models.bert import BertClassifier
+from peftjax.models.bert import BertConfig
+from peftjax.models.hf_bert import load_bert
+from peftjax.models.vision import CNN
+from peftjax.models.vision import MLP
+
+MODEL_NAMES = ('bert', 'mlp', 'cnn')
+
+
+@dataclasses.dataclass
+class Built:
+  """A model ready to train: the module, its parameters, and how to feed it.
+
+  ``input_keys`` are the batch keys passed to ``module.apply`` as keyword arguments;
+  ``logical_specs`` mirrors ``params`` with each leaf's logical axis names;
+  ``source`` records where the weights came from (a path, or 'random').
+  """
+  module: nn.Module
+  params: dict
+  input_keys: tuple[str, ...]
+  logical_specs: Any
+  source: str
+
+
+def sample_inputs(input_keys, *, batch: int = 2, length: int = 8, image_shape=None) -> dict:
+  """Dummy inputs with the right dtypes, for shape inference and ``init``."""
+  if 'image' in input_keys:
+    return {'image': jnp.zeros((batch, *image_shape), jnp.float32)}
+  ids = jnp.ones((batch, length), jnp.int32)
+  return {'input_ids': ids, 'attention_mask': ids, 'token_type_ids': jnp.zeros_like(ids)}
+
+
+def _init_params(module, inputs, seed: int):
+  """Random init under jit; returns (plain params, logical axis specs)."""
+  boxed = jax.jit(lambda k: module.init(k, **inputs))(jax.random.key(seed))['params']
+  specs = nn.get_partition_spec(boxed)
+  return nn.meta.unbox(boxed), specs
+
+
+def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
+          image_shape=None, seed: int = 0) -> Built:
+  """Builds the model named by ``model_cfg.name``.
+
+  For ``'bert'``: weights from ``pretrained_dir`` (a HF BERT directory) unless
+  ``model_cfg.pretrained == 'random'``; ``model_cfg.num_layers > 0`` keeps only the first
+  layers; the classifier head is always freshly initialised.
+
+  >>> built = build(cfg.model, num_classes=2, pretrained_dir=minilm_dir())  # doctest: +SKIP
+  """
+  name = model_cfg.name
+  if name == 'bert':
+    overrides = dict(dropout_rate=model_cfg.dropout_rate,
+                     attention_dropout_rate=model_cfg.dropout_rate,
+                     grad_barrier=model_cfg.grad_barrier, dtype=model_cfg.dtype)
+    if model_cfg.num_layers > 0:
+      overrides['num_layers'] = model_cfg.num_layers
+    if model_cfg.pretrained == 'random':
+      bert_cfg = BertConfig(**{**BertConfig().__dict__, **overrides})
+      encoder, source = None, 'random'
+    else:
+      bert_cfg, encoder = load_bert(pretrained_dir, **overrides)
+      source = str(pretrained_dir)
+    module = BertClassifier(bert_cfg, num_classes=num_classes, pooling=model_cfg.pooling)
+    keys = ('input_ids', 'attention_mask', 'token_type_ids')
+    params, specs = _init_params(module, sample_inputs(keys), seed)
+    if encoder is not None:
+      params['encoder'] = jax.tree.map(jnp.asarray, encoder)
+    return Built(module, params, keys, specs, source)
+  if name in ('mlp', 'cnn'):
+    if image_shape is None:
+      raise ValueError(f"model.name={name!r} needs image data; the data set has no image feature")
+    if name == 'mlp':
+      module = MLP(hidden=tuple(model_cfg.hidden), num_classes=num_classes,
+                   dropout_rate=model_cfg.dropout_rate)
+    else:
+      module = CNN(num_classes=num_classes, dropout_rate=model_cfg.dropout_rate)
+    keys = ('image',)
+    params, specs = _init_params(module, sample_inputs(keys, image_shape=image_shape), seed)
+    return Built(module, params, keys, specs, 'random')
+  raise ValueError(f'model.name={name!r}; valid: {MODEL_NAMES}')

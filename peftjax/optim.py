@@ -1,0 +1,71 @@
+"""Optax optimizers from config, built over the trainable partition only.
+
+The trainer differentiates with respect to the trainable partition alone, so the optimizer
+never sees a frozen leaf and keeps no state for one. :func:`masked` covers the other case, an
+optimizer that must be handed a whole tree: ``optax.multi_transform`` with ``set_to_zero`` on
+the frozen labels (``optax.masked`` alone passes masked updates through unchanged).
+"""
+from __future__ import annotations
+
+import optax
+
+from peftjax import tree as tree_lib
+
+SCHEDULES = ('cosine', 'linear', 'constant')
+# Decoupled weight decay skips biases and normalization parameters, as is standard.
+_NO_DECAY = (r'(^|/)bias$', r'(^|/)scale$', r'norm/')
+
+
+def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then cosine/linear decay or constant.
+
+  >>> lr = schedule(config.optim, 600); float(lr(0))  # doctest: +SKIP
+  0.0
+  """
+  peak, warm = optim_cfg.learning_rate, optim_cfg.warmup_steps
+  end = peak * optim_cfg.end_lr_fraction
+  decay_steps = max(total_steps - warm, 1)
+  if optim_cfg.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim_cfg.end_lr_fraction)
+  elif optim_cfg.schedule == 'linear':
+    after = optax.linear_schedule(peak, end, decay_steps)
+  elif optim_cfg.schedule == 'constant':
+    after = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f'optim.schedule={optim_cfg.schedule!r}; valid: {SCHEDULES}')
+  if warm <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def decay_mask(params):
+  """True where AdamW's decoupled weight decay applies."""
+  no_decay = tree_lib.make_selector(list(_NO_DECAY))
+  return tree_lib.map_with_path(lambda p, x: not no_decay(p, x), params)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  """Clipping + AdamW with the schedule, wrapped in ``MultiSteps`` for accumulation.
+
+  >>> tx = make_optimizer(config.optim, config.train.steps)  # doctest: +SKIP
+  >>> opt_state = tx.init(trainable)                          # doctest: +SKIP
+  """
+  parts = []
+  if optim_cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+  parts.append(optax.adamw(schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                           eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
+                           mask=decay_mask))
+  tx = optax.chain(*parts)
+  if optim_cfg.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=optim_cfg.grad_accum_steps)
+  return tx
+
+
+def masked(tx: optax.GradientTransformation, params, trainable: tree_lib.Selector):
+  """``tx`` on the leaves chosen by ``trainable``, exact zeros (and no state) elsewhere.
+
+  >>> tx = masked(optax.adam(1e-3), params, 'lora_')  # doctest: +SKIP
+  """
+  labels = tree_lib.label_tree(params, trainable)
+  return optax.multi_transform({'trainable': tx, 'frozen': optax.set_to_zero()}, labels)

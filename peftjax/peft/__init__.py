@@ -1,0 +1,9 @@
+"""PEFT methods as functional transforms, selected by ``--config.peft.method``."""
+from peftjax.peft import baselines  # registers 'full', 'linear_probe', 'bitfit'
+from peftjax.peft import lora  # registers 'lora'
+from peftjax.peft.base import Method
+from peftjax.peft.base import apply
+from peftjax.peft.base import build
+from peftjax.peft.base import method_names
+from peftjax.peft.base import register
+from peftjax.peft.lora import LoRA

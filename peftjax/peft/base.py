@@ -1,0 +1,95 @@
+"""The PEFT method interface, its registry, and running a model through a method.
+
+A method is a functional transform over the parameter pytree:
+
+* ``init(rng, module, base_params, inputs) -> peft_params`` — its own trainable tree
+  (``{}`` for methods that only unfreeze base leaves);
+* ``trainable_base`` — a selector of *base* leaves that also train (a fresh head, biases...);
+* ``intercept(peft_params, rng, deterministic)`` — a context manager under which
+  ``module.apply`` runs with the method in effect; the model's code is never edited;
+* ``merge(base_params, peft_params)`` — fold the method into the base weights, where possible;
+* ``logical_specs(base_specs, peft_params)`` — logical axis names for its parameters, so they
+  shard like the weights they adapt.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import jax
+
+from peftjax import tree as tree_lib
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+  """Class decorator adding a method to the registry under ``name``."""
+  def deco(cls):
+    if name in _REGISTRY:
+      raise ValueError(f'PEFT method {name!r} registered twice')
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+  return deco
+
+
+def method_names() -> tuple[str, ...]:
+  """Names accepted by ``--config.peft.method``."""
+  return tuple(sorted(_REGISTRY))
+
+
+def build(peft_cfg) -> 'Method':
+  """The method selected by ``peft_cfg.method``, configured from ``peft_cfg``.
+
+  >>> method = build(config.peft)  # doctest: +SKIP
+  """
+  name = peft_cfg.method
+  if name not in _REGISTRY:
+    raise ValueError(f'peft.method={name!r}; valid: {", ".join(method_names())}')
+  return _REGISTRY[name](peft_cfg)
+
+
+class Method:
+  """Base class: a method that trains nothing of its own and unfreezes ``trainable_base``."""
+  name = 'base'
+
+  def __init__(self, peft_cfg):
+    self.cfg = peft_cfg
+
+  @property
+  def trainable_base(self) -> tree_lib.Selector:
+    """Base leaves that train alongside the method's own parameters (by default the head)."""
+    return self.cfg.head
+
+  def init(self, rng, module, base_params, inputs) -> dict:
+    del rng, module, base_params, inputs
+    return {}
+
+  def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
+    del peft_params, rng, deterministic
+    return contextlib.nullcontext()
+
+  def merge(self, base_params, peft_params) -> dict:
+    del peft_params
+    return base_params
+
+  def logical_specs(self, base_specs, peft_params) -> Any:
+    del base_specs
+    return jax.tree.map(lambda x: None, peft_params)
+
+
+def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng=None,
+          deterministic: bool = True):
+  """Runs ``module`` with ``method`` applied: the one forward used for training and eval.
+
+  >>> logits = apply(model, method, base, peft, {'input_ids': ids, ...})  # doctest: +SKIP
+  """
+  rngs = {}
+  method_rng = None
+  if not deterministic:
+    if rng is None:
+      raise ValueError('a training forward (deterministic=False) needs an rng for dropout')
+    rngs['dropout'], method_rng = jax.random.split(rng)
+  with method.intercept(peft_params, rng=method_rng, deterministic=deterministic):
+    return module.apply({'params': base_params}, **inputs, deterministic=deterministic, rngs=rngs)

@@ -1,0 +1,245 @@
+"""LoRA as a functional transform (Hu et al., 2021).
+
+For every ``nn.Dense``, ``nn.DenseGeneral`` or ``nn.Embed`` whose weight path matches
+``peft.targets``, LoRA adds a rank-r update. In training it is applied *implicitly*::
+
+    y = x·W + s·(x·A)·B          s = alpha / r,  A: (in..., r),  B: (r, out...),  B = 0 at init
+
+through ``flax.linen.intercept_methods``, so the model's code is untouched and neither
+``W + s·A·B`` nor the (in × out) weight gradient is ever formed. :func:`merge` folds the update
+into ``W`` for export and serving; :func:`unmerge` takes it out again.
+
+The LoRA tree mirrors the base tree: ``encoder/layer_0/attention/query/{lora_a, lora_b}``, and
+its logical axes are the adapted kernel's (input axes on A, output axes on B), so it shards like
+the weight it adapts.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import zlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from peftjax import tree as tree_lib
+from peftjax.errors import ConfigError
+from peftjax.peft.base import Method
+from peftjax.peft.base import register
+
+_SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Embed)
+_WEIGHT_NAME = {nn.Dense: 'kernel', nn.DenseGeneral: 'kernel', nn.Embed: 'embedding'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """One adapted layer: its module path, kind, and how its weight splits into in/out axes."""
+  path: str            # module path, e.g. 'encoder/layer_0/attention/query'
+  kind: str            # 'dense' or 'embed'
+  in_shape: tuple      # weight dims contracted with the input (the vocabulary for 'embed')
+  out_shape: tuple     # weight dims of the output features
+  x_axes: tuple        # input axes contracted (dense only), non-negative
+
+  @property
+  def weight_path(self) -> str:
+    return f"{self.path}/{'embedding' if self.kind == 'embed' else 'kernel'}"
+
+  @property
+  def d_in(self) -> int:
+    return int(np.prod(self.in_shape))
+
+  @property
+  def d_out(self) -> int:
+    return int(np.prod(self.out_shape))
+
+
+def _record_modules(module, base_params, inputs) -> dict[str, nn.Module]:
+  """Module path -> module instance for every supported layer the forward pass calls."""
+  seen: dict[str, tuple] = {}
+
+  def spy(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name == '__call__' and isinstance(mod, _SUPPORTED):
+      x = args[0] if args else next(iter(kwargs.values()))
+      seen['/'.join(mod.path)] = (mod, np.ndim(x))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    jax.eval_shape(lambda p: module.apply({'params': p}, **inputs), base_params)
+  return seen
+
+
+def find_sites(module, base_params, inputs, targets: str | list[str]) -> list[Site]:
+  """The layers LoRA adapts: supported modules whose weight path matches ``targets``.
+
+  Raises a ValueError listing the closest weight paths when nothing matches, and when a match
+  is a weight LoRA cannot adapt (e.g. a Conv kernel or a LayerNorm scale).
+  """
+  pred = tree_lib.make_selector(targets)
+  flat = tree_lib.flatten(base_params)
+  matched = [p for p in flat if pred(p, flat[p])]
+  modules = _record_modules(module, base_params, inputs)
+  weight_paths = {f'{p}/{_WEIGHT_NAME[type(m)]}': p for p, (m, _) in modules.items()}
+  if not matched:
+    near = tree_lib.closest_paths(str(targets), list(weight_paths) or list(flat))
+    raise ConfigError(f'peft.targets={targets!r} matches no parameter; closest weight paths: '
+                     f'{near}')
+  unsupported = [p for p in matched if p not in weight_paths]
+  if unsupported:
+    raise ConfigError(
+        f'peft.targets={targets!r} matches {unsupported[:3]}, which LoRA cannot adapt; it '
+        'adapts the kernel of nn.Dense/nn.DenseGeneral and the embedding of nn.Embed, e.g. '
+        f'{sorted(weight_paths)[:3]}')
+  sites = []
+  for wp in matched:
+    path = weight_paths[wp]
+    mod, x_ndim = modules[path]
+    w_shape = tuple(flat[wp].shape)
+    if isinstance(mod, nn.Embed):
+      sites.append(Site(path, 'embed', w_shape[:1], w_shape[1:], ()))
+      continue
+    if isinstance(mod, nn.DenseGeneral):
+      if mod.batch_dims:
+        raise ConfigError(f'{path}: LoRA does not support DenseGeneral with batch_dims')
+      axis = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
+    else:
+      axis = (-1,)
+    x_axes = tuple(a % x_ndim for a in axis)
+    n_in = len(x_axes)
+    sites.append(Site(path, 'dense', w_shape[:n_in], w_shape[n_in:], x_axes))
+  return sites
+
+
+def _scale(cfg) -> float:
+  return float(cfg.alpha) / float(cfg.rank)
+
+
+def init_sites(rng, sites: list[Site], rank: int) -> dict:
+  """A (uniform, fan-in scaled, as PEFT's kaiming init) and B = 0 for every site."""
+  flat = {}
+  for site in sites:
+    if rank <= 0 or rank > min(site.d_in, site.d_out):
+      raise ConfigError(
+          f'peft.rank={rank} is invalid for {site.weight_path} (in {site.d_in}, out '
+          f'{site.d_out}); valid: 1 <= rank <= {min(site.d_in, site.d_out)}')
+    key = jax.random.fold_in(rng, zlib.crc32(site.path.encode()))
+    if site.kind == 'embed':
+      a = jax.random.normal(key, (*site.in_shape, rank), jnp.float32) / np.sqrt(rank)
+    else:
+      bound = 1.0 / np.sqrt(site.d_in)
+      a = jax.random.uniform(key, (*site.in_shape, rank), jnp.float32, -bound, bound)
+    flat[f'{site.path}/lora_a'] = a
+    flat[f'{site.path}/lora_b'] = jnp.zeros((rank, *site.out_shape), jnp.float32)
+  return tree_lib.unflatten(flat)
+
+
+def _lora_delta(site: Site, x, a, b, scale, dtype):
+  """``s·(x·A)·B`` for one site, contracting exactly the axes the layer contracts."""
+  a, b = a.astype(dtype), b.astype(dtype)
+  if site.kind == 'embed':
+    xa = jnp.take(a, x, axis=0)
+  else:
+    xa = jax.lax.dot_general(x.astype(dtype), a,
+                             ((site.x_axes, tuple(range(len(site.x_axes)))), ((), ())))
+  xa = xa * jnp.asarray(scale, dtype)  # scale the rank-r activation: r << out features
+  return jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())))
+
+
+@contextlib.contextmanager
+def lora_scope(sites: list[Site], lora_params, scale: float, *, dropout: float = 0.0,
+               rng=None, deterministic: bool = True):
+  """Context under which every ``site`` computes ``y = layer(x) + s·(drop(x)·A)·B``."""
+  by_path = {s.path: s for s in sites}
+  flat = tree_lib.flatten(lora_params)
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name != '__call__' or not isinstance(mod, _SUPPORTED):
+      return next_fun(*args, **kwargs)
+    path = '/'.join(mod.path)
+    site = by_path.get(path)
+    if site is None:
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    x = args[0] if args else next(iter(kwargs.values()))
+    if site.kind == 'dense' and dropout > 0.0 and not deterministic:
+      key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+      keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    delta = _lora_delta(site, x, flat[f'{path}/lora_a'], flat[f'{path}/lora_b'], scale, y.dtype)
+    return y + delta
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+def _delta_weight(site: Site, a, b, scale):
+  d = (a.reshape(site.d_in, -1) @ b.reshape(-1, site.d_out)) * scale
+  return d.reshape(*site.in_shape, *site.out_shape)
+
+
+def _fold(base_params, sites, lora_params, scale, sign):
+  flat = tree_lib.flatten(base_params)
+  lp = tree_lib.flatten(lora_params)
+  for s in sites:
+    w = flat[s.weight_path]
+    flat[s.weight_path] = (w + sign * _delta_weight(s, lp[f'{s.path}/lora_a'],
+                                                    lp[f'{s.path}/lora_b'], scale)).astype(w.dtype)
+  return tree_lib.unflatten(flat)
+
+
+@register('lora')
+class LoRA(Method):
+  """LoRA from config: ``rank``, ``alpha``, ``dropout``, ``targets`` (regex over weight paths).
+
+  >>> method = LoRA(config.peft)                            # doctest: +SKIP
+  >>> lora = method.init(rng, model, params, inputs)        # doctest: +SKIP
+  >>> logits = peft.apply(model, method, params, lora, inputs)  # doctest: +SKIP
+  """
+
+  def __init__(self, peft_cfg):
+    super().__init__(peft_cfg)
+    self.sites: list[Site] | None = None
+
+  @property
+  def scale(self) -> float:
+    return _scale(self.cfg)
+
+  def init(self, rng, module, base_params, inputs) -> dict:
+    if self.cfg.rank <= 0:
+      raise ConfigError(f'peft.rank={self.cfg.rank}; valid: a positive integer')
+    self.sites = find_sites(module, base_params, inputs, self.cfg.targets)
+    return init_sites(rng, self.sites, self.cfg.rank)
+
+  def _need_sites(self):
+    if self.sites is None:
+      raise RuntimeError('LoRA.init must run before the method is applied')
+    return self.sites
+
+  def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
+    return lora_scope(self._need_sites(), peft_params, self.scale, dropout=self.cfg.dropout,
+                      rng=rng, deterministic=deterministic)
+
+  def merge(self, base_params, peft_params) -> dict:
+    """``W <- W + s·A·B`` for every site; the merged model equals the implicit one."""
+    return _fold(base_params, self._need_sites(), peft_params, self.scale, +1.0)
+
+  def unmerge(self, merged_params, peft_params) -> dict:
+    """Inverse of :meth:`merge`: ``W <- W - s·A·B``."""
+    return _fold(merged_params, self._need_sites(), peft_params, self.scale, -1.0)
+
+  def logical_specs(self, base_specs, peft_params) -> Any:
+    """A takes the kernel's input axes (rank unsharded); B takes its output axes."""
+    specs = tree_lib.flatten(base_specs)
+    out = {}
+    for s in self._need_sites():
+      w = specs.get(s.weight_path)
+      axes = tuple(w) if w is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
+      n_in = len(s.in_shape)
+      out[f'{s.path}/lora_a'] = P(*axes[:n_in], None)
+      out[f'{s.path}/lora_b'] = P(None, *axes[n_in:])
+    return tree_lib.unflatten(out)

@@ -1,0 +1,82 @@
+"""Device meshes from config and logical-axis rules -> shardings.
+
+Parameters and activations carry logical axis names (``('embed', 'mlp')``,
+``('batch', 'length', 'embed')``); ``config.mesh.rules`` maps them to mesh axes
+(``data``, ``fsdp``, ``tensor``). Unlisted logical axes are replicated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Resolves sizes (one may be -1, meaning "the rest") against ``num_devices``.
+
+  >>> mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1)), 8)  # doctest: +SKIP
+  {'data': 4, 'fsdp': 2, 'tensor': 1}
+  """
+  sizes = {a: int(getattr(mesh_cfg, a)) for a in MESH_AXES}
+  bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+  if bad:
+    a, s = next(iter(bad.items()))
+    raise ValueError(f'mesh.{a}={s}; valid: a positive size or -1 (the remaining devices)')
+  rest = [a for a, s in sizes.items() if s == -1]
+  if len(rest) > 1:
+    raise ValueError(f'mesh: only one axis may be -1, got {rest}')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if rest:
+    if num_devices % fixed:
+      raise ValueError(f'mesh: {num_devices} devices are not divisible by the fixed axes '
+                       f'product {fixed}')
+    sizes[rest[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f'mesh {sizes} needs {math.prod(sizes.values())} devices; '
+                     f'{num_devices} are available')
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A ``Mesh`` with axes ``('data', 'fsdp', 'tensor')`` over ``devices`` (default: all)."""
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+  return Mesh(arr, MESH_AXES)
+
+
+def rules(mesh_cfg) -> tuple:
+  """The logical -> mesh axis rules as a tuple of pairs (for ``nn.logical_axis_rules``)."""
+  return tuple((str(k), v if v is None or isinstance(v, str) else tuple(v))
+               for k, v in mesh_cfg.rules)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, axis_rules) -> Any:
+  """Maps a tree of logical ``PartitionSpec``s to ``NamedSharding``s on ``mesh``."""
+  mesh_specs = nn.logical_to_mesh(logical_specs, axis_rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s if s is not None else P()), mesh_specs,
+                      is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, axis_rules) -> NamedSharding:
+  """Sharding of a batch's leading axis (``'batch'`` under the rules)."""
+  spec = nn.logical_to_mesh_axes(('batch',), axis_rules)
+  return NamedSharding(mesh, spec)
+
+
+def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """Places a host batch (numpy) on the mesh, split along its leading axis."""
+  return {k: jax.device_put(v, sharding if np.ndim(v) else replicated(sharding.mesh))
+          for k, v in batch.items()}

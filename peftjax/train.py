@@ -1,0 +1,296 @@
+"""The training loop: mesh -> data -> model -> partition -> optimizer -> jitted step -> eval -> checkpoint.
+
+One explicit function, :func:`train_and_evaluate`, with banner comments for each stage.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from peftjax import checkpoint as ckpt_lib
+from peftjax import data as data_lib
+from peftjax import evaluate as eval_lib
+from peftjax import models
+from peftjax import optim
+from peftjax import peft
+from peftjax import sharding
+from peftjax import tree as tree_lib
+from peftjax import validate as validate_lib
+from peftjax.models.build import sample_inputs
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm became NaN/Inf; no checkpoint of that state was written."""
+
+
+def _log(msg: str):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+class MetricWriter:
+  """Metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # imported lazily: a heavy import
+      self._jsonl = open(workdir / 'metrics.jsonl', 'a')
+      self._tb = SummaryWriter(str(workdir / 'tensorboard'))
+
+  def write(self, step: int, split: str, metrics: dict):
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+    self._jsonl.flush()
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)):
+        self._tb.add_scalar(f'{split}/{k}', v, step)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def resolve_pretrained(model_cfg) -> str | None:
+  """The HF directory to load, or None for random init."""
+  if model_cfg.name != 'bert' or model_cfg.pretrained == 'random':
+    return None
+  return model_cfg.pretrained or str(data_lib.minilm_dir())
+
+
+def build_task(config):
+  """Data, model, method and the initial partition; shared by training, eval and benchmarks.
+
+  Returns a dict with ``data``, ``built``, ``method``, ``trainable`` (``{'base', 'peft'}``),
+  ``frozen`` and ``peft_specs``.
+  """
+  pretrained = resolve_pretrained(config.model)
+  tokenizer = str(pathlib.Path(pretrained) / 'tokenizer.json') if pretrained else None
+  data = data_lib.build(config.data, tokenizer_path=tokenizer)
+  info = data.info
+  built = models.build(config.model, num_classes=info.num_classes, pretrained_dir=pretrained,
+                       image_shape=info.image_shape, seed=config.seed)
+  method = peft.build(config.peft)
+  inputs = sample_inputs(built.input_keys, length=config.data.max_length,
+                         image_shape=info.image_shape)
+  peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
+  base_trainable, frozen = tree_lib.partition(built.params, method.trainable_base)
+  return dict(data=data, built=built, method=method, frozen=frozen,
+              trainable={'base': base_trainable, 'peft': peft_params},
+              peft_specs=method.logical_specs(built.logical_specs, peft_params))
+
+
+def make_forward(built, method):
+  """``forward(trainable, frozen, inputs, rng, deterministic) -> logits``."""
+  def forward(trainable, frozen, inputs, rng=None, deterministic=True):
+    base = tree_lib.combine(frozen, trainable['base'])
+    return peft.apply(built.module, method, base, trainable['peft'], inputs, rng=rng,
+                      deterministic=deterministic)
+  return forward
+
+
+def make_train_step(forward, tx, input_keys):
+  """The jitted step: loss, gradients w.r.t. the trainable partition only, update."""
+
+  def loss_fn(trainable, frozen, batch, rng):
+    inputs = {k: batch[k] for k in input_keys}
+    logits = forward(trainable, frozen, inputs, rng, deterministic=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    acc = (logits.argmax(-1) == batch['label']).mean()
+    return loss, acc
+
+  def train_step(state, frozen, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], frozen, batch, rng)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
+    return new_state, {'loss': loss, 'accuracy': acc, 'grad_norm': optax.global_norm(grads)}
+
+  return train_step
+
+
+def _place(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def _put_batch(batch: dict, bsh) -> dict:
+  """Host batch -> global array sharded on the batch axis (each process feeds its own rows)."""
+  return {k: jax.make_array_from_process_local_data(bsh, np.asarray(v)) for k, v in batch.items()}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the summary.
+
+  >>> summary = train_and_evaluate(configs.quickstart.get_config(), '/tmp/run')  # doctest: +SKIP
+  """
+  wall0 = time.time()
+  # ------------------------------------------------------------------ config
+  validate_lib.validate(config)
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  t = config.train
+
+  # ------------------------------------------------------------------ mesh and rules
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.mesh)
+  validate_lib.validate_mesh_batch(config, mesh.shape['data'] * mesh.shape['fsdp'])
+  bsh = sharding.batch_sharding(mesh, rules)
+
+  # ------------------------------------------------------------------ data, model, partition
+  task = build_task(config)
+  data, built, method = task['data'], task['built'], task['method']
+  base_train_specs, frozen_specs = tree_lib.partition(built.logical_specs, method.trainable_base)
+  param_specs = {'base': base_train_specs, 'peft': task['peft_specs']}
+  train_sh = sharding.logical_to_sharding(param_specs, mesh, rules)
+  frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
+  trainable = _place(task['trainable'], train_sh)
+  frozen = _place(task['frozen'], frozen_sh)
+  # The report names the method's own parameters after it: 'lora/encoder/...'.
+  workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+  report = tree_lib.size_report({**trainable['base'], method.name: trainable['peft']}, frozen)
+  _log(f'data: {data.info.name} {dict(data.info.splits)}; model: {config.model.name} '
+       f'({built.source}); method: {method.name}; mesh: {dict(mesh.shape)}')
+  _log(tree_lib.format_report(report))
+
+  # ------------------------------------------------------------------ optimizer and state
+  accum = config.optim.grad_accum_steps
+  tx = optim.make_optimizer(config.optim, t.steps)
+  opt_state = jax.jit(tx.init)(trainable)
+  rng = jax.random.key_data(jax.random.key(config.seed + 2))
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,
+           'rng': rng}
+
+  # ------------------------------------------------------------------ jitted functions
+  forward = make_forward(built, method)
+  train_step = jax.jit(make_train_step(forward, tx, built.input_keys), donate_argnums=(0,))
+
+  @jax.jit
+  def eval_stats(trainable, frozen, batch):
+    inputs = {k: batch[k] for k in built.input_keys}
+    logits = forward(trainable, frozen, inputs)
+    return eval_lib.batch_stats(logits, batch['label'], batch['weight'])
+
+  def run_eval(split: str) -> dict:
+    batches = (_put_batch(b, bsh) for b in data.eval_batches(split, t.eval_batch_size))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return eval_lib.evaluate(lambda b: eval_stats(state['params'], frozen, b), batches)
+
+  # ------------------------------------------------------------------ resume
+  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', every=t.checkpoint_every * accum,
+                               keep=t.keep_checkpoints)
+  restored = ckpt.restore_latest(ckpt_lib.abstract(state))
+  if restored is not None:
+    state = restored
+  start = int(state['step'])
+  total_micro = t.steps * accum
+  run_file = workdir / 'run_state.json'
+  run_info = json.loads(run_file.read_text()) if (restored is not None and run_file.exists()) else {}
+  if start:
+    _log(f'resumed from checkpoint at step {start // accum}')
+
+  # ------------------------------------------------------------------ before training
+  writer = MetricWriter(workdir)
+  if 'accuracy_before' not in run_info and t.eval_before:
+    before = run_eval(config.data.test_split)
+    run_info['accuracy_before'] = before['accuracy']
+    _log(f"test accuracy before training: {before['accuracy']:.4f}")
+  if jax.process_index() == 0:
+    ckpt_lib.write_json_atomic(run_file, run_info)
+
+  # ------------------------------------------------------------------ the loop
+  train_batches = data.train_batches(t.batch_size, config.seed)
+  bar = tqdm.tqdm(total=t.steps, initial=start // accum, desc='train', unit='step',
+                  disable=not t.progress or jax.process_index() != 0, file=sys.stdout,
+                  mininterval=1.0, dynamic_ncols=True)
+  train_t0, train_seconds = time.time(), run_info.get('train_seconds', 0.0)
+  last_eval: dict = {}
+  window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for micro in range(start, total_micro):
+      batch = _put_batch(train_batches[micro], bsh)
+      state, metrics = train_step(state, frozen, batch)
+      m = jax.device_get(metrics)
+      step = (micro + 1) // accum
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        bar.close()
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {step} (loss={float(m['loss'])}, grad_norm="
+            f"{float(m['grad_norm'])}); stopped without checkpointing this state. Lower "
+            f'optim.learning_rate (now {config.optim.learning_rate}) or enable optim.clip_norm; '
+            f'the last good checkpoint is step {ckpt.latest_step()}')
+      window['loss'].append(float(m['loss']))
+      window['accuracy'].append(float(m['accuracy']))
+      window['examples'] += t.batch_size
+      if (micro + 1) % accum:
+        continue
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.steps:
+        secs = max(time.time() - window['t0'], 1e-9)
+        logged = {'loss': float(np.mean(window['loss'])),
+                  'accuracy': float(np.mean(window['accuracy'])),
+                  'grad_norm': float(m['grad_norm']),
+                  'examples_per_sec': window['examples'] / secs}
+        writer.write(step, 'train', logged)
+        bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}",
+                        ex_s=f"{logged['examples_per_sec']:.0f}")
+        window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
+      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+        last_eval = run_eval(config.data.eval_split)
+        writer.write(step, 'eval', last_eval)
+        bar.write(f"step {step}: {config.data.eval_split} accuracy {last_eval['accuracy']:.4f} "
+                  f"loss {last_eval['loss']:.4f}")
+      if ckpt.save(micro + 1, state, force=(step == t.steps and t.checkpoint_every > 0)):
+        run_info['train_seconds'] = train_seconds + time.time() - train_t0
+        if jax.process_index() == 0:
+          ckpt_lib.write_json_atomic(run_file, run_info)
+  bar.close()
+  train_seconds += time.time() - train_t0
+
+  # ------------------------------------------------------------------ after training
+  test = run_eval(config.data.test_split)
+  writer.write(t.steps, 'test', test)
+  writer.close()
+  ckpt.close()
+  summary = {
+      'accuracy_before': run_info.get('accuracy_before'),
+      'accuracy_after': test['accuracy'],
+      'test': test,
+      'validation': last_eval,
+      'trainable_params': report['trainable_params'],
+      'total_params': report['total_params'],
+      'trainable_fraction': report['trainable_fraction'],
+      'trainable_sha256': tree_lib.fingerprint(state['params']),
+      'train_seconds': train_seconds,
+      'wall_seconds': time.time() - wall0,
+      'steps': t.steps,
+      'method': method.name,
+      'model_source': built.source,
+      'dataset': data.info.name,
+      'config': config.to_dict(),
+  }
+  if jax.process_index() == 0:
+    ckpt_lib.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
+  return summary
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  return x

@@ -1,0 +1,119 @@
+"""End to end through `python -m peftjax.main`: a tiny run, SIGKILL + resume, and bad input."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ['--config=configs/tiny.py']
+
+
+def _main(args, **kw):
+  return subprocess.Popen([sys.executable, '-m', 'peftjax.main', *args], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, **kw)
+
+
+def _run(args, timeout=600):
+  p = _main(args)
+  out, err = p.communicate(timeout=timeout)
+  return p.returncode, out, err
+
+
+def _steps(workdir: pathlib.Path):
+  d = workdir / 'checkpoints'
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  wd = tmp_path_factory.mktemp('full')
+  code, out, err = _run([*TINY, f'--workdir={wd}'])
+  assert code == 0, err[-3000:]
+  return wd, out
+
+
+def test_tiny_run_writes_summary_and_metrics(uninterrupted):
+  wd, out = uninterrupted
+  s = json.loads((wd / 'summary.json').read_text())
+  for key in ('accuracy_before', 'accuracy_after', 'trainable_params', 'total_params',
+              'trainable_fraction', 'train_seconds'):
+    assert key in s, key
+  # 1 layer: LoRA r=8 on query and value + the 2-class head.
+  assert s['trainable_params'] == 2 * (384 * 8 + 8 * 384) + 384 * 2 + 2
+  assert s['trainable_fraction'] == pytest.approx(s['trainable_params'] / s['total_params'])
+  assert 0.0 <= s['accuracy_after'] <= 1.0 and s['test']['examples'] == 64
+  lines = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  assert [l['step'] for l in lines if l['split'] == 'train'] == [2, 4, 6, 8]
+  assert [l['step'] for l in lines if l['split'] == 'eval'] == [4, 8]
+  assert list((wd / 'tensorboard').iterdir())
+  assert _steps(wd) == [6, 8]  # checkpoint every 2 steps, keep the newest 2
+  assert 'test accuracy before' in out and 'trainable 13,058 of' in out
+
+
+def test_sigkill_and_resume_is_bit_identical(uninterrupted, tmp_path):
+  wd_full, _ = uninterrupted
+  wd = tmp_path / 'killed'
+  p = _main([*TINY, f'--workdir={wd}'])
+  deadline = time.time() + 300
+  while not _steps(wd) and p.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.communicate()
+  killed_at = _steps(wd)
+  assert killed_at and killed_at[-1] < 8, f'not killed mid-run (checkpoints {killed_at})'
+  code, out, err = _run([*TINY, f'--workdir={wd}'])
+  assert code == 0, err[-3000:]
+  assert 'resumed from checkpoint at step' in out
+  a = json.loads((wd_full / 'summary.json').read_text())
+  b = json.loads((wd / 'summary.json').read_text())
+  assert a['trainable_sha256'] == b['trainable_sha256']
+  assert a['accuracy_after'] == b['accuracy_after']
+
+
+def test_misspelled_override_names_the_key(tmp_path):
+  code, out, err = _run([*TINY, '--config.peft.rnak=4', f'--workdir={tmp_path / "w"}'])
+  assert code != 0 and 'rnak' in err
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('override,expect', [
+    ('--config.peft.rank=0', 'config.peft.rank=0 is invalid; valid: a positive integer'),
+    ('--config.peft.method=lorra', "config.peft.method='lorra' is invalid; valid: bitfit, full"),
+    ('--config.optim.schedule=step', "config.optim.schedule='step' is invalid"),
+    ('--config.data.max_length=1', 'config.data.max_length=1 is invalid; valid: 2..512'),
+])
+def test_invalid_values_fail_before_compute(tmp_path, override, expect):
+  code, out, err = _run([*TINY, override, f'--workdir={tmp_path / "w"}'])
+  assert code != 0 and expect in err, err[-2000:]
+  assert not (tmp_path / 'w').exists()
+
+
+def test_target_matching_nothing_lists_paths(tmp_path):
+  code, out, err = _run([*TINY, '--config.peft.targets=attention/quer/kernel$',
+                         f'--workdir={tmp_path / "w"}'])
+  assert code != 0
+  assert 'matches no parameter; closest weight paths' in err and 'query/kernel' in err
+
+
+def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path):
+  wd = tmp_path / 'nan'
+  code, out, err = _run([*TINY, '--config.optim.learning_rate=1e30', '--config.optim.clip_norm=0',
+                         '--config.optim.warmup_steps=0', '--config.train.checkpoint_every=1',
+                         f'--workdir={wd}'])
+  assert code != 0 and 'non-finite training loss at step' in err, err[-2000:]
+  bad_step = int(err.split('non-finite training loss at step ')[1].split()[0])
+  assert all(s < bad_step for s in _steps(wd))
+  assert not (wd / 'summary.json').exists()
+
+
+def test_fresh_refuses_foreign_directory(tmp_path):
+  (tmp_path / 'precious.txt').write_text('keep me')
+  code, out, err = _run([*TINY, '--fresh', f'--workdir={tmp_path}'])
+  assert code != 0 and 'refusing to clear' in err
+  assert (tmp_path / 'precious.txt').read_text() == 'keep me'
