@@ -26,6 +26,7 @@ from peftjax import peft
 from peftjax import sharding
 from peftjax import tree as tree_lib
 from peftjax import validate as validate_lib
+from peftjax import xla_cpu
 from peftjax.models.build import sample_inputs
 
 
@@ -103,6 +104,7 @@ def make_forward(built, method):
 
 def make_train_step(forward, tx, input_keys):
   """The jitted step: loss, gradients w.r.t. the trainable partition only, update."""
+  xla_cpu.use_unrolled_threefry()  # dropout masks ~15x faster on CPU, same bits
 
   def loss_fn(trainable, frozen, batch, rng):
     inputs = {k: batch[k] for k in input_keys}
@@ -118,7 +120,7 @@ def make_train_step(forward, tx, input_keys):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
-    return new_state, {'loss': loss, 'accuracy': acc, 'grad_norm': optax.global_norm(grads)}
+    return new_state, {'loss': loss, 'accuracy': acc, 'grad_norm': optax.tree.norm(grads)}
 
   return train_step
 

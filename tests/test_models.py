@@ -149,3 +149,13 @@ def test_vision_models_shapes(cls, shape):
   x = jnp.zeros((3, *shape))
   params = model.init(jax.random.key(0), x)
   assert model.apply(params, x).shape == (3, 10)
+
+
+def test_barrier_survives_compilation_and_supports_jvp():
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+  f = lambda x: jnp.tanh(grad_barrier(x * 3.0)).sum()
+  hlo = jax.jit(jax.grad(f)).lower(x).compile().as_text()
+  assert 'conditional' in hlo  # an XLA upgrade that folds the barrier away fails here
+  y, t = jax.jvp(lambda x: grad_barrier(x) ** 2, (x,), (jnp.ones_like(x),))
+  np.testing.assert_array_equal(y, x ** 2)
+  np.testing.assert_allclose(t, 2 * x, rtol=1e-6)

@@ -1,0 +1,262 @@
+"""LoRA vs full fine-tuning: step time, FLOPs, optimizer state and peak memory, as ratios.
+
+The quickstart model (MiniLM-L6 + a 2-class head) on a batch of 32 Rotten Tomatoes reviews x 64
+tokens. Both candidates are
+the trainer's own jitted, donated step (``train.make_train_step``) with AdamW and dropout 0.1:
+
+* LoRA: ``configs/quickstart.py`` as is (r=8 on query and value);
+* full: the same config with ``peft.method='full'``.
+
+Both steps are compiled first; FLOPs come from XLA's cost analysis and peak memory from its
+memory analysis of those executables. The steps (and a forward of the merged LoRA model) are
+then timed interleaved, A/B/C/A/B/C..., after a warm-up; the figures are medians. A large
+float32 matmul measured just before gives the FLOP/s against which the LoRA step's MFU is taken.
+
+  python benchmarks/lora_vs_full.py            # writes benchmarks/results/lora_vs_full.json
+  python benchmarks/lora_vs_full.py --quick    # smoke test: 2 layers, 3 steps, prints JSON only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import timing  # noqa: E402
+from configs import quickstart  # noqa: E402
+from peftjax import data as data_lib  # noqa: E402
+from peftjax import models  # noqa: E402
+from peftjax import optim  # noqa: E402
+from peftjax import peft  # noqa: E402
+from peftjax import train  # noqa: E402
+from peftjax import tree as tree_lib  # noqa: E402
+from peftjax.models.build import sample_inputs  # noqa: E402
+
+RESULTS = ROOT / 'benchmarks' / 'results' / 'lora_vs_full.json'
+TARGETS = {'step_time_ratio': ('<=', 0.70), 'flops_ratio': ('<=', 0.70),
+           'opt_state_bytes_ratio': ('<=', 0.01), 'peak_memory_ratio': ('<=', 0.6),
+           'lora_mfu': ('>=', 0.8)}
+
+
+def make_batch(config, batch: int) -> dict:
+  """The first training batch of the quickstart data (real Rotten Tomatoes reviews)."""
+  data = data_lib.build(config.data, tokenizer_path=str(data_lib.minilm_dir() / 'tokenizer.json'))
+  return {k: jnp.asarray(v) for k, v in data.train_batches(batch, config.seed)[0].items()}
+
+
+def _copy(tree):
+  """Fresh buffers, so donating one candidate's state never deletes another's arrays."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def build_candidate(config, built, batch) -> dict:
+  """The trainer's step for ``config``: initial state, frozen tree and compiled executable."""
+  method = peft.build(config.peft)
+  inputs = sample_inputs(built.input_keys, length=config.data.max_length)
+  peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
+  base_trainable, frozen = tree_lib.partition(built.params, method.trainable_base)
+  trainable = _copy({'base': base_trainable, 'peft': peft_params})
+  # -- as train.train_and_evaluate builds them
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  opt_state = jax.jit(tx.init)(trainable)
+  rng = jax.random.key_data(jax.random.key(config.seed + 2))
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,
+           'rng': rng}
+  forward = train.make_forward(built, method)
+  step = jax.jit(train.make_train_step(forward, tx, built.input_keys), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = timing.compile_fn(step, state, frozen, batch)
+  return {'method': method, 'state': state, 'frozen': frozen, 'compiled': compiled,
+          'compile_s': time.perf_counter() - t0,
+          'size': tree_lib.size_report(trainable, frozen),
+          'opt_state_bytes': tree_lib.nbytes(opt_state),
+          'flops': timing.cost_flops(compiled), 'memory': timing.memory_bytes(compiled)}
+
+
+def merged_forward(built, lora: dict, batch) -> Callable[[], Any]:
+  """A jitted deterministic forward of the merged LoRA model on ``batch`` (no donation)."""
+  params = lora['state']['params']
+  base = tree_lib.combine(lora['frozen'], params['base'])
+  merged = _copy(lora['method'].merge(base, params['peft']))
+  inputs = {k: batch[k] for k in built.input_keys}
+  fwd = jax.jit(lambda p, x: built.module.apply({'params': p}, **x, deterministic=True))
+  compiled = timing.compile_fn(fwd, merged, inputs)
+  return lambda: compiled(merged, inputs)
+
+
+def _check(value: float, target) -> bool:
+  op, bound = target
+  return value <= bound if op == '<=' else value >= bound
+
+
+def run(args) -> dict:
+  lora_cfg = quickstart.get_config()
+  full_cfg = quickstart.get_config()
+  full_cfg.peft.method = 'full'  # everything else (optimizer, dropout, data shape) identical
+  for c in (lora_cfg, full_cfg):
+    c.train.batch_size, c.data.max_length = args.batch, args.length
+    if args.layers:
+      c.model.num_layers = args.layers
+  built = models.build(lora_cfg.model, num_classes=2, pretrained_dir=str(data_lib.minilm_dir()),
+                       seed=lora_cfg.seed)
+  batch = make_batch(lora_cfg, args.batch)
+
+  # ------------------------------------------------------------------ compile both steps
+  lora = build_candidate(lora_cfg, built, batch)
+  full = build_candidate(full_cfg, built, batch)
+  # A few LoRA steps first so the merged model carries a non-zero update (B != 0).
+  lora_run = timing.DonatingStepper(lora['compiled'], lora['state'], lora['frozen'], batch)
+  full_run = timing.DonatingStepper(full['compiled'], full['state'], full['frozen'], batch)
+  for _ in range(2):
+    jax.block_until_ready(lora_run())
+  lora['state'] = lora_run.state
+  infer_run = merged_forward(built, lora, batch)
+
+  # ------------------------------------------------------------------ FLOP/s probe, then timing
+  matmul_flops = timing.matmul_flops_per_sec(args.matmul_n)
+  times = timing.interleaved({'lora': lora_run, 'full': full_run, 'infer': infer_run},
+                             steps=args.steps, warmup=args.warmup)
+  matmul_flops_after = timing.matmul_flops_per_sec(args.matmul_n)
+
+  lora_ms, full_ms = timing.median_ms(times['lora']), timing.median_ms(times['full'])
+  result = {
+      'lora_step_ms': lora_ms,
+      'full_step_ms': full_ms,
+      'infer_ms': timing.median_ms(times['infer']),
+      'step_time_ratio': lora_ms / full_ms,
+      'flops_ratio': lora['flops'] / full['flops'],
+      'opt_state_bytes_ratio': lora['opt_state_bytes'] / full['opt_state_bytes'],
+      'peak_memory_ratio': lora['memory']['peak'] / full['memory']['peak'],
+      'trainable_fraction': lora['size']['trainable_fraction'],
+      'lora_mfu': lora['flops'] / (lora_ms * 1e-3 * matmul_flops),
+  }
+  result['meets_targets'] = {k: _check(result[k], t) for k, t in TARGETS.items()}
+  result['details'] = {
+      'paired_step_time_ratio': timing.paired_ratio(times['lora'], times['full']),
+      'lora_step': timing.spread(times['lora']),
+      'full_step': timing.spread(times['full']),
+      'infer': timing.spread(times['infer']),
+      'matmul_gflops_before': matmul_flops / 1e9,
+      'matmul_gflops_after': matmul_flops_after / 1e9,
+      'lora_gflops_per_step': lora['flops'] / 1e9,
+      'full_gflops_per_step': full['flops'] / 1e9,
+      'lora_opt_state_bytes': lora['opt_state_bytes'],
+      'full_opt_state_bytes': full['opt_state_bytes'],
+      'lora_memory_bytes': lora['memory'],
+      'full_memory_bytes': full['memory'],
+      'lora_trainable_params': lora['size']['trainable_params'],
+      'full_trainable_params': full['size']['trainable_params'],
+      'total_params': lora['size']['total_params'],
+      'compile_s': {'lora': lora['compile_s'], 'full': full['compile_s']},
+  }
+  result['settings'] = {
+      'model': 'all-MiniLM-L6-v2 + 2-class head',
+      'num_layers': built.module.cfg.num_layers,
+      'batch_size': args.batch,
+      'max_length': args.length,
+      'peft': {k: lora_cfg.peft[k] for k in ('method', 'rank', 'alpha', 'dropout', 'targets')},
+      'optimizer': {**{k: lora_cfg.optim[k] for k in ('learning_rate', 'schedule', 'warmup_steps',
+                                                      'weight_decay', 'clip_norm')},
+                    'name': 'adamw', 'total_steps': lora_cfg.train.steps},
+      'dropout_rate': lora_cfg.model.dropout_rate,
+      'grad_barrier': lora_cfg.model.grad_barrier,
+      'dtype': lora_cfg.model.dtype,
+      'timed_steps': args.steps,
+      'timing_warmup_steps': args.warmup,
+      'order': 'interleaved lora/full/infer',
+      'matmul_probe': f'{args.matmul_n}x{args.matmul_n} float32, jitted',
+      'quick': args.quick,
+      'jax': jax.__version__,
+      'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind,
+      'cpu_count': os.cpu_count(),
+      'machine': platform.machine(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+  return result
+
+
+def report(r: dict) -> str:
+  d = r['details']
+  rows = [
+      ['step time (ms, median)', r['lora_step_ms'], r['full_step_ms'], r['step_time_ratio'],
+       _target('step_time_ratio', r)],
+      ['GFLOPs per step (cost analysis)', d['lora_gflops_per_step'], d['full_gflops_per_step'],
+       r['flops_ratio'], _target('flops_ratio', r)],
+      ['optimizer state (MiB)', d['lora_opt_state_bytes'] / 2**20,
+       d['full_opt_state_bytes'] / 2**20, r['opt_state_bytes_ratio'],
+       _target('opt_state_bytes_ratio', r)],
+      ['peak memory (MiB, memory analysis)', d['lora_memory_bytes']['peak'] / 2**20,
+       d['full_memory_bytes']['peak'] / 2**20, r['peak_memory_ratio'],
+       _target('peak_memory_ratio', r)],
+      ['trainable parameters', d['lora_trainable_params'], d['full_trainable_params'],
+       r['trainable_fraction'], '(fraction of all)'],
+  ]
+  table = timing.format_table(rows, ['', 'LoRA', 'full', 'LoRA/full', 'target'])
+  s = r['settings']
+  lines = [
+      f"LoRA r={s['peft']['rank']} on query/value vs full fine-tuning, {s['num_layers']} layers, "
+      f"batch {s['batch_size']} x {s['max_length']}, AdamW, dropout {s['dropout_rate']}, "
+      f"{s['timed_steps']} interleaved steps each ({s['backend']}, jax {s['jax']})",
+      table,
+      f"paired step-time ratio (median of per-round ratios): {d['paired_step_time_ratio']:.3f}",
+      f"merged-model forward: {r['infer_ms']:.1f} ms",
+      f"matmul probe: {d['matmul_gflops_before']:.1f} GFLOP/s before, "
+      f"{d['matmul_gflops_after']:.1f} after; LoRA MFU {r['lora_mfu']:.3f} "
+      f"({_target('lora_mfu', r)})",
+  ]
+  return '\n'.join(lines)
+
+
+def _target(key: str, r: dict) -> str:
+  op, bound = TARGETS[key]
+  return f"{op} {bound} {'ok' if r['meets_targets'][key] else 'MISSED'}"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--steps', type=int, default=30, help='timed steps per candidate (>= 20)')
+  p.add_argument('--warmup', type=int, default=3, help='untimed steps per candidate')
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--length', type=int, default=64)
+  p.add_argument('--layers', type=int, default=0, help='encoder layers kept; 0 = all (6)')
+  p.add_argument('--matmul-n', type=int, default=2048, help='size of the FLOP/s probe matmul')
+  p.add_argument('--quick', action='store_true',
+                 help='smoke test: 2 layers, 3 steps, small probe; prints, writes only --out')
+  p.add_argument('--out', default=None,
+                 help=f'JSON output path (default {RESULTS.relative_to(ROOT)}; none with --quick)')
+  args = p.parse_args(argv)
+  if args.quick:
+    args.steps, args.warmup, args.matmul_n = min(args.steps, 3), 1, 512
+    args.layers = args.layers or 2
+  elif args.steps < 20:
+    p.error(f'--steps={args.steps}; the figures are medians over at least 20 steps '
+            '(use --quick for a smoke test)')
+  result = run(args)
+  print(report(result))
+  out = args.out or (None if args.quick else str(RESULTS))
+  if out:
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(result, indent=2) + '\n')
+    os.replace(tmp, out)  # never a partial file
+    print(f'wrote {out}')
+  else:
+    print(json.dumps(result, indent=2))
+  return result
+
+
+if __name__ == '__main__':
+  main()

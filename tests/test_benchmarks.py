@@ -1,0 +1,31 @@
+"""The benchmark runs end to end (quick mode) and reports every key the README quotes."""
+import json
+import pathlib
+
+from benchmarks import lora_vs_full
+
+KEYS = ('lora_step_ms', 'full_step_ms', 'infer_ms', 'step_time_ratio', 'flops_ratio',
+        'opt_state_bytes_ratio', 'peak_memory_ratio', 'trainable_fraction', 'lora_mfu')
+
+
+def test_quick_benchmark_reports_all_keys(tmp_path):
+  out = tmp_path / 'r.json'
+  r = lora_vs_full.main(['--quick', f'--out={out}'])
+  assert json.loads(out.read_text())['settings']['quick'] is True
+  for k in KEYS:
+    assert r[k] > 0, k
+  # Exact, not timed: with 2 layers LoRA trains 2 x 2 x (384*8 + 8*384) + the 770-param head.
+  assert r['details']['lora_trainable_params'] == 2 * 2 * 6144 + 770
+  # Adam keeps 2 moments per trainable scalar (+ a step count), so the ratio is exact too.
+  assert abs(r['opt_state_bytes_ratio'] - (2 * 2 * 2 * 6144 + 2 * 770 + 2) /
+             (2 * r['details']['full_trainable_params'] + 2)) < 1e-3
+  assert r['flops_ratio'] < 1.0 and r['peak_memory_ratio'] < 1.0
+
+
+def test_committed_results_have_the_keys():
+  path = pathlib.Path(lora_vs_full.RESULTS)
+  r = json.loads(path.read_text())
+  for k in KEYS:
+    assert k in r, k
+  assert r['settings']['batch_size'] == 32 and r['settings']['max_length'] == 64
+  assert r['settings']['timed_steps'] >= 20
