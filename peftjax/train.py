@@ -216,7 +216,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_batches = data.train_batches(t.batch_size, config.seed)
   bar = tqdm.tqdm(total=t.steps, initial=start // accum, desc='train', unit='step',
                   disable=not t.progress or jax.process_index() != 0, file=sys.stdout,
-                  mininterval=1.0, dynamic_ncols=True)
+                  # A log file (no terminal) gets a line every 30 s, not every step.
+                  mininterval=1.0 if sys.stdout.isatty() else 30.0, dynamic_ncols=True)
   train_t0, train_seconds = time.time(), run_info.get('train_seconds', 0.0)
   last_eval: dict = {}
   window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
