@@ -40,11 +40,18 @@ def sample_inputs(input_keys, *, batch: int = 2, length: int = 8, image_shape=No
   return {'input_ids': ids, 'attention_mask': ids, 'token_type_ids': jnp.zeros_like(ids)}
 
 
-def _init_params(module, inputs, seed: int):
-  """Random init under jit; returns (plain params, logical axis specs)."""
-  boxed = jax.jit(lambda k: module.init(k, **inputs))(jax.random.key(seed))['params']
-  specs = nn.get_partition_spec(boxed)
-  return nn.meta.unbox(boxed), specs
+def _init_params(module, inputs, seed: int, only: str | None = None):
+  """(plain params, logical axis specs); shapes first, then a jitted random init.
+
+  With ``only``, just that top-level subtree is initialised (e.g. a fresh ``classifier`` on a
+  pretrained encoder): the rest is cut from the jitted program, so no random encoder is built
+  only to be replaced.
+  """
+  init = lambda k: module.init(k, **inputs)['params']
+  specs = nn.get_partition_spec(jax.eval_shape(init, jax.random.key(seed)))
+  pick = (lambda t: {only: t[only]}) if only else (lambda t: t)
+  params = jax.jit(lambda k: nn.meta.unbox(pick(init(k))))(jax.random.key(seed))
+  return params, specs
 
 
 def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
@@ -72,7 +79,8 @@ def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
       source = str(pretrained_dir)
     module = BertClassifier(bert_cfg, num_classes=num_classes, pooling=model_cfg.pooling)
     keys = ('input_ids', 'attention_mask', 'token_type_ids')
-    params, specs = _init_params(module, sample_inputs(keys), seed)
+    params, specs = _init_params(module, sample_inputs(keys), seed,
+                                 only=None if encoder is None else 'classifier')
     if encoder is not None:
       params['encoder'] = jax.tree.map(jnp.asarray, encoder)
     return Built(module, params, keys, specs, source)
