@@ -35,12 +35,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_eval_examples = -1  # -1 = all
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = 'lora'  # 'lora' | 'full' | 'linear_probe' | 'bitfit'
+  c.peft.method = 'lora'  # 'lora' | 'ia3' | 'adapter' | 'full' | 'linear_probe' | 'bitfit'
   c.peft.rank = 8  # LoRA rank r
   c.peft.alpha = 16.0  # LoRA scale is alpha / r
   c.peft.dropout = 0.0  # dropout on the LoRA branch input
   c.peft.targets = r'attention/(query|value)/kernel$'  # regex over weight paths LoRA adapts
   c.peft.head = 'classifier/'  # regex of base leaves that train with every method (the new head)
+  c.peft.ia3_targets = r'attention/(key|value)$'  # IA3: module paths whose OUTPUT is scaled
+  c.peft.ia3_ffn_targets = r'/output$'  # IA3: module paths whose INPUT is scaled (FFN down-proj)
+  c.peft.adapter_kind = 'houlsby'  # adapter placement: 'houlsby' | 'pfeiffer' | 'parallel'
+  c.peft.adapter_size = 64  # adapter bottleneck width
+  c.peft.adapter_activation = 'gelu'  # adapter nonlinearity: 'relu' | 'gelu'
+  c.peft.adapter_attn_targets = r'attention/out$'  # adapter on these modules' output (houlsby)
+  c.peft.adapter_ffn_targets = r'/output$'  # adapter on these modules' output (FFN; all kinds)
+  c.peft.adapter_ffn_inputs = r'/intermediate$'  # parallel: adapter reads this sibling's input
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-4  # peak learning rate

@@ -84,7 +84,7 @@ def test_misspelled_override_names_the_key(tmp_path):
 
 @pytest.mark.parametrize('override,expect', [
     ('--config.peft.rank=0', 'config.peft.rank=0 is invalid; valid: a positive integer'),
-    ('--config.peft.method=lorra', "config.peft.method='lorra' is invalid; valid: bitfit, full"),
+    ('--config.peft.method=lorra', "config.peft.method='lorra' is invalid; valid: adapter, bitfit"),
     ('--config.optim.schedule=step', "config.optim.schedule='step' is invalid"),
     ('--config.data.max_length=1', 'config.data.max_length=1 is invalid; valid: 2..512'),
 ])

@@ -1,0 +1,245 @@
+"""IA3 as a functional transform (Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is
+Better and Cheaper than In-Context Learning").
+
+IA3 learns elementwise scaling vectors, initialised to ones, on
+
+* the *outputs* of the layers whose module path matches ``peft.ia3_targets`` (by default the key
+  and value projections): ``y = l ⊙ layer(x)``, ``l`` of the layer's output feature shape, e.g.
+  ``(heads, head_dim)`` for BERT's DenseGeneral key/value;
+* the *inputs* of the layers matching ``peft.ia3_ffn_targets`` (by default the FFN
+  down-projection ``output``, whose input is the intermediate activation):
+  ``y = layer(l ⊙ x)``, ``l`` of shape ``(F,)``.
+
+It runs through ``flax.linen.intercept_methods``, so any linen model with ``nn.Dense`` /
+``nn.DenseGeneral`` layers works unedited. The tree mirrors the base tree::
+
+    encoder/layer_0/attention/key/ia3_out/scale     (heads, head_dim)
+    encoder/layer_0/output/ia3_in/scale             (F,)
+
+The leaf is named ``scale`` on purpose: AdamW's decoupled weight decay skips ``scale`` leaves
+(as it skips LayerNorm scales), and decaying a multiplicative vector toward 0 instead of toward
+its identity value 1 would shrink the adapted activations. :meth:`IA3.merge` folds the vectors
+into the kernels (and biases) exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from peftjax import tree as tree_lib
+from peftjax.errors import ConfigError
+from peftjax.peft.base import Method
+from peftjax.peft.base import register
+from peftjax.peft.lora import _record_modules
+
+_DENSE = (nn.Dense, nn.DenseGeneral)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSite:
+  """One dense layer: its module path, kernel split into in/out dims, and the input axes."""
+  path: str          # module path, e.g. 'encoder/layer_0/attention/key'
+  in_shape: tuple    # kernel dims contracted with the input
+  out_shape: tuple   # kernel dims of the output features
+  x_axes: tuple      # input axes contracted, non-negative, in kernel order
+  has_bias: bool
+
+  @property
+  def kernel_path(self) -> str:
+    return f'{self.path}/kernel'
+
+  @property
+  def d_in(self) -> int:
+    return int(np.prod(self.in_shape))
+
+  @property
+  def d_out(self) -> int:
+    return int(np.prod(self.out_shape))
+
+
+def dense_sites(module, base_params, inputs) -> dict[str, DenseSite]:
+  """Module path -> :class:`DenseSite` for every ``nn.Dense``/``nn.DenseGeneral`` the forward calls.
+
+  Found with an abstract forward (``jax.eval_shape``), so nothing is computed.
+
+  >>> sites = dense_sites(model, params, {'input_ids': ids, 'attention_mask': m})  # doctest: +SKIP
+  >>> sites['encoder/layer_0/output'].in_shape                                     # doctest: +SKIP
+  (1536,)
+  """
+  flat = tree_lib.flatten(base_params)
+  out = {}
+  for path, (mod, x_ndim) in _record_modules(module, base_params, inputs).items():
+    if not isinstance(mod, _DENSE) or f'{path}/kernel' not in flat:
+      continue
+    if isinstance(mod, nn.DenseGeneral):
+      if mod.batch_dims:
+        continue  # batch_dims layers have no clean in/out split; never selected
+      axis = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
+    else:
+      axis = (-1,)
+    x_axes = tuple(a % x_ndim for a in axis)
+    w_shape = tuple(flat[f'{path}/kernel'].shape)
+    n_in = len(x_axes)
+    out[path] = DenseSite(path, w_shape[:n_in], w_shape[n_in:], x_axes, f'{path}/bias' in flat)
+  return out
+
+
+def match_module_paths(sites: dict[str, Any], pattern: str, field: str) -> list[str]:
+  """The paths in ``sites`` that ``pattern`` (``re.search``) matches, sorted.
+
+  Raises a :class:`ConfigError` naming ``field`` and the closest module paths when nothing
+  matches, so a typo in ``--config.peft.<field>`` fails before any training starts.
+
+  >>> match_module_paths({'a/key': 0, 'a/query': 1}, r'key$', 'ia3_targets')
+  ['a/key']
+  """
+  try:
+    rx = re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f'peft.{field}={pattern!r} is not a valid regex: {e}') from None
+  matched = sorted(p for p in sites if rx.search(p))
+  if not matched:
+    near = tree_lib.closest_paths(pattern, list(sites))
+    raise ConfigError(f'peft.{field}={pattern!r} matches no nn.Dense/nn.DenseGeneral module '
+                      f'path; closest module paths: {near}')
+  return matched
+
+
+def _broadcast_in(site: DenseSite, vec, x_ndim: int):
+  """``vec`` (shape ``in_shape``, kernel order) reshaped to broadcast against the input."""
+  order = np.argsort(site.x_axes)  # input axes may be listed out of order, e.g. axis=(-1, -2)
+  vec = jnp.transpose(vec, order)
+  shape = [1] * x_ndim
+  for ax, n in zip(sorted(site.x_axes), np.asarray(site.in_shape)[order]):
+    shape[ax] = int(n)
+  return vec.reshape(shape)
+
+
+@contextlib.contextmanager
+def ia3_scope(out_sites: list[DenseSite], in_sites: list[DenseSite], ia3_params):
+  """Context under which ``out_sites`` compute ``l ⊙ layer(x)`` and ``in_sites`` ``layer(l ⊙ x)``.
+
+  >>> with ia3_scope(method.out_sites, method.in_sites, ia3):  # doctest: +SKIP
+  ...   logits = model.apply({'params': params}, ids, mask)
+  """
+  flat = tree_lib.flatten(ia3_params)
+  outs = {s.path: s for s in out_sites}
+  ins = {s.path: s for s in in_sites}
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name != '__call__' or not isinstance(mod, _DENSE):
+      return next_fun(*args, **kwargs)
+    path = '/'.join(mod.path)
+    if path not in outs and path not in ins:
+      return next_fun(*args, **kwargs)
+    if path in ins:
+      x = args[0] if args else next(iter(kwargs.values()))
+      vec = _broadcast_in(ins[path], flat[f'{path}/ia3_in/scale'].astype(x.dtype), x.ndim)
+      if args:
+        args = (x * vec, *args[1:])
+      else:
+        kwargs = {**kwargs, next(iter(kwargs)): x * vec}
+    y = next_fun(*args, **kwargs)
+    if path in outs:
+      # The output feature dims are trailing, so the vector broadcasts as it is.
+      y = y * flat[f'{path}/ia3_out/scale'].astype(y.dtype)
+    return y
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+@register('ia3')
+class IA3(Method):
+  """IA3 from config: ``ia3_targets`` (outputs scaled), ``ia3_ffn_targets`` (inputs scaled).
+
+  Both are regexes over *module* paths (not weight paths), e.g. ``'attention/(key|value)$'``.
+
+  >>> method = peft.build(config.peft)                      # doctest: +SKIP  (method='ia3')
+  >>> ia3 = method.init(rng, model, params, inputs)         # doctest: +SKIP
+  >>> logits = peft.apply(model, method, params, ia3, inputs)  # doctest: +SKIP
+  >>> merged = method.merge(params, ia3)                    # same logits, no IA3 at run time
+  """
+
+  def __init__(self, peft_cfg):
+    super().__init__(peft_cfg)
+    self.out_sites: list[DenseSite] | None = None
+    self.in_sites: list[DenseSite] | None = None
+
+  def init(self, rng, module, base_params, inputs) -> dict:
+    """Ones for every matched layer: the model is exactly unchanged at step 0."""
+    del rng  # deterministic init
+    sites = dense_sites(module, base_params, inputs)
+    out_paths, in_paths = [], []
+    if self.cfg.ia3_targets:
+      out_paths = match_module_paths(sites, self.cfg.ia3_targets, 'ia3_targets')
+    if self.cfg.ia3_ffn_targets:
+      in_paths = match_module_paths(sites, self.cfg.ia3_ffn_targets, 'ia3_ffn_targets')
+    if not out_paths and not in_paths:
+      raise ConfigError("peft.ia3_targets and peft.ia3_ffn_targets are both ''; IA3 would train "
+                        "nothing. Set at least one, e.g. ia3_targets='attention/(key|value)$'")
+    self.out_sites = [sites[p] for p in out_paths]
+    self.in_sites = [sites[p] for p in in_paths]
+    flat = {}
+    for s in self.out_sites:
+      flat[f'{s.path}/ia3_out/scale'] = jnp.ones(s.out_shape, jnp.float32)
+    for s in self.in_sites:
+      flat[f'{s.path}/ia3_in/scale'] = jnp.ones(s.in_shape, jnp.float32)
+    return tree_lib.unflatten(flat)
+
+  def _need_sites(self):
+    if self.out_sites is None or self.in_sites is None:
+      raise RuntimeError('IA3.init must run before the method is applied')
+    return self.out_sites, self.in_sites
+
+  def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
+    del rng, deterministic  # IA3 has no dropout
+    out_sites, in_sites = self._need_sites()
+    return ia3_scope(out_sites, in_sites, peft_params)
+
+  def merge(self, base_params, peft_params) -> dict:
+    """Output scaling: ``W[..., out] *= l``, ``b *= l``; input scaling: ``W[in, ...] *= l``.
+
+    The merged model equals the implicit one (to float rounding).
+    """
+    out_sites, in_sites = self._need_sites()
+    flat = tree_lib.flatten(base_params)
+    vp = tree_lib.flatten(peft_params)
+    for s in out_sites:
+      vec = vp[f'{s.path}/ia3_out/scale']
+      w = flat[s.kernel_path]
+      flat[s.kernel_path] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
+      if s.has_bias:
+        b = flat[f'{s.path}/bias']
+        flat[f'{s.path}/bias'] = (b * vec).astype(b.dtype)
+    for s in in_sites:
+      vec = vp[f'{s.path}/ia3_in/scale']
+      w = flat[s.kernel_path]
+      vec = vec.reshape(*s.in_shape, *(1,) * len(s.out_shape))  # scale kernel rows
+      flat[s.kernel_path] = (w * vec).astype(w.dtype)
+    return tree_lib.unflatten(flat)
+
+  def logical_specs(self, base_specs, peft_params) -> Any:
+    """An output vector takes the kernel's output axes; an input vector its input axes."""
+    del peft_params
+    out_sites, in_sites = self._need_sites()
+    specs = tree_lib.flatten(base_specs)
+    out = {}
+    for s in out_sites + in_sites:
+      w = specs.get(s.kernel_path)
+      axes = tuple(w) if w is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
+      n_in = len(s.in_shape)
+      if s in out_sites:
+        out[f'{s.path}/ia3_out/scale'] = P(*axes[n_in:])
+      if s in in_sites:
+        out[f'{s.path}/ia3_in/scale'] = P(*axes[:n_in])
+    return tree_lib.unflatten(out)

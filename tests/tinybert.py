@@ -1,0 +1,82 @@
+"""A tiny BERT classifier and a one-step trainer, shared by the method tests."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from configs import common
+from peftjax import optim
+from peftjax import peft
+from peftjax import train
+from peftjax import tree
+from peftjax.models import BertClassifier
+from peftjax.models import BertConfig
+from peftjax.models.build import Built
+
+D, F, L, H = 16, 32, 2, 2  # hidden, FFN, layers, heads
+BERT = BertConfig(vocab_size=100, hidden_size=D, num_layers=L, num_heads=H, intermediate_size=F,
+                  max_position=16)
+
+
+@functools.cache
+def built() -> Built:
+  """A randomly initialised 3-class classifier (cached: every test reads, none writes)."""
+  module = BertClassifier(BERT, num_classes=3)
+  ids = jnp.ones((4, 8), jnp.int32)
+  boxed = module.init(jax.random.key(0), ids, ids)['params']
+  return Built(module, nn.meta.unbox(boxed), ('input_ids', 'attention_mask', 'token_type_ids'),
+               nn.get_partition_spec(boxed), 'random')
+
+
+def batch() -> dict:
+  """4 x 8 tokens, one row padded, 3 labels."""
+  ids = jnp.arange(32, dtype=jnp.int32).reshape(4, 8) % 100
+  return {'input_ids': ids, 'attention_mask': jnp.ones_like(ids).at[0, 6:].set(0),
+          'token_type_ids': jnp.zeros_like(ids), 'label': jnp.array([0, 1, 2, 1])}
+
+
+def inputs() -> dict:
+  return {k: v for k, v in batch().items() if k in built().input_keys}
+
+
+def method(name: str, **peft_overrides):
+  """``(method, config)`` for ``peft.method=name`` with the given ``peft.*`` overrides."""
+  c = common.get_config()
+  c.peft.method = name
+  for k, v in peft_overrides.items():
+    c.peft[k] = v
+  return peft.build(c.peft), c
+
+
+def init(name: str, **peft_overrides):
+  """``(method, its params, config)`` initialised on the tiny model."""
+  m, c = method(name, **peft_overrides)
+  b = built()
+  return m, m.init(jax.random.key(1), b.module, b.params, inputs()), c
+
+
+def steps(m, peft_params, c, n: int = 1, *, weight_decay: float | None = None):
+  """Runs ``n`` jitted trainer steps; returns the trainable tree before and after each step."""
+  b = built()
+  c.optim.warmup_steps = 0
+  if weight_decay is not None:
+    c.optim.weight_decay = weight_decay
+  base_tr, frozen = tree.partition(b.params, m.trainable_base)
+  trainable = {'base': base_tr, 'peft': peft_params}
+  tx = optim.make_optimizer(c.optim, 10)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable),
+           'rng': jax.random.key_data(jax.random.key(2))}
+  step = jax.jit(train.make_train_step(train.make_forward(b, m), tx, b.input_keys))
+  history = [trainable]
+  for _ in range(n):
+    state, metrics = step(state, frozen, batch())
+    assert jnp.isfinite(metrics['loss'])
+    history.append(state['params'])
+  return history, state
+
+
+def moved(a, b) -> list[str]:
+  """Paths whose values differ between two trees of the same structure."""
+  fa, fb = tree.flatten(a), tree.flatten(b)
+  return sorted(p for p in fa if not bool(jnp.array_equal(fa[p], fb[p])))
