@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.peft.method = 'lora'  # 'lora' | 'ia3' | 'adapter' | 'full' | 'linear_probe' | 'bitfit'
   c.peft.rank = 8  # LoRA rank r
   c.peft.alpha = 16.0  # LoRA scale is alpha / r
+  c.peft.rslora = False  # rank-stabilized LoRA: scale alpha / sqrt(r) (Kalajdzievski, 2023)
   c.peft.dropout = 0.0  # dropout on the LoRA branch input
   c.peft.targets = r'attention/(query|value)/kernel$'  # regex over weight paths LoRA adapts
   c.peft.head = 'classifier/'  # regex of base leaves that train with every method (the new head)
@@ -61,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0  # global gradient-norm clipping; 0 = off
   c.optim.grad_accum_steps = 1  # optax.MultiSteps: one update every k micro-batches
+  # Per-group learning-rate factors: ((regex over trainable paths, factor), ...); first match
+  # wins. LoRA+ (a larger learning rate for B): (('lora_b$', 16.0),).
+  c.optim.lr_multipliers = ()
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300  # optimizer updates (micro-batches = steps * grad_accum_steps)

@@ -56,10 +56,47 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   parts.append(optax.adamw(schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
                            eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
                            mask=decay_mask))
+  if optim_cfg.lr_multipliers:
+    parts.append(scale_by_path(optim_cfg.lr_multipliers))
   tx = optax.chain(*parts)
   if optim_cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim_cfg.grad_accum_steps)
   return tx
+
+
+def check_multipliers(multipliers) -> tuple[tuple[str, float], ...]:
+  """Validates ``((regex, factor), ...)``; raises ValueError naming the bad entry."""
+  out = []
+  for entry in multipliers:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
+        or not isinstance(entry[1], (int, float)) or entry[1] <= 0):
+      raise ValueError(f'optim.lr_multipliers entry {entry!r} is invalid; valid: a pair '
+                       "(regex over parameter paths, positive factor), e.g. ('lora_b$', 16.0)")
+    tree_lib.make_selector(entry[0])  # raises for a bad regex
+    out.append((entry[0], float(entry[1])))
+  return tuple(out)
+
+
+def scale_by_path(multipliers) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by the factor of the first regex matching its path.
+
+  Placed after AdamW this is a per-group learning rate (decoupled decay scales with it, as with
+  a separate optimizer per group). LoRA+ (Hayou et al., 2024) is ``(('lora_b$', 16.0),)``.
+  Stateless: the factors are Python constants resolved from the static paths at trace time.
+
+  >>> tx = optax.chain(optax.adamw(1e-4), scale_by_path((('lora_b$', 16.0),)))  # doctest: +SKIP
+  """
+  rules = [(tree_lib.make_selector(r), f) for r, f in check_multipliers(multipliers)]
+
+  def factor(path, leaf):
+    return next((f for pred, f in rules if pred(path, leaf)), 1.0)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return tree_lib.map_with_path(lambda p, u: u * factor(p, u) if factor(p, u) != 1.0 else u,
+                                  updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def masked(tx: optax.GradientTransformation, params, trainable: tree_lib.Selector):

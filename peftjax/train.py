@@ -87,7 +87,8 @@ def build_task(config):
   inputs = sample_inputs(built.input_keys, length=config.data.max_length,
                          image_shape=info.image_shape)
   peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
-  base_trainable, frozen = tree_lib.partition(built.params, method.trainable_base)
+  base = method.prepare_base(built.params, peft_params)
+  base_trainable, frozen = tree_lib.partition(base, method.trainable_base)
   return dict(data=data, built=built, method=method, frozen=frozen,
               trainable={'base': base_trainable, 'peft': peft_params},
               peft_specs=method.logical_specs(built.logical_specs, peft_params))

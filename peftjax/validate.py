@@ -11,6 +11,7 @@ from peftjax import peft
 from peftjax.errors import ConfigError
 from peftjax.models.build import MODEL_NAMES
 from peftjax.optim import SCHEDULES
+from peftjax.optim import check_multipliers
 
 
 
@@ -77,6 +78,10 @@ def validate(c) -> None:
   _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, 'optim.b1/b2', (o.b1, o.b2), '0 <= b < 1')
   _check(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, '>= 0 (0 = off)')
   _check(o.grad_accum_steps >= 1, 'optim.grad_accum_steps', o.grad_accum_steps, '>= 1')
+  try:
+    check_multipliers(o.lr_multipliers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
   _check(t.steps > 0, 'train.steps', t.steps, 'a positive number of steps')
   _check(t.batch_size > 0, 'train.batch_size', t.batch_size, 'a positive batch size')

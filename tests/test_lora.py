@@ -198,3 +198,16 @@ def test_minilm_quickstart_count(minilm):
   lora = jax.eval_shape(lambda: method.init(jax.random.key(0), model, params,
                                             {'input_ids': ids, 'attention_mask': ids}))
   assert tree.count(lora) == 6 * 2 * (384 * 8 + 8 * 384)  # 73,728
+
+
+def test_rslora_scale_is_alpha_over_sqrt_rank(setup):
+  model, params, inputs = setup
+  cfg = dict(targets=r'head/kernel$', rank=4, alpha=8.0)
+  plain, lora = _init(setup, **cfg)
+  rs, _ = _init(setup, rslora=True, **cfg)
+  assert plain.scale == 2.0 and rs.scale == 4.0  # 8 / 4 and 8 / sqrt(4)
+  lora = _randomize(lora)
+  base = model.apply({'params': params}, **inputs)
+  np.testing.assert_allclose(peft.apply(model, rs, params, lora, inputs) - base,
+                             2.0 * (peft.apply(model, plain, params, lora, inputs) - base),
+                             rtol=1e-5, atol=1e-6)

@@ -87,6 +87,8 @@ def test_misspelled_override_names_the_key(tmp_path):
     ('--config.peft.method=lorra', "config.peft.method='lorra' is invalid; valid: adapter, bitfit"),
     ('--config.optim.schedule=step', "config.optim.schedule='step' is invalid"),
     ('--config.data.max_length=1', 'config.data.max_length=1 is invalid; valid: 2..512'),
+    ("--config.optim.lr_multipliers=(('lora_b$', -1.0),)",
+     "optim.lr_multipliers entry ('lora_b$', -1.0) is invalid"),
 ])
 def test_invalid_values_fail_before_compute(tmp_path, override, expect):
   code, out, err = _run([*TINY, override, f'--workdir={tmp_path / "w"}'])

@@ -91,3 +91,22 @@ def test_masked_full_tree_zeroes_frozen_updates():
   plain = optax.masked(optax.sgd(1.0), {'frozen': False, 'train': True})
   upd2, _ = plain.update(grads, plain.init(params))
   np.testing.assert_array_equal(upd2['frozen'], grads['frozen'])
+
+
+def test_lr_multipliers_scale_one_group_exactly():
+  """LoRA+: B's update is exactly `ratio` times what it would be without the multiplier."""
+  params = {'q': {'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 4))}}
+  grads = {'q': {'lora_a': jnp.full((4, 2), 0.3), 'lora_b': jnp.full((2, 4), -0.7)}}
+  plain = optim.make_optimizer(_optim_cfg(warmup_steps=0, schedule='constant'), 10)
+  plus = optim.make_optimizer(_optim_cfg(warmup_steps=0, schedule='constant',
+                                         lr_multipliers=(('lora_b$', 16.0),)), 10)
+  u0, _ = plain.update(grads, plain.init(params), params)
+  u1, _ = plus.update(grads, plus.init(params), params)
+  np.testing.assert_array_equal(u1['q']['lora_a'], u0['q']['lora_a'])
+  np.testing.assert_allclose(u1['q']['lora_b'], 16.0 * u0['q']['lora_b'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('bad', [(('lora_b$',),), (('lora_b$', -1.0),), (('(', 2.0),)])
+def test_lr_multipliers_validation(bad):
+  with pytest.raises(ValueError, match='lr_multipliers|invalid selector regex'):
+    optim.check_multipliers(bad)

@@ -7,6 +7,8 @@ A method is a functional transform over the parameter pytree:
 * ``trainable_base`` — a selector of *base* leaves that also train (a fresh head, biases...);
 * ``intercept(peft_params, rng, deterministic)`` — a context manager under which
   ``module.apply`` runs with the method in effect; the model's code is never edited;
+* ``prepare_base(base_params, peft_params)`` — the base the method trains against, made once
+  after ``init`` (identity for most methods; PiSSA keeps the residual of W there);
 * ``merge(base_params, peft_params)`` — fold the method into the base weights, where possible;
 * ``logical_specs(base_specs, peft_params)`` — logical axis names for its parameters, so they
   shard like the weights they adapt.
@@ -69,6 +71,11 @@ class Method:
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del peft_params, rng, deterministic
     return contextlib.nullcontext()
+
+  def prepare_base(self, base_params, peft_params) -> dict:
+    """The (frozen) base this method trains against; called once, right after ``init``."""
+    del peft_params
+    return base_params
 
   def merge(self, base_params, peft_params) -> dict:
     del peft_params

@@ -115,7 +115,9 @@ def find_sites(module, base_params, inputs, targets: str | list[str]) -> list[Si
 
 
 def _scale(cfg) -> float:
-  return float(cfg.alpha) / float(cfg.rank)
+  """alpha / r, or alpha / sqrt(r) with ``peft.rslora`` (keeps the update's scale stable in r)."""
+  rank = float(cfg.rank)
+  return float(cfg.alpha) / (np.sqrt(rank) if cfg.get('rslora', False) else rank)
 
 
 def init_sites(rng, sites: list[Site], rank: int) -> dict:
@@ -194,7 +196,7 @@ def _fold(base_params, sites, lora_params, scale, sign):
 
 @register('lora')
 class LoRA(Method):
-  """LoRA from config: ``rank``, ``alpha``, ``dropout``, ``targets`` (regex over weight paths).
+  """LoRA from config: ``rank``, ``alpha``, ``rslora``, ``dropout``, ``targets`` (regex over weight paths).
 
   >>> method = LoRA(config.peft)                            # doctest: +SKIP
   >>> lora = method.init(rng, model, params, inputs)        # doctest: +SKIP
