@@ -50,6 +50,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.peft.adapter_attn_targets = r'attention/out$'  # adapter on these modules' output (houlsby)
   c.peft.adapter_ffn_targets = r'/output$'  # adapter on these modules' output (FFN; all kinds)
   c.peft.adapter_ffn_inputs = r'/intermediate$'  # parallel: adapter reads this sibling's input
+  c.peft.num_prompts = 20  # prompt tuning: soft-prompt vectors prepended to the embeddings
+  c.peft.prompt_init = 'vocab'  # prompt tuning init: 'vocab' (random word-embedding rows) | 'text'
+  c.peft.prompt_init_text = ''  # prompt_init='text': its tokens' embeddings, repeated/cut to n
+  c.peft.num_prefix = 10  # prefix tuning: key/value prefix length per layer
+  c.peft.prefix_reparam = True  # prefix tuning: train an (n, D) embedding + MLP (Li & Liang)
+  c.peft.prefix_hidden = 512  # prefix tuning: hidden width of the reparameterization MLP
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-4  # peak learning rate
@@ -65,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-group learning-rate factors: ((regex over trainable paths, factor), ...); first match
   # wins. LoRA+ (a larger learning rate for B): (('lora_b$', 16.0),).
   c.optim.lr_multipliers = ()
+  # Discriminative (layer-wise) learning rates: layer i of N trains at lr * decay**(N - i), the
+  # embeddings at lr * decay**(N + 1), everything else (head, PEFT params outside layers) at lr.
+  c.optim.layer_decay = 1.0  # 1.0 = off; e.g. 0.8
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300  # optimizer updates (micro-batches = steps * grad_accum_steps)

@@ -7,6 +7,8 @@ the frozen labels (``optax.masked`` alone passes masked updates through unchange
 """
 from __future__ import annotations
 
+import re
+
 import optax
 
 from peftjax import tree as tree_lib
@@ -44,8 +46,11 @@ def decay_mask(params):
   return tree_lib.map_with_path(lambda p, x: not no_decay(p, x), params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-  """Clipping + AdamW with the schedule, wrapped in ``MultiSteps`` for accumulation.
+def make_optimizer(optim_cfg, total_steps: int, *, num_layers: int = 0
+                   ) -> optax.GradientTransformation:
+  """Clipping + AdamW with the schedule (+ per-group factors), in ``MultiSteps`` for accumulation.
+
+  ``num_layers`` (the encoder depth) is needed only for ``optim.layer_decay``.
 
   >>> tx = make_optimizer(config.optim, config.train.steps)  # doctest: +SKIP
   >>> opt_state = tx.init(trainable)                          # doctest: +SKIP
@@ -56,8 +61,10 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   parts.append(optax.adamw(schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
                            eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
                            mask=decay_mask))
-  if optim_cfg.lr_multipliers:
-    parts.append(scale_by_path(optim_cfg.lr_multipliers))
+  decay = optim_cfg.get('layer_decay', 1.0)
+  if optim_cfg.lr_multipliers or decay != 1.0:
+    parts.append(scale_by_path(path_factors(optim_cfg.lr_multipliers, layer_decay=decay,
+                                            num_layers=num_layers)))
   tx = optax.chain(*parts)
   if optim_cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim_cfg.grad_accum_steps)
@@ -77,23 +84,48 @@ def check_multipliers(multipliers) -> tuple[tuple[str, float], ...]:
   return tuple(out)
 
 
-def scale_by_path(multipliers) -> optax.GradientTransformation:
-  """Multiplies each leaf's update by the factor of the first regex matching its path.
+def path_factors(multipliers=(), *, layer_decay: float = 1.0, num_layers: int = 0):
+  """``path -> learning-rate factor`` from config: regex multipliers, then layer-wise decay.
 
-  Placed after AdamW this is a per-group learning rate (decoupled decay scales with it, as with
-  a separate optimizer per group). LoRA+ (Hayou et al., 2024) is ``(('lora_b$', 16.0),)``.
-  Stateless: the factors are Python constants resolved from the static paths at trace time.
+  The first matching ``(regex, factor)`` wins; otherwise, with ``layer_decay < 1``, a path under
+  ``layer_i/`` gets ``decay**(num_layers - i)`` and one under ``embeddings/`` gets
+  ``decay**(num_layers + 1)`` (Howard & Ruder, 2018; Clark et al., 2020); everything else 1.
 
-  >>> tx = optax.chain(optax.adamw(1e-4), scale_by_path((('lora_b$', 16.0),)))  # doctest: +SKIP
+  >>> f = path_factors(layer_decay=0.5, num_layers=2)
+  >>> f('encoder/layer_1/attention/query/lora_a'), f('encoder/embeddings/layer_norm/bias')
+  (0.5, 0.125)
   """
   rules = [(tree_lib.make_selector(r), f) for r, f in check_multipliers(multipliers)]
 
-  def factor(path, leaf):
-    return next((f for pred, f in rules if pred(path, leaf)), 1.0)
+  def factor(path: str) -> float:
+    for pred, f in rules:
+      if pred(path, None):
+        return f
+    if layer_decay != 1.0:
+      m = _LAYER.search(path)
+      if m:
+        return layer_decay ** (num_layers - int(m.group(1)))
+      if '/embeddings/' in f'/{path}':
+        return layer_decay ** (num_layers + 1)
+    return 1.0
 
+  return factor
+
+
+_LAYER = re.compile(r'(?:^|/)layer_(\d+)/')
+
+
+def scale_by_path(factor) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by ``factor(path)``: per-group learning rates.
+
+  Placed after AdamW this is a per-group learning rate (decoupled decay scales with it, as with
+  a separate optimizer per group). LoRA+ (Hayou et al., 2024) is
+  ``scale_by_path(path_factors((('lora_b$', 16.0),)))``. Stateless: factors are Python constants
+  resolved from the static paths at trace time.
+  """
   def update_fn(updates, state, params=None):
     del params
-    return tree_lib.map_with_path(lambda p, u: u * factor(p, u) if factor(p, u) != 1.0 else u,
+    return tree_lib.map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u,
                                   updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

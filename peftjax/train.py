@@ -94,6 +94,12 @@ def build_task(config):
               peft_specs=method.logical_specs(built.logical_specs, peft_params))
 
 
+def _depth(built) -> int:
+  """Encoder depth for layer-wise learning rates (0 for models without layers)."""
+  cfg = getattr(built.module, 'cfg', None)
+  return getattr(cfg, 'num_layers', 0)
+
+
 def make_forward(built, method):
   """``forward(trainable, frozen, inputs, rng, deterministic) -> logits``."""
   def forward(trainable, frozen, inputs, rng=None, deterministic=True):
@@ -170,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ optimizer and state
   accum = config.optim.grad_accum_steps
-  tx = optim.make_optimizer(config.optim, t.steps)
+  tx = optim.make_optimizer(config.optim, t.steps, num_layers=_depth(built))
   opt_state = jax.jit(tx.init)(trainable)
   rng = jax.random.key_data(jax.random.key(config.seed + 2))
   state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,

@@ -62,7 +62,10 @@ def validate(c) -> None:
   _check(d.max_eval_examples == -1 or d.max_eval_examples > 0, 'data.max_eval_examples',
          d.max_eval_examples, '-1 (all) or a positive count')
 
-  _check(p.method in peft.method_names(), 'peft.method', p.method, ', '.join(peft.method_names()))
+  names = p.method.split('+')
+  _check(all(n in peft.method_names() for n in names) and len(set(names)) == len(names),
+         'peft.method', p.method,
+         ', '.join(peft.method_names()) + ', or several distinct ones joined by "+"')
   _check(isinstance(p.rank, int) and p.rank > 0, 'peft.rank', p.rank, 'a positive integer')
   _check(p.alpha > 0, 'peft.alpha', p.alpha, 'a positive number')
   _check(0.0 <= p.dropout < 1.0, 'peft.dropout', p.dropout, '0 <= dropout < 1')
@@ -78,6 +81,7 @@ def validate(c) -> None:
   _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, 'optim.b1/b2', (o.b1, o.b2), '0 <= b < 1')
   _check(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, '>= 0 (0 = off)')
   _check(o.grad_accum_steps >= 1, 'optim.grad_accum_steps', o.grad_accum_steps, '>= 1')
+  _check(0.0 < o.layer_decay <= 1.0, 'optim.layer_decay', o.layer_decay, '0 < decay <= 1 (1 = off)')
   try:
     check_multipliers(o.lr_multipliers)
   except ValueError as e:

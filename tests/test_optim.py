@@ -110,3 +110,21 @@ def test_lr_multipliers_scale_one_group_exactly():
 def test_lr_multipliers_validation(bad):
   with pytest.raises(ValueError, match='lr_multipliers|invalid selector regex'):
     optim.check_multipliers(bad)
+
+
+def test_layer_decay_factors_are_exact():
+  params = {'base': {'encoder': {'embeddings': {'w': jnp.ones(2)},
+                                 'layer_0': {'w': jnp.ones(2)}, 'layer_1': {'w': jnp.ones(2)}},
+                     'classifier': {'kernel': jnp.ones(2)}},
+            'peft': {'encoder': {'layer_1': {'lora_b': jnp.ones(2)}}}}
+  grads = jax.tree.map(lambda x: 0.5 * x, params)
+  cfg = dict(warmup_steps=0, schedule='constant', weight_decay=0.0)
+  plain = optim.make_optimizer(_optim_cfg(**cfg), 10, num_layers=2)
+  lld = optim.make_optimizer(_optim_cfg(layer_decay=0.5, **cfg), 10, num_layers=2)
+  u0 = tree.flatten(plain.update(grads, plain.init(params), params)[0])
+  u1 = tree.flatten(lld.update(grads, lld.init(params), params)[0])
+  expected = {'base/classifier/kernel': 1.0, 'base/encoder/embeddings/w': 0.125,
+              'base/encoder/layer_0/w': 0.25, 'base/encoder/layer_1/w': 0.5,
+              'peft/encoder/layer_1/lora_b': 0.5}
+  for p, f in expected.items():
+    np.testing.assert_allclose(u1[p], f * u0[p], rtol=1e-6, err_msg=p)

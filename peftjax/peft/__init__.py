@@ -3,6 +3,7 @@ from peftjax.peft import baselines  # registers 'full', 'linear_probe', 'bitfit'
 from peftjax.peft import adapters  # registers 'adapter'
 from peftjax.peft import ia3  # registers 'ia3'
 from peftjax.peft import lora  # registers 'lora'
+from peftjax.peft.base import Compose
 from peftjax.peft.base import Method
 from peftjax.peft.base import apply
 from peftjax.peft.base import build

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 
 from peftjax import tree as tree_lib
+from peftjax.errors import ConfigError
 
 _REGISTRY: dict[str, type] = {}
 
@@ -37,19 +38,25 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def method_names() -> tuple[str, ...]:
-  """Names accepted by ``--config.peft.method``."""
+  """Names accepted by ``--config.peft.method`` (join several with '+' to compose them)."""
   return tuple(sorted(_REGISTRY))
 
 
 def build(peft_cfg) -> 'Method':
   """The method selected by ``peft_cfg.method``, configured from ``peft_cfg``.
 
+  ``'lora+ia3'`` composes methods (see :class:`Compose`).
+
   >>> method = build(config.peft)  # doctest: +SKIP
   """
-  name = peft_cfg.method
-  if name not in _REGISTRY:
-    raise ValueError(f'peft.method={name!r}; valid: {", ".join(method_names())}')
-  return _REGISTRY[name](peft_cfg)
+  names = peft_cfg.method.split('+')
+  unknown = [n for n in names if n not in _REGISTRY]
+  if unknown or len(set(names)) != len(names):
+    raise ConfigError(f'peft.method={peft_cfg.method!r} is invalid; valid: one of '
+                      f'{", ".join(method_names())}, or several distinct ones joined by "+"')
+  if len(names) == 1:
+    return _REGISTRY[names[0]](peft_cfg)
+  return Compose([_REGISTRY[n](peft_cfg) for n in names])
 
 
 class Method:
@@ -100,3 +107,54 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
     rngs['dropout'], method_rng = jax.random.split(rng)
   with method.intercept(peft_params, rng=method_rng, deterministic=deterministic):
     return module.apply({'params': base_params}, **inputs, deterministic=deterministic, rngs=rngs)
+
+
+class Compose(Method):
+  """Several methods at once: ``--config.peft.method=lora+ia3``.
+
+  Each keeps its own parameters under its name (``{'lora': ..., 'ia3': ...}``), the trainable
+  base is the union of theirs, and their interceptors are entered in the order listed, so the
+  first listed sees (and wraps) the result of the others. ``merge`` folds them in reverse order,
+  innermost first, which reproduces the composed forward for methods that fold exactly.
+
+  >>> method = build(ml_collections.ConfigDict({**cfg, 'method': 'lora+ia3'}))  # doctest: +SKIP
+  """
+
+  def __init__(self, methods: list[Method]):
+    super().__init__(methods[0].cfg)
+    self.methods = methods
+    self.name = '+'.join(m.name for m in methods)
+
+  @property
+  def trainable_base(self):
+    preds = [tree_lib.make_selector(m.trainable_base) for m in self.methods]
+    return lambda path, leaf: any(p(path, leaf) for p in preds)
+
+  def init(self, rng, module, base_params, inputs) -> dict:
+    out = {}
+    for i, m in enumerate(self.methods):
+      out[m.name] = m.init(jax.random.fold_in(rng, i), module, base_params, inputs)
+      base_params = m.prepare_base(base_params, out[m.name])
+    return out
+
+  def prepare_base(self, base_params, peft_params) -> dict:
+    for m in self.methods:
+      base_params = m.prepare_base(base_params, peft_params[m.name])
+    return base_params
+
+  @contextlib.contextmanager
+  def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
+    with contextlib.ExitStack() as stack:
+      for i, m in enumerate(self.methods):
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        stack.enter_context(m.intercept(peft_params[m.name], rng=key,
+                                        deterministic=deterministic))
+      yield
+
+  def merge(self, base_params, peft_params) -> dict:
+    for m in reversed(self.methods):
+      base_params = m.merge(base_params, peft_params[m.name])
+    return base_params
+
+  def logical_specs(self, base_specs, peft_params):
+    return {m.name: m.logical_specs(base_specs, peft_params[m.name]) for m in self.methods}
