@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.eval_before = True  # test accuracy of the untrained model (accuracy_before)
   c.train.progress = True  # progress bar
+  # Gradual unfreezing: ((step, regex over base paths), ...); from `step` on, matching base
+  # leaves train too, e.g. ((100, 'layer_5/'), (200, 'layer_4/')). () = off.
+  c.train.unfreeze = ()
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices

@@ -25,6 +25,7 @@ from peftjax import optim
 from peftjax import peft
 from peftjax import sharding
 from peftjax import tree as tree_lib
+from peftjax import unfreeze
 from peftjax import validate as validate_lib
 from peftjax import xla_cpu
 from peftjax.models.build import sample_inputs
@@ -161,12 +162,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ data, model, partition
   task = build_task(config)
   data, built, method = task['data'], task['built'], task['method']
-  base_train_specs, frozen_specs = tree_lib.partition(built.logical_specs, method.trainable_base)
-  param_specs = {'base': base_train_specs, 'peft': task['peft_specs']}
-  train_sh = sharding.logical_to_sharding(param_specs, mesh, rules)
-  frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
-  trainable = _place(task['trainable'], train_sh)
-  frozen = _place(task['frozen'], frozen_sh)
+  accum = config.optim.grad_accum_steps
+  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', every=t.checkpoint_every * accum,
+                               keep=t.keep_checkpoints)
+  latest = ckpt.latest_step() or 0
+
+  def partition(base_params, peft_params, update: int):
+    """The trainable/frozen split in force at ``update`` (gradual unfreezing), on the mesh."""
+    sel = unfreeze.selector(method.trainable_base, t.unfreeze, update)
+    base_train_specs, frozen_specs = tree_lib.partition(built.logical_specs, sel)
+    train_sh = sharding.logical_to_sharding({'base': base_train_specs,
+                                             'peft': task['peft_specs']}, mesh, rules)
+    frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
+    base_train, frozen = tree_lib.partition(base_params, sel)
+    return (_place({'base': base_train, 'peft': peft_params}, train_sh),
+            _place(frozen, frozen_sh))
+
+  # A resumed run restores into the partition of the last update it completed.
+  trainable, frozen = partition(
+      tree_lib.combine(task['frozen'], task['trainable']['base']), task['trainable']['peft'],
+      max(latest // accum - 1, 0))
   # The report names the method's own parameters after it: 'lora/encoder/...'.
   workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
   report = tree_lib.size_report({**trainable['base'], method.name: trainable['peft']}, frozen)
@@ -175,7 +190,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _log(tree_lib.format_report(report))
 
   # ------------------------------------------------------------------ optimizer and state
-  accum = config.optim.grad_accum_steps
   tx = optim.make_optimizer(config.optim, t.steps, num_layers=_depth(built))
   opt_state = jax.jit(tx.init)(trainable)
   rng = jax.random.key_data(jax.random.key(config.seed + 2))
@@ -198,8 +212,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       return eval_lib.evaluate(lambda b: eval_stats(state['params'], frozen, b), batches)
 
   # ------------------------------------------------------------------ resume
-  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', every=t.checkpoint_every * accum,
-                               keep=t.keep_checkpoints)
   restored = ckpt.restore_latest(ckpt_lib.abstract(state))
   if restored is not None:
     state = restored
@@ -230,6 +242,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for micro in range(start, total_micro):
+      if micro % accum == 0 and micro // accum in unfreeze.boundaries(t.unfreeze):
+        # Gradual unfreezing: more base leaves join; the old leaves keep their state.
+        trainable, frozen = partition(tree_lib.combine(frozen, state['params']['base']),
+                                      state['params']['peft'], micro // accum)
+        state = dict(state, params=trainable, opt_state=unfreeze.transplant(
+            jax.jit(tx.init)(trainable), state['opt_state']))
+        bar.write(f'step {micro // accum}: unfreezing; {tree_lib.count(trainable):,d} '
+                  'parameters train now')
       batch = _put_batch(train_batches[micro], bsh)
       state, metrics = train_step(state, frozen, batch)
       m = jax.device_get(metrics)

@@ -12,6 +12,7 @@ from peftjax.errors import ConfigError
 from peftjax.models.build import MODEL_NAMES
 from peftjax.optim import SCHEDULES
 from peftjax.optim import check_multipliers
+from peftjax.unfreeze import check_schedule
 
 
 
@@ -94,6 +95,10 @@ def validate(c) -> None:
   _check(t.log_every > 0, 'train.log_every', t.log_every, '>= 1')
   _check(t.checkpoint_every >= 0, 'train.checkpoint_every', t.checkpoint_every, '>= 0 (0 = off)')
   _check(t.keep_checkpoints >= 1, 'train.keep_checkpoints', t.keep_checkpoints, '>= 1')
+  try:
+    check_schedule(t.unfreeze)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_mesh_batch(c, data_parallel: int) -> None:

@@ -56,10 +56,9 @@ def test_tiny_run_writes_summary_and_metrics(uninterrupted):
   assert 'test accuracy before' in out and 'trainable 13,058 of' in out
 
 
-def test_sigkill_and_resume_is_bit_identical(uninterrupted, tmp_path):
-  wd_full, _ = uninterrupted
-  wd = tmp_path / 'killed'
-  p = _main([*TINY, f'--workdir={wd}'])
+def _kill_then_resume(args, wd):
+  """Starts a run, SIGKILLs it once its first checkpoint exists, then reruns it to the end."""
+  p = _main([*args, f'--workdir={wd}'])
   deadline = time.time() + 300
   while not _steps(wd) and p.poll() is None and time.time() < deadline:
     time.sleep(0.05)
@@ -67,13 +66,28 @@ def test_sigkill_and_resume_is_bit_identical(uninterrupted, tmp_path):
   p.communicate()
   killed_at = _steps(wd)
   assert killed_at and killed_at[-1] < 8, f'not killed mid-run (checkpoints {killed_at})'
-  code, out, err = _run([*TINY, f'--workdir={wd}'])
+  code, out, err = _run([*args, f'--workdir={wd}'])
   assert code == 0, err[-3000:]
   assert 'resumed from checkpoint at step' in out
+  return json.loads((wd / 'summary.json').read_text())
+
+
+def test_sigkill_and_resume_is_bit_identical(uninterrupted, tmp_path):
+  wd_full, _ = uninterrupted
   a = json.loads((wd_full / 'summary.json').read_text())
-  b = json.loads((wd / 'summary.json').read_text())
+  b = _kill_then_resume(TINY, tmp_path / 'killed')
   assert a['trainable_sha256'] == b['trainable_sha256']
   assert a['accuracy_after'] == b['accuracy_after']
+
+
+def test_gradual_unfreezing_resumes_across_the_boundary(tmp_path):
+  args = [*TINY, "--config.train.unfreeze=((5, 'layer_0/output/'),)"]
+  code, out, err = _run([*args, f'--workdir={tmp_path / "full"}'])
+  assert code == 0, err[-3000:]
+  assert 'step 5: unfreezing; 603,266 parameters train now' in out
+  a = json.loads((tmp_path / 'full' / 'summary.json').read_text())
+  b = _kill_then_resume(args, tmp_path / 'killed')  # killed at step 2 or 4, before step 5
+  assert a['trainable_sha256'] == b['trainable_sha256']
 
 
 def test_misspelled_override_names_the_key(tmp_path):
