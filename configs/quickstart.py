@@ -5,7 +5,8 @@
 from configs import common
 
 
-def get_config():
+def get_config(arg=None):
+  del arg
   c = common.get_config()
   c.peft.method = 'lora'
   c.peft.rank = 8
@@ -20,8 +21,12 @@ def get_config():
   return c
 
 
-def sweep(add):
-  """Rank x learning-rate grid; ``add(**overrides)`` registers one run."""
+def sweep(add, arg=None):
+  """Rank x learning-rate grid; ``add(**overrides)`` registers one run.
+
+  python -m experiments.sweep --config=configs/quickstart.py --workdir=/tmp/sweep
+  """
+  del arg
   for rank in (4, 8, 16):
     for lr in (5e-4, 1e-3, 2e-3):
       add(**{'peft.rank': rank, 'optim.learning_rate': lr})

@@ -5,7 +5,8 @@
 from configs import common
 
 
-def get_config():
+def get_config(arg=None):
+  del arg
   c = common.get_config()
   c.model.num_layers = 1
   c.data.max_length = 16
@@ -20,3 +21,11 @@ def get_config():
   c.train.checkpoint_every = 2
   c.train.progress = False
   return c
+
+
+def sweep(add, arg=None):
+  """Two ranks x two seeds: a sweep small enough for tests."""
+  del arg
+  for rank in (2, 4):
+    for seed in (0, 1):
+      add(**{'peft.rank': rank, 'seed': seed})

@@ -297,6 +297,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   summary = {
       'accuracy_before': run_info.get('accuracy_before'),
       'accuracy_after': test['accuracy'],
+      'nll_after': test['loss'],
+      'ece_after': test['ece'],
       'test': test,
       'validation': last_eval,
       'trainable_params': report['trainable_params'],
