@@ -162,6 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ data, model, partition
   task = build_task(config)
   data, built, method = task['data'], task['built'], task['method']
+  unfreeze.check_targets(t.unfreeze, built.params)
   accum = config.optim.grad_accum_steps
   ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', every=t.checkpoint_every * accum,
                                keep=t.keep_checkpoints)

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from peftjax import tree as tree_lib
+from peftjax.errors import ConfigError
 
 
 def check_schedule(schedule) -> tuple[tuple[int, str], ...]:
@@ -31,6 +32,15 @@ def check_schedule(schedule) -> tuple[tuple[int, str], ...]:
     out.append((entry[0], entry[1]))
     last = entry[0]
   return tuple(out)
+
+
+def check_targets(schedule, base_params) -> None:
+  """Every group must name existing base leaves; raises ConfigError with the closest paths."""
+  paths = tree_lib.paths(base_params)
+  for start, regex in check_schedule(schedule):
+    if not tree_lib.select(base_params, regex):
+      raise ConfigError(f'train.unfreeze group ({start}, {regex!r}) matches no base parameter; '
+                        f'closest paths: {tree_lib.closest_paths(regex, paths)}')
 
 
 def selector(base: tree_lib.Selector, schedule, update: int) -> tree_lib.Selector:

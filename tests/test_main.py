@@ -117,6 +117,13 @@ def test_target_matching_nothing_lists_paths(tmp_path):
   assert 'matches no parameter; closest weight paths' in err and 'query/kernel' in err
 
 
+def test_unfreeze_group_matching_nothing(tmp_path):
+  code, out, err = _run([*TINY, "--config.train.unfreeze=((2, 'layer_9/'),)",
+                         f'--workdir={tmp_path / "w"}'])
+  assert code != 0 and "train.unfreeze group (2, 'layer_9/') matches no base parameter" in err
+  assert not (tmp_path / 'w').exists()
+
+
 def test_nan_loss_stops_without_checkpointing_bad_state(tmp_path):
   wd = tmp_path / 'nan'
   code, out, err = _run([*TINY, '--config.optim.learning_rate=1e30', '--config.optim.clip_norm=0',
