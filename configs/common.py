@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_eval_examples = -1  # -1 = all
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = 'lora'  # 'lora' | 'ia3' | 'adapter' | 'full' | 'linear_probe' | 'bitfit'
+  # lora | pissa | dora | ia3 | adapter | prompt | prefix | full | linear_probe | bitfit;
+  # 'lora+ia3' composes methods.
+  c.peft.method = 'lora'
   c.peft.rank = 8  # LoRA rank r
   c.peft.alpha = 16.0  # LoRA scale is alpha / r
   c.peft.rslora = False  # rank-stabilized LoRA: scale alpha / sqrt(r) (Kalajdzievski, 2023)

@@ -56,13 +56,16 @@ def init(name: str, **peft_overrides):
   return m, m.init(jax.random.key(1), b.module, b.params, inputs()), c
 
 
-def steps(m, peft_params, c, n: int = 1, *, weight_decay: float | None = None):
-  """Runs ``n`` jitted trainer steps; returns the trainable tree before and after each step."""
+def steps(m, peft_params, c, n: int = 1, *, weight_decay: float | None = None, base=None):
+  """Runs ``n`` jitted trainer steps; returns the trainable tree before and after each step.
+
+  ``base`` replaces the built params (e.g. a method's ``prepare_base`` output, as in PiSSA).
+  """
   b = built()
   c.optim.warmup_steps = 0
   if weight_decay is not None:
     c.optim.weight_decay = weight_decay
-  base_tr, frozen = tree.partition(b.params, m.trainable_base)
+  base_tr, frozen = tree.partition(b.params if base is None else base, m.trainable_base)
   trainable = {'base': base_tr, 'peft': peft_params}
   tx = optim.make_optimizer(c.optim, 10)
   state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable),

@@ -13,6 +13,22 @@ Parameter layout (per layer ``i``)::
   classifier/{kernel,bias}                                             ('embed', 'classes')
 
 Post-LayerNorm blocks with exact (erf) GELU, as in the original BERT and MiniLM.
+
+Hook points (keyword arguments that default to ``None``; unused, the model is bit-identical to
+one without them). PEFT methods set them through ``flax.linen.intercept_methods`` on
+``BertEncoder.__call__``, so this file never knows which method is running:
+
+* ``BertEncoder(..., prompt_embeds=(n, D) or (B, n, D))`` -- soft prompts (prompt tuning).
+  They are prepended to the embedding *sum* (word + position + type) of the real tokens, before
+  the embedding LayerNorm: real tokens keep positions ``0..L-1`` (what the pretrained weights
+  saw), the prompts take no position/type embedding (they are free vectors), and the LayerNorm
+  puts them on the same scale as every token entering layer 0. The attention mask is extended
+  with ones, and the encoder returns ``(B, n + L, D)``, prompts first.
+* ``BertEncoder(..., prefix_kv=...)`` -- per-layer key/value prefixes (prefix tuning): a
+  stacked array ``(num_layers, 2, [B,] n, heads, head_dim)`` or a sequence of ``num_layers``
+  ``(k, v)`` pairs. ``SelfAttention`` concatenates them in front of its keys and values (they
+  bypass the key/value projections, as in Li & Liang) and every query may attend to them. The
+  output length stays ``L``.
 """
 from __future__ import annotations
 
@@ -83,7 +99,8 @@ class Embeddings(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+  def __call__(self, input_ids, token_type_ids, deterministic: bool, prompt_embeds=None):
+    """``prompt_embeds`` ``(n, D)`` or ``(B, n, D)``: prepended before the LayerNorm."""
     cfg = self.cfg
     embed = lambda n, name: nn.Embed(n, cfg.hidden_size, name=name,
                                      embedding_init=_init(0.02, ('vocab', 'embed')))
@@ -91,6 +108,11 @@ class Embeddings(nn.Module):
     length = input_ids.shape[1]
     x = x + embed(cfg.max_position, 'position_embeddings')(jnp.arange(length)[None, :])
     x = x + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
+    if prompt_embeds is not None:
+      prompts = jnp.asarray(prompt_embeds, x.dtype)
+      if prompts.ndim == 2:
+        prompts = jnp.broadcast_to(prompts[None], (x.shape[0],) + prompts.shape)
+      x = jnp.concatenate([prompts, x], axis=1)
     x = _layer_norm(cfg, 'layer_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return _constrain(x.astype(cfg.dtype), ('batch', 'length', 'embed'))
@@ -100,12 +122,23 @@ class SelfAttention(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, x, mask_bias, deterministic: bool):
+  def __call__(self, x, mask_bias, deterministic: bool, prefix_kv=None):
+    """``prefix_kv = (k, v)``, each ``(n, heads, head_dim)`` or ``(B, n, heads, head_dim)``:
+    extra keys/values in front of this layer's own, attended by every query."""
     cfg = self.cfg
     proj = lambda name: nn.DenseGeneral(
         (cfg.num_heads, cfg.head_dim), name=name, dtype=cfg.dtype,
         kernel_init=_init(0.02, ('embed', 'heads', 'kv')), bias_init=_zeros(('heads', 'kv')))
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
+    if prefix_kv is not None:
+      pk, pv = prefix_kv
+      batch = lambda t: jnp.broadcast_to(t, (k.shape[0],) + t.shape[-3:]).astype(k.dtype)
+      k = jnp.concatenate([batch(pk), k], axis=1)
+      v = jnp.concatenate([batch(pv), v], axis=1)
+      # Prefix keys are never padding: a 0 bias for each, in front of the tokens' biases.
+      n = k.shape[1] - x.shape[1]
+      pad = jnp.zeros(mask_bias.shape[:-1] + (n,), mask_bias.dtype)
+      mask_bias = jnp.concatenate([pad, mask_bias], axis=-1)
     q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) + mask_bias
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cfg.dtype)
@@ -121,10 +154,10 @@ class Layer(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, x, mask_bias, deterministic: bool):
+  def __call__(self, x, mask_bias, deterministic: bool, prefix_kv=None):
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    h = SelfAttention(cfg, name='attention')(x, mask_bias, deterministic)
+    h = SelfAttention(cfg, name='attention')(x, mask_bias, deterministic, prefix_kv=prefix_kv)
     x = _layer_norm(cfg, 'attention_norm')(x + drop(h))
     h = nn.Dense(cfg.intermediate_size, name='intermediate', dtype=cfg.dtype,
                  kernel_init=_init(0.02, ('embed', 'mlp')), bias_init=_zeros(('mlp',)))(x)
@@ -139,25 +172,40 @@ class Layer(nn.Module):
 class BertEncoder(nn.Module):
   """Token ids -> final hidden states ``(batch, length, hidden)``.
 
+  ``prompt_embeds`` and ``prefix_kv`` are the hook points of prompt and prefix tuning (see the
+  module docstring); with prompts the output is ``(batch, n + length, hidden)``, prompts first.
+
   >>> enc = BertEncoder(BertConfig(num_layers=1))
   >>> ids = jnp.ones((2, 8), jnp.int32)
   >>> params = enc.init(jax.random.key(0), ids, jnp.ones_like(ids))
+  >>> enc.apply(params, ids, jnp.ones_like(ids), prompt_embeds=jnp.zeros((3, 384))).shape
+  (2, 11, 384)
   """
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True,
+               prompt_embeds=None, prefix_kv=None):
     cfg = self.cfg
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = Embeddings(cfg, name='embeddings')(input_ids, token_type_ids, deterministic)
+    x = Embeddings(cfg, name='embeddings')(input_ids, token_type_ids, deterministic,
+                                           prompt_embeds=prompt_embeds)
+    if prompt_embeds is not None:
+      # Soft prompts are real positions: every token may attend to them.
+      n = x.shape[1] - input_ids.shape[1]
+      attention_mask = jnp.concatenate(
+          [jnp.ones((attention_mask.shape[0], n), attention_mask.dtype), attention_mask], axis=1)
+    if prefix_kv is not None and len(prefix_kv) != cfg.num_layers:
+      raise ValueError(f'prefix_kv has {len(prefix_kv)} layers; the encoder has {cfg.num_layers}')
     # Additive mask: 0 for real keys, a large negative number for padding.
     mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                           jnp.finfo(jnp.float32).min).astype(jnp.float32)
     for i in range(cfg.num_layers):
       if cfg.grad_barrier:
         x = grad_barrier(x)
-      x = Layer(cfg, name=f'layer_{i}')(x, mask_bias, deterministic)
+      kv = None if prefix_kv is None else (prefix_kv[i][0], prefix_kv[i][1])
+      x = Layer(cfg, name=f'layer_{i}')(x, mask_bias, deterministic, prefix_kv=kv)
     return x
 
 
@@ -182,6 +230,11 @@ class BertClassifier(nn.Module):
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     hidden = BertEncoder(self.cfg, name='encoder')(input_ids, attention_mask, token_type_ids,
                                                    deterministic)
+    # With soft prompts (set on the encoder by a PEFT method) the encoder returns n + L
+    # positions, prompts first. Pool over the L real tokens only: 'cls' stays the [CLS] token,
+    # 'mean' stays the sentence-transformers mean over real tokens (so a prompt-tuned model
+    # pools like the pretrained one), and the prompts still shape every token via attention.
+    hidden = hidden[:, hidden.shape[1] - input_ids.shape[1]:]
     if self.pooling == 'mean':
       pooled = mean_pool(hidden, attention_mask)
     elif self.pooling == 'cls':

@@ -1,0 +1,150 @@
+"""Prefix tuning (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
+
+Every attention layer gets ``n = peft.num_prefix`` trained key and value vectors per head, put in
+front of the keys/values its tokens produce; every query attends to them, padding stays masked,
+and the output length is unchanged. They reach the model through its ``prefix_kv`` hook point
+(``BertEncoder.__call__(..., prefix_kv=(num_layers, 2, n, heads, head_dim))``), filled in by an
+interceptor, so the model never knows which method runs. Prefixes bypass the key/value
+projections: they *are* the keys and values, as in the paper.
+
+Two parameterizations (``peft.prefix_reparam``):
+
+* ``True`` (the paper's, for stable training): an ``(n, D)`` embedding ``E`` and a two-layer MLP
+  ``tanh(E W1 + b1) W2 + b2``, ``D -> peft.prefix_hidden -> num_layers * 2 * D``, whose output is
+  reshaped to the prefixes. Tree::
+
+      embedding (n, D)   mlp/hidden/{kernel (D, h), bias (h,)}
+      mlp/out/{kernel (h, num_layers*2*D), bias (num_layers*2*D,)}
+
+* ``False``: the prefixes themselves, ``{'prefix': (num_layers, 2, n, heads, head_dim)}``.
+
+After training with the MLP, :meth:`Prefix.materialize` computes the prefixes once and drops the
+MLP: its result is exactly the tree a ``prefix_reparam=False`` method runs with, so the artifact
+to ship is ``num_layers * 2 * n * D`` numbers::
+
+    trained = method.materialize(peft_params)          # {'prefix': (L, 2, n, H, Dh)}
+    serve = peft.build(cfg_with_prefix_reparam_false)  # same model, no MLP
+    logits = peft.apply(model, serve, params, trained, inputs)
+
+Prefixes cannot be folded into the weights (they are extra keys/values), so ``merge`` raises.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from peftjax import tree as tree_lib
+from peftjax.errors import ConfigError
+from peftjax.peft.base import Method
+from peftjax.peft.base import register
+from peftjax.peft.prompt import hook_scope
+
+_KEY_KERNEL = re.compile(r'layer_(\d+)/attention/key/kernel$')
+
+
+def attention_shape(base_params) -> tuple[int, int, int, int]:
+  """``(num_layers, D, heads, head_dim)`` read off the base's ``layer_i/attention/key`` kernels."""
+  shapes = {int(m.group(1)): tuple(x.shape) for p, x in tree_lib.flatten(base_params).items()
+            if (m := _KEY_KERNEL.search(p))}
+  if not shapes or sorted(shapes) != list(range(len(shapes))):
+    raise ConfigError(f'prefix tuning needs base leaves matching {_KEY_KERNEL.pattern!r} for '
+                      f'layers 0..N-1 (found layers {sorted(shapes)}); peft.method=prefix '
+                      'supports BERT-family encoders')
+  (d, h, dh), = set(shapes.values())
+  return len(shapes), d, h, dh
+
+
+@register('prefix')
+class Prefix(Method):
+  """Prefix tuning from config: ``num_prefix``, ``prefix_reparam``, ``prefix_hidden``.
+
+  >>> method = peft.build(config.peft)                      # doctest: +SKIP  (method='prefix')
+  >>> prefix = method.init(rng, model, params, inputs)      # doctest: +SKIP
+  >>> logits = peft.apply(model, method, params, prefix, inputs)  # doctest: +SKIP
+  >>> method.materialize(prefix)['prefix'].shape            # doctest: +SKIP
+  (6, 2, 10, 12, 32)
+  """
+
+  def __init__(self, peft_cfg):
+    super().__init__(peft_cfg)
+    for field in ('num_prefix', 'prefix_hidden'):
+      v = peft_cfg[field]
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f'peft.{field}={v!r} is invalid; valid: a positive integer')
+    if not isinstance(peft_cfg.prefix_reparam, bool):
+      raise ConfigError(f'peft.prefix_reparam={peft_cfg.prefix_reparam!r} is invalid; valid: '
+                        'True or False')
+    self.shape: tuple[int, int, int, int] | None = None  # (num_layers, D, heads, head_dim)
+
+  def init(self, rng, module, base_params, inputs) -> dict:
+    """The reparameterized tree; with ``prefix_reparam=False``, the prefixes it produces.
+
+    Both variants thus start from the same prefixes for the same rng (the MLP's output scale
+    suits a pretrained encoder: O(1) keys, like its own; a tiny random init would be attended
+    to uniformly and learn slowly, which the paper reports as unstable).
+    """
+    del module, inputs
+    self.shape = attention_shape(base_params)
+    num_layers, d, _, _ = self.shape
+    n, hidden = self.cfg.num_prefix, self.cfg.prefix_hidden
+    k_emb, k_hid, k_out = jax.random.split(rng, 3)
+    lecun = jax.nn.initializers.lecun_normal()
+    reparam = {
+        'embedding': jax.random.normal(k_emb, (n, d), jnp.float32),
+        'mlp': {'hidden': {'kernel': lecun(k_hid, (d, hidden), jnp.float32),
+                           'bias': jnp.zeros((hidden,), jnp.float32)},
+                'out': {'kernel': lecun(k_out, (hidden, num_layers * 2 * d), jnp.float32),
+                        'bias': jnp.zeros((num_layers * 2 * d,), jnp.float32)}},
+    }
+    return reparam if self.cfg.prefix_reparam else {'prefix': self._prefixes(reparam, reparam=True)}
+
+  def _need_shape(self):
+    if self.shape is None:
+      raise RuntimeError('Prefix.init must run before the method is applied')
+    return self.shape
+
+  def _prefixes(self, peft_params, reparam: bool):
+    """``(num_layers, 2, n, heads, head_dim)`` from either tree."""
+    if not reparam:
+      if 'prefix' not in peft_params:
+        raise ValueError("peft.prefix_reparam=False runs with {'prefix': ...}; got a tree with "
+                         f'{sorted(peft_params)} (use Prefix.materialize to convert it)')
+      return peft_params['prefix']
+    num_layers, _, h, dh = self._need_shape()
+    mlp = peft_params['mlp']
+    x = jnp.tanh(peft_params['embedding'] @ mlp['hidden']['kernel'] + mlp['hidden']['bias'])
+    x = x @ mlp['out']['kernel'] + mlp['out']['bias']  # (n, num_layers * 2 * D)
+    n = x.shape[0]
+    return x.reshape(n, num_layers, 2, h, dh).transpose(1, 2, 0, 3, 4)
+
+  def materialize(self, peft_params) -> dict:
+    """``{'prefix': (num_layers, 2, n, heads, head_dim)}``: the prefixes, without the MLP.
+
+    The tree a ``prefix_reparam=False`` method runs with (same outputs, to float rounding).
+    """
+    return {'prefix': self._prefixes(peft_params, reparam='prefix' not in peft_params)}
+
+  def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
+    del rng, deterministic  # no dropout on the prefixes
+    # Computed inside the traced forward, so gradients reach the embedding and the MLP.
+    # Loaded prefixes (prefix_reparam=False) need no init: the tree is all there is.
+    prefixes = self._prefixes(peft_params, reparam=self.cfg.prefix_reparam)
+    return hook_scope('prefix_kv', prefixes)
+
+  def merge(self, base_params, peft_params) -> dict:
+    raise NotImplementedError(
+        'prefix tuning cannot be merged into the base weights: prefixes are extra keys and '
+        'values, not a change of any weight. Use Prefix.materialize(peft_params) to drop the '
+        'reparameterization MLP and ship the prefixes (load them with peft.prefix_reparam=False).')
+
+  def logical_specs(self, base_specs, peft_params):
+    """Prefixes shard their heads like the key/value kernels; the MLP is replicated."""
+    del base_specs
+    if 'prefix' in peft_params:
+      return {'prefix': P(None, None, None, 'heads', 'kv')}
+    specs = jax.tree.map(lambda x: P(), peft_params)
+    specs['embedding'] = P(None, 'embed')
+    return specs

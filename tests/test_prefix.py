@@ -1,0 +1,150 @@
+"""Prefix tuning: exact counts, the hook (None is a no-op, attention reference, padding masked),
+reparameterized == materialized, a jitted step that moves only the prefix params and the head."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tinybert
+from peftjax import peft
+from peftjax import tree
+from peftjax.errors import ConfigError
+from peftjax.models import BertEncoder
+from peftjax.models.bert import SelfAttention
+from tinybert import BERT
+from tinybert import D
+from tinybert import H
+from tinybert import L
+
+DH = D // H
+
+
+@pytest.fixture(scope='module')
+def built():
+  return tinybert.built()
+
+
+def _randomize(tree_, seed=3):
+  leaves, treedef = jax.tree.flatten(tree_)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def test_counts(built):
+  n, hid = 3, 7
+  _, p, _ = tinybert.init('prefix', num_prefix=n, prefix_hidden=hid)
+  assert tree.count(p) == n * D + (D * hid + hid) + (hid * L * 2 * D + L * 2 * D)
+  shapes = {k: v.shape for k, v in tree.flatten(p).items()}
+  assert shapes == {'embedding': (n, D), 'mlp/hidden/kernel': (D, hid), 'mlp/hidden/bias': (hid,),
+                    'mlp/out/kernel': (hid, L * 2 * D), 'mlp/out/bias': (L * 2 * D,)}
+  _, p, _ = tinybert.init('prefix', num_prefix=n, prefix_reparam=False)
+  assert {k: v.shape for k, v in tree.flatten(p).items()} == {'prefix': (L, 2, n, H, DH)}
+  assert tree.count(p) == L * 2 * n * D
+
+
+def test_hook_none_is_bit_identical(built):
+  inputs = tinybert.inputs()
+  enc = BertEncoder(BERT)
+  ids, mask = inputs['input_ids'], inputs['attention_mask']
+  params = {'params': built.params['encoder']}
+  np.testing.assert_array_equal(enc.apply(params, ids, mask),
+                                enc.apply(params, ids, mask, prefix_kv=None))
+
+
+def test_attention_with_prefix_matches_reference(built):
+  """softmax(q [Pk; k]^T / sqrt(dh) + [0; mask]) [Pv; v], written out by hand."""
+  p = built.params['encoder']['layer_0']['attention']
+  x = jax.random.normal(jax.random.key(0), (2, 5, D))
+  mask = jnp.ones((2, 5)).at[0, 3:].set(0)
+  bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+  pk, pv = jax.random.normal(jax.random.key(1), (2, 4, H, DH))
+  out = SelfAttention(BERT).apply({'params': p}, x, bias, True, prefix_kv=(pk, pv))
+  proj = lambda name: jnp.einsum('bld,dhk->blhk', x, p[name]['kernel']) + p[name]['bias']
+  q, k, v = proj('query'), proj('key'), proj('value')
+  k = jnp.concatenate([jnp.broadcast_to(pk, (2, 4, H, DH)), k], 1)
+  v = jnp.concatenate([jnp.broadcast_to(pv, (2, 4, H, DH)), v], 1)
+  full_mask = jnp.concatenate([jnp.ones((2, 4)), mask], 1)
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(DH)
+  s = jnp.where(full_mask[:, None, None, :] > 0, s, -jnp.inf)
+  ctx = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, -1), v)
+  ref = jnp.einsum('bqhd,hde->bqe', ctx, p['out']['kernel']) + p['out']['bias']
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_encoder_accepts_stacked_or_per_layer_prefixes(built):
+  inputs = tinybert.inputs()
+  ids, mask = inputs['input_ids'], inputs['attention_mask']
+  params = {'params': built.params['encoder']}
+  stacked = jax.random.normal(jax.random.key(0), (L, 2, 3, H, DH))
+  enc = BertEncoder(BERT)
+  out = enc.apply(params, ids, mask, prefix_kv=stacked)
+  assert out.shape == (4, 8, D)  # the output length is unchanged
+  pairs = [(stacked[i, 0], stacked[i, 1]) for i in range(L)]
+  np.testing.assert_array_equal(enc.apply(params, ids, mask, prefix_kv=pairs), out)
+  batched = jnp.broadcast_to(stacked[:, :, None], (L, 2, 4, 3, H, DH))
+  np.testing.assert_allclose(enc.apply(params, ids, mask, prefix_kv=batched), out, atol=1e-6)
+  assert not np.allclose(out, enc.apply(params, ids, mask), atol=1e-3)
+  with pytest.raises(ValueError, match='prefix_kv has 1 layers; the encoder has 2'):
+    enc.apply(params, ids, mask, prefix_kv=stacked[:1])
+
+
+@pytest.mark.parametrize('reparam', [True, False])
+def test_padding_stays_masked(built, reparam):
+  method, p, _ = tinybert.init('prefix', num_prefix=4, prefix_reparam=reparam)
+  inputs = tinybert.inputs()
+  logits = peft.apply(built.module, method, built.params, p, inputs)
+  assert not np.allclose(logits, built.module.apply({'params': built.params}, **inputs),
+                         atol=1e-4)
+  other = dict(inputs, input_ids=inputs['input_ids'].at[0, 7].set(42))  # row 0 padded from 6
+  np.testing.assert_allclose(peft.apply(built.module, method, built.params, p, other), logits,
+                             atol=1e-6)
+
+
+def test_reparam_equals_materialized(built):
+  method, p, _ = tinybert.init('prefix', num_prefix=4, prefix_hidden=9)
+  p = _randomize(p)
+  inputs = tinybert.inputs()
+  implicit = peft.apply(built.module, method, built.params, p, inputs)
+  fixed = method.materialize(p)
+  assert list(fixed) == ['prefix'] and fixed['prefix'].shape == (L, 2, 4, H, DH)
+  # A fresh non-reparam method loads the materialized prefixes without its own init.
+  serve, _ = tinybert.method('prefix', num_prefix=4, prefix_reparam=False)
+  np.testing.assert_allclose(peft.apply(built.module, serve, built.params, fixed, inputs),
+                             implicit, atol=1e-5)
+  # Same rng: the two variants start from the same prefixes.
+  m2, p2, _ = tinybert.init('prefix', num_prefix=4, prefix_hidden=9, prefix_reparam=False)
+  m1, p1, _ = tinybert.init('prefix', num_prefix=4, prefix_hidden=9)
+  np.testing.assert_allclose(p2['prefix'], m1.materialize(p1)['prefix'], atol=1e-6)
+  assert m2.materialize(p2)['prefix'] is p2['prefix']
+
+
+@pytest.mark.parametrize('reparam', [True, False])
+def test_jitted_step_moves_prefix_and_head_only(built, reparam):
+  method, p, c = tinybert.init('prefix', num_prefix=4, prefix_hidden=8, prefix_reparam=reparam)
+  (before, after), _ = tinybert.steps(method, p, c)
+  expected = ['base/classifier/bias', 'base/classifier/kernel'] + [f'peft/{k}' for k in
+                                                                    tree.flatten(p)]
+  assert tinybert.moved(before, after) == sorted(expected)
+  assert tree.count(after) == tree.count(p) + D * 3 + 3
+
+
+def test_merge_raises_and_errors(built):
+  method, p, _ = tinybert.init('prefix')
+  with pytest.raises(NotImplementedError, match='Prefix.materialize'):
+    method.merge(built.params, p)
+  with pytest.raises(ConfigError, match=r'peft.num_prefix=0'):
+    tinybert.method('prefix', num_prefix=0)
+  with pytest.raises(ConfigError, match=r'peft.prefix_hidden=-1'):
+    tinybert.method('prefix', prefix_hidden=-1)
+  serve, _ = tinybert.method('prefix', prefix_reparam=False)
+  with pytest.raises(ValueError, match='Prefix.materialize'):
+    peft.apply(built.module, serve, built.params, p, tinybert.inputs())
+
+
+def test_logical_specs(built):
+  method, p, _ = tinybert.init('prefix')
+  specs = method.logical_specs(built.logical_specs, p)
+  assert tuple(specs['embedding']) == (None, 'embed')
+  assert tuple(specs['mlp']['out']['kernel']) == ()
+  assert tuple(method.logical_specs(None, method.materialize(p))['prefix']) == (
+      None, None, None, 'heads', 'kv')
