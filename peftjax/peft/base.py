@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 
 from peftjax import tree as tree_lib
@@ -91,6 +92,35 @@ class Method:
   def logical_specs(self, base_specs, peft_params) -> Any:
     del base_specs
     return jax.tree.map(lambda x: None, peft_params)
+
+
+@contextlib.contextmanager
+def layer_scope(types: tuple, paths, wrap: Callable):
+  """Intercepts ``__call__`` of the ``types`` modules whose '/'-path is in ``paths``.
+
+  For each such call, ``wrap(path, module, call, x)`` runs instead of the layer, where ``x`` is
+  the layer's input and ``call(x2)`` runs the original layer on ``x2`` (other arguments kept).
+  The shared core of methods that act on layers from outside the model's code.
+
+  >>> with layer_scope((nn.Dense,), {'head'}, lambda p, m, call, x: 2 * call(x)):  # doctest: +SKIP
+  ...   y = model.apply(variables, x)
+  """
+  paths = set(paths)
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name != '__call__' or not isinstance(mod, types):
+      return next_fun(*args, **kwargs)
+    path = '/'.join(mod.path)
+    if path not in paths:
+      return next_fun(*args, **kwargs)
+    if args:
+      return wrap(path, mod, lambda x2: next_fun(x2, *args[1:], **kwargs), args[0])
+    first = next(iter(kwargs))
+    return wrap(path, mod, lambda x2: next_fun(**{**kwargs, first: x2}), kwargs[first])
+
+  with nn.intercept_methods(interceptor):
+    yield
 
 
 def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng=None,

@@ -23,7 +23,6 @@ into the kernels (and biases) exactly.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from typing import Any
@@ -37,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
+from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
 from peftjax.peft.lora import _record_modules
 
@@ -123,7 +123,6 @@ def _broadcast_in(site: DenseSite, vec, x_ndim: int):
   return vec.reshape(shape)
 
 
-@contextlib.contextmanager
 def ia3_scope(out_sites: list[DenseSite], in_sites: list[DenseSite], ia3_params):
   """Context under which ``out_sites`` compute ``l ⊙ layer(x)`` and ``in_sites`` ``layer(l ⊙ x)``.
 
@@ -134,28 +133,17 @@ def ia3_scope(out_sites: list[DenseSite], in_sites: list[DenseSite], ia3_params)
   outs = {s.path: s for s in out_sites}
   ins = {s.path: s for s in in_sites}
 
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name != '__call__' or not isinstance(mod, _DENSE):
-      return next_fun(*args, **kwargs)
-    path = '/'.join(mod.path)
-    if path not in outs and path not in ins:
-      return next_fun(*args, **kwargs)
+  def wrap(path, module, call, x):
+    del module
     if path in ins:
-      x = args[0] if args else next(iter(kwargs.values()))
-      vec = _broadcast_in(ins[path], flat[f'{path}/ia3_in/scale'].astype(x.dtype), x.ndim)
-      if args:
-        args = (x * vec, *args[1:])
-      else:
-        kwargs = {**kwargs, next(iter(kwargs)): x * vec}
-    y = next_fun(*args, **kwargs)
+      x = x * _broadcast_in(ins[path], flat[f'{path}/ia3_in/scale'].astype(x.dtype), x.ndim)
+    y = call(x)
     if path in outs:
       # The output feature dims are trailing, so the vector broadcasts as it is.
       y = y * flat[f'{path}/ia3_out/scale'].astype(y.dtype)
     return y
 
-  with nn.intercept_methods(interceptor):
-    yield
+  return layer_scope(_DENSE, set(outs) | set(ins), wrap)
 
 
 @register('ia3')

@@ -15,7 +15,6 @@ the weight it adapts.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import zlib
 from typing import Any
@@ -29,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
+from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Embed)
@@ -151,32 +151,31 @@ def _lora_delta(site: Site, x, a, b, scale, dtype):
   return jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())))
 
 
-@contextlib.contextmanager
+def branch_dropout(x, rate: float, rng, path: str, deterministic: bool):
+  """Inverted dropout on a LoRA branch input, keyed by the layer path (same mask every call)."""
+  if rate <= 0.0 or deterministic:
+    return x
+  key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 def lora_scope(sites: list[Site], lora_params, scale: float, *, dropout: float = 0.0,
                rng=None, deterministic: bool = True):
   """Context under which every ``site`` computes ``y = layer(x) + s·(drop(x)·A)·B``."""
   by_path = {s.path: s for s in sites}
   flat = tree_lib.flatten(lora_params)
 
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name != '__call__' or not isinstance(mod, _SUPPORTED):
-      return next_fun(*args, **kwargs)
-    path = '/'.join(mod.path)
-    site = by_path.get(path)
-    if site is None:
-      return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
-    x = args[0] if args else next(iter(kwargs.values()))
-    if site.kind == 'dense' and dropout > 0.0 and not deterministic:
-      key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-      keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-    delta = _lora_delta(site, x, flat[f'{path}/lora_a'], flat[f'{path}/lora_b'], scale, y.dtype)
-    return y + delta
+  def wrap(path, module, call, x):
+    del module
+    site = by_path[path]
+    y = call(x)
+    if site.kind == 'dense':
+      x = branch_dropout(x, dropout, rng, path, deterministic)
+    return y + _lora_delta(site, x, flat[f'{path}/lora_a'], flat[f'{path}/lora_b'], scale,
+                           y.dtype)
 
-  with nn.intercept_methods(interceptor):
-    yield
+  return layer_scope(_SUPPORTED, by_path, wrap)
 
 
 def _delta_weight(site: Site, a, b, scale):

@@ -11,8 +11,6 @@ config fields (``rank``, ``alpha``, ``rslora``, ``dropout``, ``targets``).
 """
 from __future__ import annotations
 
-import contextlib
-import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft import lora as lora_lib
+from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
 
 # The norm defines the model's output, so its contractions run at full float32 precision even
@@ -121,7 +120,6 @@ def _explicit_column_norm(site: lora_lib.Site, w):
                           axis=tuple(range(len(site.in_shape)))))
 
 
-@contextlib.contextmanager
 def dora_scope(sites: list[lora_lib.Site], dora_params, scale: float, *, dropout: float = 0.0,
                rng=None, deterministic: bool = True):
   """Context under which every site computes ``y = (m / ||W+sAB||_c) ⊙ (x·W + s·(x·A)·B) + bias``.
@@ -135,23 +133,13 @@ def dora_scope(sites: list[lora_lib.Site], dora_params, scale: float, *, dropout
   by_path = {s.path: s for s in sites}
   flat = tree_lib.flatten(dora_params)
 
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name != '__call__' or not isinstance(mod, (nn.Dense, nn.DenseGeneral)):
-      return next_fun(*args, **kwargs)
-    path = '/'.join(mod.path)
-    site = by_path.get(path)
-    if site is None:
-      return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
-    x = args[0] if args else next(iter(kwargs.values()))
-    weights = nn.meta.unbox(mod.variables['params'])
+  def wrap(path, module, call, x):
+    site = by_path[path]
+    y = call(x)
+    weights = nn.meta.unbox(module.variables['params'])
     a, b, m = (flat[f'{path}/{k}'] for k in ('lora_a', 'lora_b', 'magnitude'))
     norm = jax.lax.stop_gradient(column_norm(site, weights['kernel'], a, b, scale))
-    if dropout > 0.0 and not deterministic:
-      key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-      keep = jax.random.bernoulli(key, 1.0 - dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    x = lora_lib.branch_dropout(x, dropout, rng, path, deterministic)
     delta = lora_lib._lora_delta(site, x, a, b, scale, y.dtype)
     ratio = (m / norm).astype(y.dtype)  # (o...): broadcasts over y's trailing feature axes
     bias = weights.get('bias')
@@ -160,8 +148,7 @@ def dora_scope(sites: list[lora_lib.Site], dora_params, scale: float, *, dropout
     bias = bias.astype(y.dtype)
     return ratio * (y - bias + delta) + bias  # the magnitude scales x·W, not the bias
 
-  with nn.intercept_methods(interceptor):
-    yield
+  return layer_scope((nn.Dense, nn.DenseGeneral), by_path, wrap)
 
 
 @register('dora')
