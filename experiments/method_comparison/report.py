@@ -1,0 +1,96 @@
+"""Tables and the Pareto plot of the method-comparison study, from a finished sweep's workdir.
+
+  python -m experiments.method_comparison.report --workdir=/tmp/method_comparison
+
+Writes ``results.md`` and ``pareto.png`` next to this file (the committed study output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+from experiments import sweep
+from experiments.method_comparison import config as study
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def rows(workdir: str) -> list[dict]:
+  """One row per method: mean ± std over seeds of accuracy and ECE, sizes and relative speed."""
+  out = []
+  for label, overrides in study.METHODS.items():
+    runs = []
+    for seed in study.SEEDS:
+      path = pathlib.Path(workdir) / sweep.run_name({**overrides, 'seed': seed}) / 'summary.json'
+      if path.exists():
+        runs.append(json.loads(path.read_text()))
+    if not runs:
+      continue
+    acc = np.array([r['accuracy_after'] for r in runs])
+    out.append({
+        'method': label, 'seeds': len(runs),
+        'trainable_params': runs[0]['trainable_params'],
+        'percent_of_base': 100 * runs[0]['trainable_params'] / runs[0]['total_params'],
+        'accuracy_mean': float(acc.mean()), 'accuracy_std': float(acc.std()),
+        'ece_mean': float(np.mean([r['ece_after'] for r in runs])),
+        'step_seconds': float(np.median([r['train_seconds'] / r['steps'] for r in runs])),
+        'adapter_bytes': 4 * runs[0]['trainable_params'],  # float32 trainable partition
+    })
+  full = next((r for r in out if r['method'] == 'full FT'), None)
+  for r in out:
+    r['step_time_vs_full'] = r['step_seconds'] / full['step_seconds'] if full else None
+  return out
+
+
+def markdown(table: list[dict]) -> str:
+  head = ('| method | trainable params | % of base | accuracy (mean ± std) | ECE | '
+          'step time vs full FT | adapter bytes |\n|---|---|---|---|---|---|---|')
+  lines = [head]
+  for r in table:
+    rel = '—' if r['step_time_vs_full'] is None else f"{r['step_time_vs_full']:.2f}"
+    lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['percent_of_base']:.3f} | "
+                 f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} (n={r['seeds']}) | "
+                 f"{r['ece_mean']:.3f} | {rel} | {r['adapter_bytes']:,} |")
+  return '\n'.join(lines)
+
+
+def pareto_plot(table: list[dict], path: pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in table:
+    ax.errorbar(r['trainable_params'], r['accuracy_mean'], yerr=r['accuracy_std'], fmt='o')
+    ax.annotate(r['method'], (r['trainable_params'], r['accuracy_mean']),
+                textcoords='offset points', xytext=(4, 4), fontsize=8)
+  ax.set_xscale('log')
+  ax.set_xlabel('trainable parameters (log)')
+  ax.set_ylabel('test accuracy')
+  ax.set_title('MiniLM-L6 on Rotten Tomatoes: accuracy vs trainable parameters')
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--workdir', required=True, help='the sweep workdir')
+  p.add_argument('--out', default=str(HERE), help='where results.md and pareto.png go')
+  args = p.parse_args(argv)
+  table = rows(args.workdir)
+  if not table:
+    raise SystemExit(f'error: no finished runs of the study in {args.workdir}')
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'results.md').write_text(markdown(table) + '\n')
+  pareto_plot(table, out / 'pareto.png')
+  print(markdown(table))
+  return table
+
+
+if __name__ == '__main__':
+  main()
