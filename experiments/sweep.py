@@ -70,8 +70,8 @@ def run_name(overrides: dict) -> str:
 
 def command(config_path: str, workdir: pathlib.Path, overrides: dict, extra=()) -> list[str]:
   """The ``peftjax.main`` command line of one run."""
-  flags = [f'--config.{k}={v!r}' if isinstance(v, str) else f'--config.{k}={v}'
-           for k, v in overrides.items()]
+  # Strings go in bare: config_flags parses a string field's flag value as the string itself.
+  flags = [f'--config.{k}={v}' for k, v in overrides.items()]
   return [sys.executable, '-m', 'peftjax.main', f'--config={config_path}',
           f'--workdir={workdir}', *flags, '--config.train.progress=False', *extra]
 

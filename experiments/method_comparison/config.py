@@ -44,7 +44,8 @@ def get_config(arg=None):
 
 
 def sweep(add, arg=None):
-  del arg
+  """Every method x seed; ``arg='seeds=1'`` keeps the first seed only (a pilot)."""
+  seeds = SEEDS[:int(arg.split('=')[1])] if arg else SEEDS
   for overrides in METHODS.values():
-    for seed in SEEDS:
+    for seed in seeds:
       add(**overrides, seed=seed)
