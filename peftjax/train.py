@@ -241,9 +241,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_t0, train_seconds = time.time(), run_info.get('train_seconds', 0.0)
   last_eval: dict = {}
   window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
+  unfreeze_at = unfreeze.boundaries(t.unfreeze)  # once, not per step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for micro in range(start, total_micro):
-      if micro % accum == 0 and micro // accum in unfreeze.boundaries(t.unfreeze):
+      if micro % accum == 0 and micro // accum in unfreeze_at:
         # Gradual unfreezing: more base leaves join; the old leaves keep their state.
         trainable, frozen = partition(tree_lib.combine(frozen, state['params']['base']),
                                       state['params']['peft'], micro // accum)

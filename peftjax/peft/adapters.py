@@ -214,7 +214,7 @@ class Adapter(Method):
     specs = tree_lib.flatten(base_specs)
 
     def axis(site: DenseSite, which: str):
-      w = specs.get(site.kernel_path)
+      w = specs.get(site.weight_path)
       n_in = len(site.in_shape)
       if w is None:
         return None

@@ -23,7 +23,6 @@ into the kernels (and biases) exactly.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
@@ -38,31 +37,14 @@ from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
 from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
+from peftjax.peft.lora import Site
 from peftjax.peft.lora import _record_modules
 
 _DENSE = (nn.Dense, nn.DenseGeneral)
 
 
-@dataclasses.dataclass(frozen=True)
-class DenseSite:
-  """One dense layer: its module path, kernel split into in/out dims, and the input axes."""
-  path: str          # module path, e.g. 'encoder/layer_0/attention/key'
-  in_shape: tuple    # kernel dims contracted with the input
-  out_shape: tuple   # kernel dims of the output features
-  x_axes: tuple      # input axes contracted, non-negative, in kernel order
-  has_bias: bool
-
-  @property
-  def kernel_path(self) -> str:
-    return f'{self.path}/kernel'
-
-  @property
-  def d_in(self) -> int:
-    return int(np.prod(self.in_shape))
-
-  @property
-  def d_out(self) -> int:
-    return int(np.prod(self.out_shape))
+# One dense layer: module path, kernel split into in/out dims, input axes (LoRA's own record).
+DenseSite = Site
 
 
 def dense_sites(module, base_params, inputs) -> dict[str, DenseSite]:
@@ -88,7 +70,7 @@ def dense_sites(module, base_params, inputs) -> dict[str, DenseSite]:
     x_axes = tuple(a % x_ndim for a in axis)
     w_shape = tuple(flat[f'{path}/kernel'].shape)
     n_in = len(x_axes)
-    out[path] = DenseSite(path, w_shape[:n_in], w_shape[n_in:], x_axes, f'{path}/bias' in flat)
+    out[path] = DenseSite(path, 'dense', w_shape[:n_in], w_shape[n_in:], x_axes)
   return out
 
 
@@ -204,16 +186,16 @@ class IA3(Method):
     vp = tree_lib.flatten(peft_params)
     for s in out_sites:
       vec = vp[f'{s.path}/ia3_out/scale']
-      w = flat[s.kernel_path]
-      flat[s.kernel_path] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
-      if s.has_bias:
+      w = flat[s.weight_path]
+      flat[s.weight_path] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
+      if f'{s.path}/bias' in flat:
         b = flat[f'{s.path}/bias']
         flat[f'{s.path}/bias'] = (b * vec).astype(b.dtype)
     for s in in_sites:
       vec = vp[f'{s.path}/ia3_in/scale']
-      w = flat[s.kernel_path]
+      w = flat[s.weight_path]
       vec = vec.reshape(*s.in_shape, *(1,) * len(s.out_shape))  # scale kernel rows
-      flat[s.kernel_path] = (w * vec).astype(w.dtype)
+      flat[s.weight_path] = (w * vec).astype(w.dtype)
     return tree_lib.unflatten(flat)
 
   def logical_specs(self, base_specs, peft_params) -> Any:
@@ -223,7 +205,7 @@ class IA3(Method):
     specs = tree_lib.flatten(base_specs)
     out = {}
     for s in out_sites + in_sites:
-      w = specs.get(s.kernel_path)
+      w = specs.get(s.weight_path)
       axes = tuple(w) if w is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
       n_in = len(s.in_shape)
       if s in out_sites:
