@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import timing  # noqa: E402
+from peftjax import timing  # noqa: E402
 from configs import quickstart  # noqa: E402
 from peftjax import data as data_lib  # noqa: E402
 from peftjax import models  # noqa: E402

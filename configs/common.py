@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.image_key = 'image'  # feature holding the image
   c.data.label_key = 'label'  # feature holding the class label
   c.data.train_split = 'train'
-  c.data.eval_split = 'validation'  # evaluated during training
+  c.data.eval_split = 'validation'  # evaluated during training; '' = none
   c.data.test_split = 'test'  # evaluated before and after training (the reported accuracy)
   c.data.max_train_examples = -1  # -1 = all; N = the first N (tiny test configs)
   c.data.max_eval_examples = -1  # -1 = all
@@ -58,6 +58,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.peft.num_prefix = 10  # prefix tuning: key/value prefix length per layer
   c.peft.prefix_reparam = True  # prefix tuning: train an (n, D) embedding + MLP (Li & Liang)
   c.peft.prefix_hidden = 512  # prefix tuning: hidden width of the reparameterization MLP
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.qat = False  # quantization-aware training: fake-quant (STE) of the matched matmuls
+  c.quant.qlora = False  # hold the frozen base in int8 (weight-only) while the method trains
+  c.quant.bits = 8  # weight bits, 2..8
+  c.quant.act_bits = 8  # activation bits, 2..8
+  c.quant.targets = r'encoder/.*kernel$'  # regex over weight paths whose matmuls are quantized
+  c.quant.embeddings = False  # also quantize the embedding tables (weight-only, one scale per row)
+  c.quant.per_channel = True  # one weight scale per output channel; False = one per tensor
+  c.quant.symmetric = True  # weights: symmetric (zero point 0) or asymmetric
+  c.quant.act_symmetric = True  # activations: symmetric, or asymmetric with a zero point
+  # Activation scales: 'dynamic' (per batch, from its min/max), 'static' (calibrated before
+  # training/conversion), 'lsq' (learned step size, QAT only), 'none' (weight-only).
+  c.quant.activations = 'dynamic'
+  # With a PEFT method, QAT quantizes 'base' (the frozen base; the method stays float on top) or
+  # 'effective' (the merged weight, e.g. W + s·A·B; needs a mergeable method).
+  c.quant.of = 'base'
+  c.quant.observer = 'minmax'  # static calibration: 'minmax' | 'moving_average' | 'percentile'
+  c.quant.percentile = 99.99  # observer='percentile': the |x| percentile taken as the range
+  c.quant.calibration_batches = 8  # train batches run through the model to calibrate
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-4  # peak learning rate

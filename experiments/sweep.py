@@ -135,7 +135,14 @@ def main(argv=None):
   p.add_argument('--workdir', required=True, help='one subdirectory per run goes here')
   p.add_argument('--parallel', type=int, default=1, help='runs at a time')
   p.add_argument('--dry_run', action='store_true', help='print the runs and commands only')
+  p.add_argument('--compilation_cache', default=None,
+                 help="persistent XLA cache shared by the runs (default <workdir>/.jax_cache; "
+                      "'' = off): runs differing only in seed compile once")
   args, extra = p.parse_known_args(argv)
+  cache = (str(pathlib.Path(args.workdir).absolute() / '.jax_cache')
+           if args.compilation_cache is None else args.compilation_cache)
+  if cache:
+    extra = [*extra, f'--compilation_cache={cache}']
   if args.parallel < 1:
     p.error(f'--parallel={args.parallel}; valid: >= 1')
   path, _, arg = args.config.partition(':')

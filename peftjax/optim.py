@@ -15,7 +15,8 @@ from peftjax import tree as tree_lib
 
 SCHEDULES = ('cosine', 'linear', 'constant')
 # Decoupled weight decay skips biases and normalization parameters, as is standard.
-_NO_DECAY = (r'(^|/)bias$', r'(^|/)scale$', r'norm/')
+# Biases, norms and quantizer step sizes (LSQ) are not weights: no decay.
+_NO_DECAY = (r'(^|/)bias$', r'(^|/)scale$', r'norm/', r'(^|/)act_step$')
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:

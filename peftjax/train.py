@@ -23,6 +23,7 @@ from peftjax import evaluate as eval_lib
 from peftjax import models
 from peftjax import optim
 from peftjax import peft
+from peftjax import quant
 from peftjax import sharding
 from peftjax import tree as tree_lib
 from peftjax import unfreeze
@@ -84,11 +85,17 @@ def build_task(config):
   info = data.info
   built = models.build(config.model, num_classes=info.num_classes, pretrained_dir=pretrained,
                        image_shape=info.image_shape, seed=config.seed)
-  method = peft.build(config.peft)
+  method = quant.wrap(peft.build(config.peft), config.quant)
   inputs = sample_inputs(built.input_keys, length=config.data.max_length,
                          image_shape=info.image_shape)
   peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
   base = method.prepare_base(built.params, peft_params)
+  if getattr(method, 'needs_calibration', False):
+    # Static activation ranges / LSQ's first steps, from the first training batches.
+    batches = data.train_batches(config.train.batch_size, config.seed)
+    peft_params = method.calibrate(
+        built.module, base, peft_params,
+        [batches[i] for i in range(config.quant.calibration_batches)], built.input_keys)
   base_trainable, frozen = tree_lib.partition(base, method.trainable_base)
   return dict(data=data, built=built, method=method, frozen=frozen,
               trainable={'base': base_trainable, 'peft': peft_params},
@@ -99,6 +106,44 @@ def _depth(built) -> int:
   """Encoder depth for layer-wise learning rates (0 for models without layers)."""
   cfg = getattr(built.module, 'cfg', None)
   return getattr(cfg, 'num_layers', 0)
+
+
+def initial_state(config, built, trainable) -> tuple[optax.GradientTransformation, dict]:
+  """The optimizer and the step-0 train state ``{'step', 'params', 'opt_state', 'rng'}``."""
+  tx = optim.make_optimizer(config.optim, config.train.steps, num_layers=_depth(built))
+  rng = jax.random.key_data(jax.random.key(config.seed + 2))
+  return tx, {'step': jnp.zeros((), jnp.int32), 'params': trainable,
+              'opt_state': jax.jit(tx.init)(trainable), 'rng': rng}
+
+
+def restore_trained(config, workdir: str) -> tuple[dict, dict]:
+  """``(task, trained params {'base', 'peft'})`` of the finished run in ``workdir``.
+
+  The base is the full base tree (frozen + trained leaves). Raises a UserInputError when the
+  directory holds no checkpoint.
+
+  >>> task, params = restore_trained(config, '/tmp/run')  # doctest: +SKIP
+  """
+  from peftjax.errors import UserInputError
+  task = build_task(config)
+  ckpt_dir = pathlib.Path(workdir).expanduser().absolute() / 'checkpoints'
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=0)
+  if ckpt.latest_step() is None:
+    ckpt.close()
+    raise UserInputError(f'{ckpt_dir} holds no checkpoint; train with this config first '
+                         '(python -m peftjax.main --config=... --workdir=...)')
+  unfreeze.check_targets(config.train.unfreeze, task['built'].params)
+  # Gradual unfreezing: the final split holds every leaf the schedule ever unfroze.
+  sel = unfreeze.selector(task['method'].trainable_base, config.train.unfreeze,
+                          max(config.train.steps - 1, 0))
+  base = tree_lib.combine(task['frozen'], task['trainable']['base'])
+  base_train, frozen = tree_lib.partition(base, sel)
+  _, state = initial_state(config, task['built'], {'base': base_train,
+                                                   'peft': task['trainable']['peft']})
+  state = ckpt.restore_latest(ckpt_lib.abstract(state))
+  ckpt.close()
+  params = state['params']
+  return task, {'base': tree_lib.combine(frozen, params['base']), 'peft': params['peft']}
 
 
 def make_forward(built, method):
@@ -171,7 +216,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def partition(base_params, peft_params, update: int):
     """The trainable/frozen split in force at ``update`` (gradual unfreezing), on the mesh."""
     sel = unfreeze.selector(method.trainable_base, t.unfreeze, update)
-    base_train_specs, frozen_specs = tree_lib.partition(built.logical_specs, sel)
+    base_train_specs, frozen_specs = tree_lib.partition(
+        method.base_logical_specs(built.logical_specs), sel)
     train_sh = sharding.logical_to_sharding({'base': base_train_specs,
                                              'peft': task['peft_specs']}, mesh, rules)
     frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
@@ -191,11 +237,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _log(tree_lib.format_report(report))
 
   # ------------------------------------------------------------------ optimizer and state
-  tx = optim.make_optimizer(config.optim, t.steps, num_layers=_depth(built))
-  opt_state = jax.jit(tx.init)(trainable)
-  rng = jax.random.key_data(jax.random.key(config.seed + 2))
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,
-           'rng': rng}
+  tx, state = initial_state(config, built, trainable)
 
   # ------------------------------------------------------------------ jitted functions
   forward = make_forward(built, method)
@@ -279,7 +321,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}",
                         ex_s=f"{logged['examples_per_sec']:.0f}")
         window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
-      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+      if config.data.eval_split and ((t.eval_every and step % t.eval_every == 0)
+                                     or step == t.steps):
         last_eval = run_eval(config.data.eval_split)
         writer.write(step, 'eval', last_eval)
         bar.write(f"step {step}: {config.data.eval_split} accuracy {last_eval['accuracy']:.4f} "
@@ -302,7 +345,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       'nll_after': test['loss'],
       'ece_after': test['ece'],
       'test': test,
-      'validation': last_eval,
+      'validation': last_eval or None,
       'trainable_params': report['trainable_params'],
       'total_params': report['total_params'],
       'trainable_fraction': report['trainable_fraction'],

@@ -12,6 +12,7 @@ from peftjax.errors import ConfigError
 from peftjax.models.build import MODEL_NAMES
 from peftjax.optim import SCHEDULES
 from peftjax.optim import check_multipliers
+from peftjax.quant.qat import check_config as check_quant
 from peftjax.unfreeze import check_schedule
 
 
@@ -72,6 +73,9 @@ def validate(c) -> None:
   _check(0.0 <= p.dropout < 1.0, 'peft.dropout', p.dropout, '0 <= dropout < 1')
   _regex('peft.targets', p.targets)
   _regex('peft.head', p.head)
+  _regex('quant.targets', c.quant.targets)
+  if c.quant.qat or c.quant.qlora:
+    check_quant(c.quant)
 
   _check(o.learning_rate > 0, 'optim.learning_rate', o.learning_rate, 'a positive number')
   _check(o.schedule in SCHEDULES, 'optim.schedule', o.schedule, ', '.join(SCHEDULES))

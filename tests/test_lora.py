@@ -164,7 +164,7 @@ def test_target_matching_nothing_lists_closest_paths(setup):
 
 
 def test_unsupported_leaf_is_an_error(setup):
-  with pytest.raises(ValueError, match='LoRA cannot adapt'):
+  with pytest.raises(ValueError, match='LoRA cannot handle'):
     _init(setup, targets=r'norm/scale$')
 
 

@@ -208,6 +208,8 @@ class Data:
     labels = _class_label(features, cfg.label_key)
     kind = _kind(features, cfg)
     for field in ('train_split', 'eval_split', 'test_split'):
+      if field == 'eval_split' and not cfg.eval_split:
+        continue  # '' = no validation during training
       if getattr(cfg, field) not in builder.info.splits:
         raise DataError(f'data.{field}={getattr(cfg, field)!r} is invalid; valid: '
                         f'{sorted(builder.info.splits)} (splits of {builder.name!r})')

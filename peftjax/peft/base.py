@@ -9,6 +9,8 @@ A method is a functional transform over the parameter pytree:
   ``module.apply`` runs with the method in effect; the model's code is never edited;
 * ``prepare_base(base_params, peft_params)`` — the base the method trains against, made once
   after ``init`` (identity for most methods; PiSSA keeps the residual of W there);
+* ``forward_base(base_params, peft_params)`` — the weights a forward pass uses, made inside the
+  step (identity; QAT fake-quantizes them);
 * ``merge(base_params, peft_params)`` — fold the method into the base weights, where possible;
 * ``logical_specs(base_specs, peft_params)`` — logical axis names for its parameters, so they
   shard like the weights they adapt.
@@ -85,6 +87,16 @@ class Method:
     del peft_params
     return base_params
 
+  def base_logical_specs(self, base_specs) -> Any:
+    """Logical axes of :meth:`prepare_base`'s output (the same tree unless it changes leaves)."""
+    return base_specs
+
+  def forward_base(self, base_params, peft_params) -> dict:
+    """The base weights a forward pass computes with, made inside the step (QAT fake-quantizes
+    them here, QLoRA dequantizes them); the base itself by default."""
+    del peft_params
+    return base_params
+
   def merge(self, base_params, peft_params) -> dict:
     del peft_params
     return base_params
@@ -135,6 +147,7 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
     if rng is None:
       raise ValueError('a training forward (deterministic=False) needs an rng for dropout')
     rngs['dropout'], method_rng = jax.random.split(rng)
+  base_params = method.forward_base(base_params, peft_params)
   with method.intercept(peft_params, rng=method_rng, deterministic=deterministic):
     return module.apply({'params': base_params}, **inputs, deterministic=deterministic, rngs=rngs)
 
@@ -180,6 +193,16 @@ class Compose(Method):
         stack.enter_context(m.intercept(peft_params[m.name], rng=key,
                                         deterministic=deterministic))
       yield
+
+  def base_logical_specs(self, base_specs):
+    for m in self.methods:
+      base_specs = m.base_logical_specs(base_specs)
+    return base_specs
+
+  def forward_base(self, base_params, peft_params) -> dict:
+    for m in self.methods:
+      base_params = m.forward_base(base_params, peft_params[m.name])
+    return base_params
 
   def merge(self, base_params, peft_params) -> dict:
     for m in reversed(self.methods):

@@ -73,11 +73,13 @@ def _record_modules(module, base_params, inputs) -> dict[str, nn.Module]:
   return seen
 
 
-def find_sites(module, base_params, inputs, targets: str | list[str]) -> list[Site]:
+def find_sites(module, base_params, inputs, targets: str | list[str], *,
+               field: str = 'peft.targets', user: str = 'LoRA') -> list[Site]:
   """The layers LoRA adapts: supported modules whose weight path matches ``targets``.
 
-  Raises a ValueError listing the closest weight paths when nothing matches, and when a match
-  is a weight LoRA cannot adapt (e.g. a Conv kernel or a LayerNorm scale).
+  Raises a ConfigError naming ``field`` and listing the closest weight paths when nothing
+  matches, and when a match is a weight ``user`` cannot handle (e.g. a Conv kernel or a
+  LayerNorm scale). Quantization finds its layers with the same function.
   """
   pred = tree_lib.make_selector(targets)
   flat = tree_lib.flatten(base_params)
@@ -86,13 +88,13 @@ def find_sites(module, base_params, inputs, targets: str | list[str]) -> list[Si
   weight_paths = {f'{p}/{_WEIGHT_NAME[type(m)]}': p for p, (m, _) in modules.items()}
   if not matched:
     near = tree_lib.closest_paths(str(targets), list(weight_paths) or list(flat))
-    raise ConfigError(f'peft.targets={targets!r} matches no parameter; closest weight paths: '
-                     f'{near}')
+    raise ConfigError(f'{field}={targets!r} matches no parameter; closest weight paths: '
+                      f'{near}')
   unsupported = [p for p in matched if p not in weight_paths]
   if unsupported:
     raise ConfigError(
-        f'peft.targets={targets!r} matches {unsupported[:3]}, which LoRA cannot adapt; it '
-        'adapts the kernel of nn.Dense/nn.DenseGeneral and the embedding of nn.Embed, e.g. '
+        f'{field}={targets!r} matches {unsupported[:3]}, which {user} cannot handle; it '
+        'takes the kernel of nn.Dense/nn.DenseGeneral and the embedding of nn.Embed, e.g. '
         f'{sorted(weight_paths)[:3]}')
   sites = []
   for wp in matched:
@@ -104,7 +106,7 @@ def find_sites(module, base_params, inputs, targets: str | list[str]) -> list[Si
       continue
     if isinstance(mod, nn.DenseGeneral):
       if mod.batch_dims:
-        raise ConfigError(f'{path}: LoRA does not support DenseGeneral with batch_dims')
+        raise ConfigError(f'{path}: {user} does not support DenseGeneral with batch_dims')
       axis = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
     else:
       axis = (-1,)

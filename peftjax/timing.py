@@ -1,5 +1,5 @@
-"""Shared helpers for ratio benchmarks: interleaved timing, a matmul FLOP/s probe, and the cost
-and memory figures of compiled XLA executables.
+"""Timing and cost helpers for ratio benchmarks: interleaved timing, a matmul FLOP/s probe,
+and the cost and memory figures of compiled XLA executables.
 
 The machines these benchmarks run on are shared and noisy, so absolute times are noise and the
 figures are ratios measured in one process: compile everything first, warm up, then call the
