@@ -34,11 +34,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from peftjax import timing  # noqa: E402
+from peftjax.checkpoint import write_json_atomic  # noqa: E402
 from configs import quickstart  # noqa: E402
 from peftjax import data as data_lib  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax import optim  # noqa: E402
 from peftjax import peft  # noqa: E402
+from peftjax import quant  # noqa: E402
 from peftjax import train  # noqa: E402
 from peftjax import tree as tree_lib  # noqa: E402
 from peftjax.models.build import sample_inputs  # noqa: E402
@@ -62,10 +64,13 @@ def _copy(tree):
 
 def build_candidate(config, built, batch) -> dict:
   """The trainer's step for ``config``: initial state, frozen tree and compiled executable."""
-  method = peft.build(config.peft)
+  method = quant.wrap(peft.build(config.peft), config.quant)  # QAT/QLoRA when the config asks
   inputs = sample_inputs(built.input_keys, length=config.data.max_length)
   peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
-  base_trainable, frozen = tree_lib.partition(built.params, method.trainable_base)
+  base = method.prepare_base(built.params, peft_params)
+  if getattr(method, 'needs_calibration', False):
+    peft_params = method.calibrate(built.module, base, peft_params, [batch], built.input_keys)
+  base_trainable, frozen = tree_lib.partition(base, method.trainable_base)
   trainable = _copy({'base': base_trainable, 'peft': peft_params})
   # -- as train.train_and_evaluate builds them
   tx = optim.make_optimizer(config.optim, config.train.steps)
@@ -247,11 +252,7 @@ def main(argv=None):
   print(report(result))
   out = args.out or (None if args.quick else str(RESULTS))
   if out:
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(result, indent=2) + '\n')
-    os.replace(tmp, out)  # never a partial file
+    write_json_atomic(out, result)  # never a partial file
     print(f'wrote {out}')
   else:
     print(json.dumps(result, indent=2))

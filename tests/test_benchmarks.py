@@ -29,3 +29,28 @@ def test_committed_results_have_the_keys():
     assert k in r, k
   assert r['settings']['batch_size'] == 32 and r['settings']['max_length'] == 64
   assert r['settings']['timed_steps'] >= 20
+
+
+QUANT_KEYS = ('int8_infer_time_ratio', 'int8_weight_bytes_ratio', 'qat_step_time_ratio',
+              'qlora_base_bytes_ratio')
+
+
+def test_quick_quant_benchmark_reports_all_keys():
+  from benchmarks import quant
+  r = quant.main(['--quick'])
+  for k in QUANT_KEYS:
+    assert r[k] > 0, k
+  # Bytes are exact, not timed: int8 weights + float32 scales, biases and norms.
+  d = r['details']
+  assert r['int8_weight_bytes_ratio'] == d['int8_bytes'] / d['float_bytes'] < 0.27
+  assert r['qlora_base_bytes_ratio'] == d['qlora_base_bytes'] / d['float_bytes'] < 0.27
+  assert d['int8_layers'] == 2 * 6 + 3  # 6 matmuls per layer + 3 embedding tables
+
+
+def test_committed_quant_results_have_the_keys():
+  from benchmarks import quant
+  r = json.loads(pathlib.Path(quant.RESULTS).read_text())
+  for k in QUANT_KEYS:
+    assert k in r, k
+  assert r['settings']['batch_size'] == 32 and r['settings']['max_length'] == 64
+  assert r['settings']['timed_steps'] >= 20

@@ -144,3 +144,25 @@ def test_load_into_a_model_of_other_shapes_is_an_error(tmp_path):
 def test_asymmetric_weights_rejected_for_int8():
   with pytest.raises(ConfigError, match='quant.symmetric=False is invalid for int8 inference'):
     _convert(_cfg(symmetric=False), static=False)
+
+
+def test_cnn_convolutions_run_in_int8_and_match_fake_quant():
+  """Conv kernels quantize per output channel; the int8 conv equals the fake-quant one."""
+  from flax import linen as nn
+  from peftjax.models.vision import CNN
+  module = CNN(channels=(4, 8), hidden=16, num_classes=10)
+  images = jax.random.uniform(jax.random.key(0), (4, 12, 12, 1))
+  params = nn.meta.unbox(module.init(jax.random.key(1), images)['params'])
+  c = _cfg(qat=True, targets=r'kernel$', activations='static')
+  c.peft.method = 'full'
+  m = qat.wrap(peft.build(c.peft), c.quant)
+  inputs = {'image': images}
+  pp = m.init(jax.random.key(1), module, params, inputs)
+  assert [s.kind for s in m.sites].count('conv') == 2
+  pp = m.calibrate(module, params, pp, [inputs], ('image',))
+  want = peft.apply(module, m, params, pp, inputs)
+  fwd = lambda p, b: module.apply({'params': p}, b['image'])
+  model = int8.convert(module, params, inputs, c.quant,
+                       ranges=qat.calibrate_ranges(fwd, params, m.sites, [inputs], c.quant))
+  np.testing.assert_allclose(model(inputs), want, atol=1e-5)
+  assert str(jax.make_jaxpr(model)(inputs)).count('preferred_element_type=int32') == 4

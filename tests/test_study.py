@@ -20,10 +20,16 @@ def test_sweep_covers_every_method_and_seed():
 
 
 def _fake_summary(path, acc, params, total, seconds):
+  """A finished run: its summary, and a metrics log whose first window holds a slow compile."""
   path.mkdir(parents=True)
   (path / 'summary.json').write_text(json.dumps({
       'accuracy_after': acc, 'ece_after': 0.05, 'trainable_params': params, 'total_params': total,
-      'train_seconds': seconds, 'steps': 10}))
+      'train_seconds': 10 * seconds, 'wall_seconds': 12 * seconds, 'steps': 10,
+      'config': {'train': {'batch_size': 32}}}))
+  lines = [{'step': 1, 'split': 'train', 'examples_per_sec': 1.0}]  # compile: excluded
+  lines += [{'step': s, 'split': 'train', 'examples_per_sec': 32 / seconds} for s in (2, 3, 4)]
+  lines += [{'step': 4, 'split': 'test', 'accuracy': acc}]
+  (path / 'metrics.jsonl').write_text(''.join(json.dumps(m) + '\n' for m in lines))
 
 
 def test_report_aggregates_seeds(tmp_path):
@@ -40,3 +46,5 @@ def test_report_aggregates_seeds(tmp_path):
   assert np.isclose(lora['step_time_vs_full'], 0.7) and lora['adapter_bytes'] == 4 * 74_498
   assert '| LoRA | 74,498 | 0.329 | 0.8200 ± 0.0163 (n=3)' in (out / 'results.md').read_text()
   assert (out / 'pareto.png').stat().st_size > 1000
+  # 3 LoRA runs of 12 x 7 s and 3 full runs of 12 x 10 s wall time: 612 s.
+  assert '6 runs, 10 minutes of training' in (out / 'results.md').read_text()

@@ -32,14 +32,16 @@ from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Embed)
-_WEIGHT_NAME = {nn.Dense: 'kernel', nn.DenseGeneral: 'kernel', nn.Embed: 'embedding'}
+_RECORDED = (*_SUPPORTED, nn.Conv)  # layers find_sites knows; Conv only when asked (quantization)
+_WEIGHT_NAME = {nn.Dense: 'kernel', nn.DenseGeneral: 'kernel', nn.Embed: 'embedding',
+                nn.Conv: 'kernel'}
 
 
 @dataclasses.dataclass(frozen=True)
 class Site:
   """One adapted layer: its module path, kind, and how its weight splits into in/out axes."""
   path: str            # module path, e.g. 'encoder/layer_0/attention/query'
-  kind: str            # 'dense' or 'embed'
+  kind: str            # 'dense', 'embed' or 'conv'
   in_shape: tuple      # weight dims contracted with the input (the vocabulary for 'embed')
   out_shape: tuple     # weight dims of the output features
   x_axes: tuple        # input axes contracted (dense only), non-negative
@@ -63,7 +65,7 @@ def _record_modules(module, base_params, inputs) -> dict[str, nn.Module]:
 
   def spy(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name == '__call__' and isinstance(mod, _SUPPORTED):
+    if context.method_name == '__call__' and isinstance(mod, _RECORDED):
       x = args[0] if args else next(iter(kwargs.values()))
       seen['/'.join(mod.path)] = (mod, np.ndim(x))
     return next_fun(*args, **kwargs)
@@ -74,18 +76,21 @@ def _record_modules(module, base_params, inputs) -> dict[str, nn.Module]:
 
 
 def find_sites(module, base_params, inputs, targets: str | list[str], *,
-               field: str = 'peft.targets', user: str = 'LoRA') -> list[Site]:
+               field: str = 'peft.targets', user: str = 'LoRA', conv: bool = False
+               ) -> list[Site]:
   """The layers LoRA adapts: supported modules whose weight path matches ``targets``.
 
   Raises a ConfigError naming ``field`` and listing the closest weight paths when nothing
   matches, and when a match is a weight ``user`` cannot handle (e.g. a Conv kernel or a
-  LayerNorm scale). Quantization finds its layers with the same function.
+  LayerNorm scale). Quantization finds its layers with the same function (``conv=True``
+  also accepts ``nn.Conv`` kernels: in ``(kh, kw, c_in)``, out ``(c_out,)``).
   """
   pred = tree_lib.make_selector(targets)
   flat = tree_lib.flatten(base_params)
   matched = [p for p in flat if pred(p, flat[p])]
   modules = _record_modules(module, base_params, inputs)
-  weight_paths = {f'{p}/{_WEIGHT_NAME[type(m)]}': p for p, (m, _) in modules.items()}
+  weight_paths = {f'{p}/{_WEIGHT_NAME[type(m)]}': p for p, (m, _) in modules.items()
+                  if conv or not isinstance(m, nn.Conv)}
   if not matched:
     near = tree_lib.closest_paths(str(targets), list(weight_paths) or list(flat))
     raise ConfigError(f'{field}={targets!r} matches no parameter; closest weight paths: '
@@ -103,6 +108,9 @@ def find_sites(module, base_params, inputs, targets: str | list[str], *,
     w_shape = tuple(flat[wp].shape)
     if isinstance(mod, nn.Embed):
       sites.append(Site(path, 'embed', w_shape[:1], w_shape[1:], ()))
+      continue
+    if isinstance(mod, nn.Conv):
+      sites.append(Site(path, 'conv', w_shape[:-1], w_shape[-1:], ()))
       continue
     if isinstance(mod, nn.DenseGeneral):
       if mod.batch_dims:

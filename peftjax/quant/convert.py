@@ -67,7 +67,7 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   inner = method.inner if isinstance(method, qat.Quantized) else method
   merged = method.merge(params['base'], params['peft'])  # float, the method folded in
   keys = built.input_keys
-  inputs = sample_inputs(keys, length=config.data.max_length)
+  inputs = sample_inputs(keys, length=config.data.max_length, image_shape=data.info.image_shape)
   fwd = lambda p, b: built.module.apply({'params': p}, **{k: b[k] for k in keys})
 
   # ------------------------------------------------------------------ activation ranges
@@ -104,10 +104,10 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
                              steps=timing_steps)
   size = int8.save(model, out)
   s = {
+      **int8.summary(model, merged),
       'method': inner.name, 'activations': how, 'observer': q.observer,
       'float': float_eval, 'int8': int8_eval,
       'accuracy_drop': float_eval['accuracy'] - int8_eval['accuracy'],
-      **int8.summary(model, merged),
       'int8_disk_bytes': size,
       'infer_time_ratio': timing.median_ms(times['int8']) / timing.median_ms(times['float']),
       'int8_dir': str(out),

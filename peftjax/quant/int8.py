@@ -41,7 +41,7 @@ from peftjax.peft.lora import Site
 from peftjax.quant import ops
 from peftjax.quant import qat
 
-_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Embed)
+_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.Conv)
 # The quantization settings an int8 model keeps (everything its forward needs).
 _SETTINGS = ('bits', 'act_bits', 'act_symmetric', 'activations', 'per_channel')
 
@@ -96,7 +96,10 @@ def convert(module, params, inputs, quant_cfg, *, ranges: dict | None = None) ->
     wq, w_scale = qat.quantize_weight(flat[s.weight_path], s, quant_cfg)
     flat[s.weight_path] = wq  # int8 in place of the float weight: same path, same shape
     entry = {'w_scale': w_scale}
-    if s.kind == 'dense' and activations == 'static':
+    if s.kind == 'conv' and not quant_cfg.act_symmetric and activations != 'none':
+      raise ConfigError(f'quant.act_symmetric=False is invalid for the conv layer {s.path} in '
+                        'int8 inference (zero padding would not be the zero point); valid: True')
+    if s.kind != 'embed' and activations == 'static':
       if s.path not in scales:
         raise ConfigError(f'no calibrated range for {s.path}; calibrate with the same '
                           'quant.targets as the conversion')
@@ -108,19 +111,42 @@ def convert(module, params, inputs, quant_cfg, *, ranges: dict | None = None) ->
                    _settings(quant_cfg, activations))
 
 
-def _dense(site: Site, x, w, qp: dict, bias, st: dict):
-  n_in = len(site.x_axes)
-  dims = ((site.x_axes, tuple(range(n_in))), ((), ()))
+def _conv_fn(module: nn.Conv, x):
+  """``(x, w, **kw) -> y``: the layer's convolution (NHWC x HWIO, as flax lays them out)."""
+  nd = x.ndim - 2
+  if isinstance(module.padding, str) and module.padding not in ('SAME', 'VALID'):
+    raise ConfigError(f'{module.name}: padding {module.padding!r} is not supported in int8 '
+                      "inference; valid: 'SAME', 'VALID' or explicit pairs")
+  if module.feature_group_count != 1:
+    raise ConfigError(f'{module.name}: grouped convolutions are not supported in int8 inference')
+  as_tuple = lambda v: (1,) * nd if v is None else ((v,) * nd if isinstance(v, int) else tuple(v))
+  padding = module.padding if isinstance(module.padding, str) else [
+      (p, p) if isinstance(p, int) else tuple(p) for p in module.padding]
+  dn = jax.lax.ConvDimensionNumbers((0, nd + 1, *range(1, nd + 1)),
+                                    (nd + 1, nd, *range(nd)), (0, nd + 1, *range(1, nd + 1)))
+  return lambda x, w, **kw: jax.lax.conv_general_dilated(
+      x, w, as_tuple(module.strides), padding, lhs_dilation=as_tuple(module.input_dilation),
+      rhs_dilation=as_tuple(module.kernel_dilation), dimension_numbers=dn, **kw)
+
+
+def _dense(site: Site, x, w, qp: dict, bias, st: dict, module=None):
+  if site.kind == 'conv':
+    n_in = len(site.in_shape)
+    matmul = _conv_fn(module, x)
+  else:
+    n_in = len(site.x_axes)
+    dims = ((site.x_axes, tuple(range(n_in))), ((), ()))
+    matmul = lambda a, b, **kw: jax.lax.dot_general(a, b, dims, **kw)
   w_scale = qp['w_scale'].reshape(qp['w_scale'].shape[n_in:])  # drop the kept input dims
   if st['activations'] == 'none':  # weight-only: float matmul on the dequantized weight
-    y = jax.lax.dot_general(x, w.astype(x.dtype), dims) * w_scale.astype(x.dtype)
+    y = matmul(x, w.astype(x.dtype)) * w_scale.astype(x.dtype)
   else:
     if st['activations'] == 'static':
       x_scale, x_zero = qp['x_scale'], qp['x_zero']
     else:
       x_scale, x_zero = ops.minmax_params(x, st['act_bits'], symmetric=st['act_symmetric'])
     xq = ops.quantize(x, x_scale, x_zero, st['act_bits'], st['act_symmetric'])
-    acc = jax.lax.dot_general(xq, w, dims, preferred_element_type=jnp.int32)
+    acc = matmul(xq, w, preferred_element_type=jnp.int32)
     if not st['act_symmetric']:  # (q - z)·W = q·W - z·colsum(W)
       acc = acc - jnp.asarray(x_zero, jnp.int32).reshape(()) * qp['colsum']
     y = acc.astype(jnp.float32) * (jnp.reshape(x_scale, ()) * w_scale)
@@ -140,12 +166,13 @@ def int8_scope(model: Int8Model):
   flat = tree_lib.flatten(model.params)
 
   def wrap(path, module, call, x):
-    del module, call  # the float layer never runs: its weight in model.params is int8
+    del call  # the float layer never runs: its weight in model.params is int8
     site = by_path[path]
     w = flat[site.weight_path]
     if site.kind == 'embed':
       return _embed(x, w, model.qparams[path])
-    return _dense(site, x, w, model.qparams[path], flat.get(f'{path}/bias'), model.settings)
+    return _dense(site, x, w, model.qparams[path], flat.get(f'{path}/bias'), model.settings,
+                  module)
 
   return layer_scope(_LAYERS, by_path, wrap)
 

@@ -41,7 +41,8 @@ from peftjax.quant import ops
 
 ACTIVATIONS = ('dynamic', 'static', 'lsq', 'none')
 OF = ('base', 'effective')
-_DENSE = (nn.Dense, nn.DenseGeneral)
+_MATMULS = (nn.Dense, nn.DenseGeneral, nn.Conv)  # layers whose input activations are quantized
+_ACT_KINDS = ('dense', 'conv')
 _INT8_SUFFIX = '/int8'     # QLoRA: '<path>/kernel/int8' holds the weight, '.../scale' its scales
 _SCALE_SUFFIX = '/scale'
 
@@ -81,7 +82,8 @@ def weight_channel_axes(site: Site, per_channel: bool = True) -> tuple | None:
 def find_quant_sites(module, params, inputs, q) -> list[Site]:
   """Layers whose matmul ``quant.targets`` (plus the embeddings with ``quant.embeddings``) selects."""
   targets = [q.targets, r'/embedding$'] if q.embeddings else q.targets
-  return find_sites(module, params, inputs, targets, field='quant.targets', user='quantization')
+  return find_sites(module, params, inputs, targets, field='quant.targets', user='quantization',
+                    conv=True)
 
 
 def fake_quant_weights(params, sites: Iterable[Site], q) -> dict:
@@ -129,7 +131,7 @@ def calibrate_ranges(apply_fn, params, sites: list[Site], batches, q) -> dict:
 
   >>> ranges = calibrate_ranges(fwd, params, sites, batches[:8], config.quant)  # doctest: +SKIP
   """
-  dense = {s.path for s in sites if s.kind == 'dense'}
+  dense = {s.path for s in sites if s.kind in _ACT_KINDS}
 
   @jax.jit
   def observe(state, batch):
@@ -140,7 +142,7 @@ def calibrate_ranges(apply_fn, params, sites: list[Site], batches, q) -> dict:
       new[path] = observers.update(q.observer, new[path], x, percentile=q.percentile)
       return call(x)
 
-    with layer_scope(_DENSE, dense, wrap):
+    with layer_scope(_MATMULS, dense, wrap):
       apply_fn(params, batch)
     return new
 
@@ -158,8 +160,8 @@ def static_scales(ranges: dict, q) -> dict:
 
 def activation_scope(sites: Iterable[Site], q, scales: dict | None = None,
                      lsq_steps: dict | None = None):
-  """Context under which each dense site's *input* is fake-quantized before its matmul."""
-  dense = {s.path for s in sites if s.kind == 'dense'}
+  """Context under which each dense/conv site's *input* is fake-quantized before its matmul."""
+  dense = {s.path for s in sites if s.kind in _ACT_KINDS}
   if q.activations == 'none' or not dense:
     return contextlib.nullcontext()
 
@@ -175,7 +177,7 @@ def activation_scope(sites: Iterable[Site], q, scales: dict | None = None,
       xq = ops.fake_quant_minmax(x, q.act_bits, symmetric=q.act_symmetric)
     return call(xq)
 
-  return layer_scope(_DENSE, dense, wrap)
+  return layer_scope(_MATMULS, dense, wrap)
 
 
 class Quantized(Method):
@@ -233,7 +235,7 @@ class Quantized(Method):
                           f'peft.method={self.inner.name!r} is not: {e}') from None
     if not self.lsq:
       return inner
-    dense = [s for s in self.sites if s.kind == 'dense']
+    dense = [s for s in self.sites if s.kind in _ACT_KINDS]
     # Placeholder steps; calibrate() sets them from real activations before training.
     return {'method': inner,
             'lsq': tree_lib.unflatten({f'{s.path}/act_step': jnp.ones((), jnp.float32)
