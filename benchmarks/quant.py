@@ -21,7 +21,6 @@ warm-up; the figures are medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys

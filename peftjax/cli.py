@@ -1,5 +1,7 @@
 """Shared command-line plumbing of the entry points (training, int8 conversion)."""
+from absl import app
 from absl import flags
+from absl import logging
 
 
 def parse_flags(argv):
@@ -11,3 +13,20 @@ def parse_flags(argv):
     if isinstance(e, AttributeError):  # ml_collections: a key the locked config does not have
       lines[0] = f"unknown config field '{lines[0].strip(chr(39))}'."
     raise SystemExit(f'error: bad flag or config override: {" ".join(lines)}') from None
+
+
+def begin(argv, config) -> None:
+  """The common start of an entry point: no stray arguments, quiet orbax, a validated config.
+
+  A config error exits with its one-line message before any compute.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  from peftjax import validate  # pylint: disable=g-import-not-at-top
+  from peftjax.errors import UserInputError  # pylint: disable=g-import-not-at-top
+  try:
+    validate.validate(config)
+  except UserInputError as e:
+    raise SystemExit(f'error: {e}') from None

@@ -15,7 +15,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from peftjax import cli
@@ -77,19 +76,11 @@ def _enable_compilation_cache(path: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = _CONFIG.value
+  cli.begin(argv, config)
   from peftjax import train
-  from peftjax import validate
   from peftjax.data import AssetNotFoundError
   from peftjax.errors import UserInputError
-  config = _CONFIG.value
-  try:
-    validate.validate(config)
-  except UserInputError as e:
-    raise SystemExit(f'error: {e}') from None
   if _CACHE.value:
     _enable_compilation_cache(_CACHE.value)
   _maybe_init_distributed()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError

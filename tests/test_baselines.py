@@ -1,6 +1,5 @@
 """Full fine-tuning, linear probe and BitFit: exact trainable sets and a jitted step for each."""
 import jax
-import numpy as np
 import pytest
 
 import tinybert

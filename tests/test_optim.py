@@ -1,7 +1,6 @@
 """Schedules, decay masks, accumulation, and optimizer state only for trainable leaves."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

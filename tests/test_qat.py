@@ -1,4 +1,5 @@
 """QAT and QLoRA as a transform over every PEFT method, on the tiny BERT."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import tinybert
 from peftjax import peft
 from peftjax import tree
 from peftjax.errors import ConfigError
+from peftjax.peft.base import layer_scope
 from peftjax.quant import ops
 from peftjax.quant import qat
 
@@ -86,22 +88,18 @@ def test_lora_branch_reads_float_input_base_reads_quantized():
   b = tinybert.built()
   m, params, _ = qinit('lora')
   params = _randomize(params)
-  lora, _ = tinybert.method('lora')
-  lora.init(jax.random.key(1), b.module, b.params, tinybert.inputs())
-  probe, probe_params, _ = qinit('linear_probe')
-  # Difference QAT(lora) - QAT(base) vs float(lora) - float(base) is the same function only
-  # for one layer; check on the first query projection through a recorded forward.
-  got, want = {}, {}
-  def grab(store):
-    def wrap(path, module, call, x):
-      y = call(x)
-      store[path] = (x, y)
-      return y
-    return wrap
+  # Record the first query projection's input and output (an outermost interceptor sees the
+  # float input and the layer's full result, LoRA included).
+  got = {}
+
+  def grab(path, module, call, x):
+    del module
+    y = call(x)
+    got[path] = (x, y)
+    return y
+
   path = 'encoder/layer_0/attention/query'
-  from peftjax.peft.base import layer_scope
-  import flax.linen as nn
-  with layer_scope((nn.DenseGeneral,), {path}, grab(got)):
+  with layer_scope((nn.DenseGeneral,), {path}, grab):
     _fwd(m, b.params, params)
   x = got[path][0]  # the float input the LoRA interceptor saw (outside the quant scope)
   flat = tree.flatten(params)
@@ -109,7 +107,7 @@ def test_lora_branch_reads_float_input_base_reads_quantized():
   bias = tree.flatten(b.params)[f'{path}/bias']
   xq = ops.fake_quant_minmax(x, 8)
   ref = (jnp.einsum('bld,dhk->blhk', xq, kernel) + bias
-         + lora.scale * jnp.einsum('bld,dr,rhk->blhk', x, flat[f'{path}/lora_a'],
+         + m.inner.scale * jnp.einsum('bld,dr,rhk->blhk', x, flat[f'{path}/lora_a'],
                                    flat[f'{path}/lora_b']))
   np.testing.assert_allclose(got[path][1], ref, atol=2e-5)
 

@@ -1,5 +1,4 @@
 """Gradual-unfreezing schedules and optimizer-state transplant."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -33,7 +33,6 @@ one without them). PEFT methods set them through ``flax.linen.intercept_methods`
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import flax.linen as nn
 import jax

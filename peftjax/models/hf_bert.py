@@ -63,7 +63,7 @@ def read_config(model_dir: str | pathlib.Path, **overrides) -> BertConfig:
 
 
 def _expected_shapes(cfg: BertConfig) -> dict[str, tuple]:
-  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+  d, f = cfg.hidden_size, cfg.intermediate_size
   shapes = {
       'embeddings.word_embeddings.weight': (cfg.vocab_size, d),
       'embeddings.position_embeddings.weight': (cfg.max_position, d),

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from peftjax.models.logical import param_init
 

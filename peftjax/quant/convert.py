@@ -17,7 +17,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -41,11 +40,9 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   >>> s['int8']['accuracy'], s['bytes_ratio']  # doctest: +SKIP
   """
   import jax
-  import numpy as np
 
   from peftjax import checkpoint as ckpt_lib
   from peftjax import evaluate as eval_lib
-  from peftjax import peft
   from peftjax import timing
   from peftjax import train
   from peftjax import tree as tree_lib
@@ -117,20 +114,15 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
       f"weights {s['float_bytes'] / 2**20:.1f} -> {s['int8_bytes'] / 2**20:.1f} MiB "
       f"(ratio {s['bytes_ratio']:.3f}, {size / 2**20:.1f} MiB on disk); "
       f"forward time int8/float {s['infer_time_ratio']:.2f}; model: {out}")
-  del np, peft
   return s
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from peftjax import validate
+  from peftjax import cli
   from peftjax.errors import UserInputError
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   config = _CONFIG.value
+  cli.begin(argv, config)
   try:
-    validate.validate(config)
     ptq(config, _WORKDIR.value, _OUT.value, timing_steps=_TIMING_STEPS.value)
   except (UserInputError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None

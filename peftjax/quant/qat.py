@@ -21,7 +21,6 @@ step, so LoRA, QAT and the rest compose without touching the model's code:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Iterable
 
 import flax.linen as nn
