@@ -166,3 +166,20 @@ def test_cnn_convolutions_run_in_int8_and_match_fake_quant():
                        ranges=qat.calibrate_ranges(fwd, params, m.sites, [inputs], c.quant))
   np.testing.assert_allclose(model(inputs), want, atol=1e-5)
   assert str(jax.make_jaxpr(model)(inputs)).count('preferred_element_type=int32') == 4
+
+
+def test_qlora_merged_into_a_requantized_int8_base():
+  """QLoRA for serving: merge LoRA into the dequantized base, then convert to int8 again."""
+  b = tinybert.built()
+  c = _cfg(qlora=True, activations='dynamic')
+  m = qat.wrap(peft.build(c.peft), c.quant)
+  lora = m.init(jax.random.key(1), b.module, b.params, tinybert.inputs())
+  base = m.prepare_base(b.params, lora)  # the int8-stored base QLoRA trains against
+  lora = jax.tree.map(lambda x: x + 0.1, lora)
+  served = int8.convert(b.module, m.merge(base, lora), tinybert.inputs(), c.quant)
+  qlora_out = peft.apply(b.module, m, base, lora, tinybert.inputs())
+  # Weights re-quantized to the merged weight's own grid + dynamic int8 activations.
+  np.testing.assert_allclose(served(tinybert.inputs()), qlora_out, atol=0.05)
+  assert not np.allclose(served(tinybert.inputs()), qlora_out, atol=1e-7)
+  flat = tree.flatten(served.params)
+  assert all(flat[s.weight_path].dtype == jnp.int8 for s in served.sites)
