@@ -31,6 +31,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_vs_full.py
+	$(PY) benchmarks/quant.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

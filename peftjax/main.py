@@ -66,15 +66,6 @@ def _maybe_init_distributed():
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def _enable_compilation_cache(path: str):
-  """Persists compiled executables under ``path``; the key is the program, not the run."""
-  import jax
-  jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(path).expanduser()))
-  # Cache everything worth a few hundred ms; train/eval steps take 5-30 s to compile here.
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-
-
 def main(argv):
   config = _CONFIG.value
   cli.begin(argv, config)
@@ -82,7 +73,7 @@ def main(argv):
   from peftjax.data import AssetNotFoundError
   from peftjax.errors import UserInputError
   if _CACHE.value:
-    _enable_compilation_cache(_CACHE.value)
+    cli.enable_compilation_cache(_CACHE.value)
   _maybe_init_distributed()
   workdir = pathlib.Path(_WORKDIR.value).expanduser()
   if _FRESH.value:

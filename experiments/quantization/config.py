@@ -7,8 +7,8 @@ Two models, each with its own equal budget:
 * MiniLM-L6 on Rotten Tomatoes — the method-comparison study's budget (120 steps x 32 reviews x
   48 tokens) and learning rates (full FT 1e-4, LoRA 4e-3); quantized: every encoder matmul
   (weights per output channel, activations per tensor, 8 bits);
-* a small CNN on MNIST-5k from scratch — 300 steps x 64 images; quantized: both convolutions and
-  both dense layers.
+* a small CNN on MNIST-5k from scratch — 200 steps x 64 images (3 epochs); quantized: both
+  convolutions and both dense layers.
 
 The trained runs come from this sweep; PTQ variants are conversions of the float32 runs
 (:mod:`experiments.quantization.study`).
@@ -24,8 +24,8 @@ TEXT = {
     'LoRA+QAT': {'peft.method': 'lora', 'optim.learning_rate': 4e-3, 'quant.qat': True},
 }
 _CNN = {'model.name': 'cnn', 'data.name': 'mnist5k', 'peft.method': 'full',
-        'optim.learning_rate': 2e-3, 'train.steps': 300, 'train.batch_size': 64,
-        'optim.warmup_steps': 30, 'train.checkpoint_every': 300, 'quant.targets': 'kernel$'}
+        'optim.learning_rate': 2e-3, 'train.steps': 200, 'train.batch_size': 64,
+        'optim.warmup_steps': 20, 'train.checkpoint_every': 200, 'quant.targets': 'kernel$'}
 MNIST = {
     'float32': dict(_CNN),
     'QAT int8': {**_CNN, 'quant.qat': True},

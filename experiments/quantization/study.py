@@ -52,7 +52,9 @@ def run_config(overrides: dict):
 
 
 def convert_all(workdir: pathlib.Path, log=print) -> None:
-  from peftjax.quant.convert import ptq  # imports JAX: only when converting
+  from peftjax import cli  # imports JAX: only when converting
+  from peftjax.quant.convert import ptq
+  cli.enable_compilation_cache(str(workdir / '.jax_cache'))
   for model, variants in study.MODELS.items():
     for variant, overrides in variants.items():
       for seed in study.SEEDS:

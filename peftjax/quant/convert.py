@@ -87,17 +87,19 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   log(f'int8: {len(model.sites)} layers, activations {how}')
 
   # ------------------------------------------------------------------ evaluate both
-  float_stats = jax.jit(lambda b: eval_lib.batch_stats(fwd(merged, b), b['label'], b['weight']))
-  int8_stats = jax.jit(lambda b: eval_lib.batch_stats(model({k: b[k] for k in keys}),
-                                                       b['label'], b['weight']))
+  # Weights go in as arguments (a closure would bake them into the program as constants).
+  f_fwd = jax.jit(fwd)
+  i_fwd = model.jit()
+  stats = lambda logits, b: eval_lib.batch_stats(logits, b['label'], b['weight'])
   split, bs = config.data.test_split, config.train.eval_batch_size
-  float_eval = eval_lib.evaluate(float_stats, data.eval_batches(split, bs))
-  int8_eval = eval_lib.evaluate(int8_stats, data.eval_batches(split, bs))
+  float_eval = eval_lib.evaluate(lambda b: stats(f_fwd(merged, b), b),
+                                 data.eval_batches(split, bs))
+  int8_eval = eval_lib.evaluate(lambda b: stats(i_fwd({k: b[k] for k in keys}), b),
+                                data.eval_batches(split, bs))
 
   batch = next(iter(data.eval_batches(split, bs)))
-  f_fwd = jax.jit(lambda b: fwd(merged, b))
-  i_fwd = jax.jit(lambda b: model({k: b[k] for k in keys}))
-  times = timing.interleaved({'float': lambda: f_fwd(batch), 'int8': lambda: i_fwd(batch)},
+  x = {k: batch[k] for k in keys}
+  times = timing.interleaved({'float': lambda: f_fwd(merged, x), 'int8': lambda: i_fwd(x)},
                              steps=timing_steps)
   size = int8.save(model, out)
   s = {

@@ -63,6 +63,16 @@ class Int8Model:
   def __call__(self, inputs: dict):
     return apply(self, inputs)
 
+  def jit(self):
+    """A jitted ``inputs -> logits`` taking the weights as arguments, not as baked-in constants
+    (which would copy every weight into the compiled program).
+
+    >>> fwd = model.jit(); logits = fwd(inputs)  # doctest: +SKIP
+    """
+    run = jax.jit(lambda params, qparams, inputs: apply(
+        dataclasses.replace(self, params=params, qparams=qparams), inputs))
+    return lambda inputs: run(self.params, self.qparams, inputs)
+
   @property
   def weight_bytes(self) -> int:
     """Bytes of all parameters as held in memory (int8 weights + scales + float leaves)."""
