@@ -167,7 +167,9 @@ def activation_scope(sites: Iterable[Site], q, scales: dict | None = None,
   def wrap(path, module, call, x):
     del module
     if q.activations == 'lsq':
-      xq = ops.lsq_fake_quant(x, lsq_steps[path].astype(x.dtype), q.act_bits)
+      # The optimizer may push a step through zero; LSQ needs it positive.
+      step = jnp.maximum(lsq_steps[path], ops.MIN_SCALE).astype(x.dtype)
+      xq = ops.lsq_fake_quant(x, step, q.act_bits)
     elif q.activations == 'static':
       scale, zero = scales[path]
       xq = ops.fake_quant(x, scale.astype(x.dtype), zero.astype(x.dtype), q.act_bits,
@@ -256,10 +258,9 @@ class Quantized(Method):
       axes = flat.pop(s.weight_path)
       axes = tuple(axes) if axes is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
       flat[s.weight_path + _INT8_SUFFIX] = P(*axes)
-      kept = [None if i in range(len(s.in_shape)) and s.kind == 'dense' else a
-              for i, a in enumerate(axes)]
-      if s.kind == 'embed':
-        kept = [axes[0]] + [None] * (len(axes) - 1)
+      n_in = len(s.in_shape)  # the scale keeps size-1 dims where the weight is reduced
+      kept = ([axes[0]] + [None] * (len(axes) - 1) if s.kind == 'embed'
+              else [None] * n_in + list(axes[n_in:]))
       if not self.q.per_channel:
         kept = [None] * len(axes)
       flat[s.weight_path + _SCALE_SUFFIX] = P(*kept)
