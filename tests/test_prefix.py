@@ -148,3 +148,22 @@ def test_logical_specs(built):
   assert tuple(specs['mlp']['out']['kernel']) == ()
   assert tuple(method.logical_specs(None, method.materialize(p))['prefix']) == (
       None, None, None, 'heads', 'kv')
+
+
+@pytest.mark.parametrize('reparam', [True, False])
+def test_init_prefixes_are_the_models_own_keys_and_values_of_real_tokens(built, reparam):
+  """Li & Liang's init: layer l's prefix keys/values are what layer l computes for n tokens."""
+  n = 4
+  method, _ = tinybert.method('prefix', num_prefix=n, prefix_reparam=reparam)
+  rng = jax.random.key(7)
+  p = method.init(rng, built.module, built.params, tinybert.inputs())
+  prefixes = method.materialize(p)['prefix']  # (L, 2, n, H, DH)
+  ids = jax.random.randint(jax.random.split(rng, 3)[2], (1, n), 0, BERT.vocab_size)
+  _, state = built.module.apply({'params': built.params}, ids, jnp.ones_like(ids),
+                                jnp.zeros_like(ids), capture_intermediates=True,
+                                mutable=['intermediates'])
+  acts = state['intermediates']['encoder']
+  for layer in range(L):
+    att = acts[f'layer_{layer}']['attention']
+    np.testing.assert_allclose(prefixes[layer, 0], att['key']['__call__'][0][0], atol=1e-4)
+    np.testing.assert_allclose(prefixes[layer, 1], att['value']['__call__'][0][0], atol=1e-4)
