@@ -59,6 +59,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.peft.prefix_reparam = True  # prefix tuning: train an (n, D) embedding + MLP (Li & Liang)
   c.peft.prefix_hidden = 512  # prefix tuning: hidden width of the reparameterization MLP
 
+  c.moe = ml_collections.ConfigDict()
+  c.moe.num_experts = 0  # E > 0: Mixture-of-Experts FFNs (upcycled from the pretrained FFN); 0 = dense
+  c.moe.every = 2  # the FFN of every N-th layer is an MoE layer (layers N-1, 2N-1, ...)
+  c.moe.top_k = 2  # experts per token (router='topk'); average experts per token (expert_choice)
+  c.moe.capacity_factor = 1.25  # slots per expert and sequence: ceil(k * length * cf / E)
+  c.moe.dropless = False  # capacity = sequence length: no token is ever dropped
+  c.moe.router = 'topk'  # 'topk' (tokens choose experts) | 'expert_choice' (experts choose tokens)
+  c.moe.renormalize = True  # top-k weights sum to 1; False = raw softmax (Switch top-1 gate)
+  c.moe.jitter = 0.0  # multiplicative router-input noise U(1-j, 1+j) in training (Switch)
+  c.moe.shared_experts = 0  # dense experts every token passes through (DeepSeek-MoE)
+  c.moe.dispatch = 'sorted'  # 'sorted' (gather/scatter, default) | 'onehot' (GShard einsums) | 'ragged'
+  c.moe.router_init_std = 0.02  # std of the router's initial (random) kernel
+  c.moe.balance_coef = 0.01  # weight of the Switch load-balancing loss
+  c.moe.z_coef = 1e-3  # weight of the ST-MoE router z-loss
+
   c.quant = ml_collections.ConfigDict()
   c.quant.qat = False  # quantization-aware training: fake-quant (STE) of the matched matmuls
   c.quant.qlora = False  # hold the frozen base in int8 (weight-only) while the method trains
@@ -114,8 +129,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices
   c.mesh.fsdp = 1
+  c.mesh.expert = 1  # expert parallelism: MoE experts split over this many devices
   c.mesh.tensor = 1
-  # logical axis -> mesh axes; unlisted logical axes are replicated.
-  c.mesh.rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('heads', 'tensor'),
-                  ('mlp', 'tensor'), ('vocab', 'tensor'))
+  # logical axis -> mesh axes; unlisted logical axes are replicated. The expert devices also
+  # split the batch (GShard/MaxText), so 'batch' includes 'expert'.
+  c.mesh.rules = (('batch', ('data', 'fsdp', 'expert')), ('embed', 'fsdp'), ('heads', 'tensor'),
+                  ('mlp', 'tensor'), ('vocab', 'tensor'), ('expert', 'expert'))
   return c

@@ -2,7 +2,7 @@
 
 Parameters and activations carry logical axis names (``('embed', 'mlp')``,
 ``('batch', 'length', 'embed')``); ``config.mesh.rules`` maps them to mesh axes
-(``data``, ``fsdp``, ``tensor``). Unlisted logical axes are replicated.
+(``data``, ``fsdp``, ``expert``, ``tensor``). Unlisted logical axes are replicated.
 """
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Resolves sizes (one may be -1, meaning "the rest") against ``num_devices``.
 
   >>> mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1)), 8)  # doctest: +SKIP
-  {'data': 4, 'fsdp': 2, 'tensor': 1}
+  {'data': 4, 'fsdp': 2, 'expert': 1, 'tensor': 1}
   """
-  sizes = {a: int(getattr(mesh_cfg, a)) for a in MESH_AXES}
+  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
   bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
   if bad:
     a, s = next(iter(bad.items()))
@@ -46,7 +46,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A ``Mesh`` with axes ``('data', 'fsdp', 'tensor')`` over ``devices`` (default: all)."""
+  """A ``Mesh`` with axes ``('data', 'fsdp', 'expert', 'tensor')`` over ``devices`` (default: all)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
   arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
@@ -68,6 +68,13 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, axis_rules) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh, axis_rules) -> int:
+  """How many ways the batch is split: the product of the mesh axes ``'batch'`` maps to."""
+  spec = nn.logical_to_mesh_axes(('batch',), axis_rules)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def batch_sharding(mesh: Mesh, axis_rules) -> NamedSharding:

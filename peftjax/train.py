@@ -21,6 +21,7 @@ from peftjax import checkpoint as ckpt_lib
 from peftjax import data as data_lib
 from peftjax import evaluate as eval_lib
 from peftjax import models
+from peftjax import moe as moe_lib
 from peftjax import optim
 from peftjax import peft
 from peftjax import quant
@@ -84,7 +85,8 @@ def build_task(config):
   data = data_lib.build(config.data, tokenizer_path=tokenizer)
   info = data.info
   built = models.build(config.model, num_classes=info.num_classes, pretrained_dir=pretrained,
-                       image_shape=info.image_shape, seed=config.seed)
+                       image_shape=info.image_shape, seed=config.seed,
+                       moe_cfg=config.get('moe'))
   method = quant.wrap(peft.build(config.peft), config.quant)
   inputs = sample_inputs(built.input_keys, length=config.data.max_length,
                          image_shape=info.image_shape)
@@ -147,33 +149,44 @@ def restore_trained(config, workdir: str) -> tuple[dict, dict]:
 
 
 def make_forward(built, method):
-  """``forward(trainable, frozen, inputs, rng, deterministic) -> logits``."""
-  def forward(trainable, frozen, inputs, rng=None, deterministic=True):
+  """``forward(trainable, frozen, inputs, rng, deterministic, with_aux) -> logits``.
+
+  ``with_aux=True`` returns ``(logits, moe collection)`` (see :func:`peft.apply`).
+  """
+  def forward(trainable, frozen, inputs, rng=None, deterministic=True, with_aux=False):
     base = tree_lib.combine(frozen, trainable['base'])
     return peft.apply(built.module, method, base, trainable['peft'], inputs, rng=rng,
-                      deterministic=deterministic)
+                      deterministic=deterministic, with_aux=with_aux)
   return forward
 
 
-def make_train_step(forward, tx, input_keys):
-  """The jitted step: loss, gradients w.r.t. the trainable partition only, update."""
+def make_train_step(forward, tx, input_keys, *, balance_coef: float = 0.01,
+                    z_coef: float = 1e-3):
+  """The jitted step: loss, gradients w.r.t. the trainable partition only, update.
+
+  The loss is the cross-entropy plus, for a model with MoE layers, ``balance_coef`` x the
+  load-balancing loss and ``z_coef`` x the router z-loss (averaged over the MoE layers); the
+  metrics then also hold ``balance_loss``, ``z_loss`` and ``dropped_fraction``.
+  """
   xla_cpu.use_unrolled_threefry()  # dropout masks ~15x faster on CPU, same bits
 
   def loss_fn(trainable, frozen, batch, rng):
     inputs = {k: batch[k] for k in input_keys}
-    logits = forward(trainable, frozen, inputs, rng, deterministic=False)
+    logits, aux = forward(trainable, frozen, inputs, rng, deterministic=False, with_aux=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-    acc = (logits.argmax(-1) == batch['label']).mean()
-    return loss, acc
+    aux_loss, metrics = moe_lib.aux_losses(aux, balance_coef, z_coef)
+    metrics['loss'] = loss
+    metrics['accuracy'] = (logits.argmax(-1) == batch['label']).mean()
+    return loss + aux_loss, metrics
 
   def train_step(state, frozen, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], frozen, batch, rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
-    return new_state, {'loss': loss, 'accuracy': acc, 'grad_norm': optax.tree.norm(grads)}
+    return new_state, {**metrics, 'grad_norm': optax.tree.norm(grads)}
 
   return train_step
 
@@ -201,7 +214,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ mesh and rules
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
-  validate_lib.validate_mesh_batch(config, mesh.shape['data'] * mesh.shape['fsdp'])
+  validate_lib.validate_mesh_batch(config, sharding.data_parallel_size(mesh, rules))
+  validate_lib.validate_mesh_moe(config, mesh)
   bsh = sharding.batch_sharding(mesh, rules)
 
   # ------------------------------------------------------------------ data, model, partition
@@ -241,7 +255,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ jitted functions
   forward = make_forward(built, method)
-  train_step = jax.jit(make_train_step(forward, tx, built.input_keys), donate_argnums=(0,))
+  moe_cfg = config.get('moe')
+  coefs = ({} if moe_cfg is None else
+           dict(balance_coef=moe_cfg.balance_coef, z_coef=moe_cfg.z_coef))
+  train_step = jax.jit(make_train_step(forward, tx, built.input_keys, **coefs),
+                       donate_argnums=(0,))
 
   @jax.jit
   def eval_stats(trainable, frozen, batch):
@@ -282,7 +300,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   mininterval=1.0 if sys.stdout.isatty() else 30.0, dynamic_ncols=True)
   train_t0, train_seconds = time.time(), run_info.get('train_seconds', 0.0)
   last_eval: dict = {}
-  window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
+  # Averaged over each logging window: the loss, accuracy and the MoE routing reports.
+  has_moe = bool(getattr(getattr(built.module, 'cfg', None), 'moe_layers', ()))
+  window_keys = ('loss', 'accuracy') + (moe_lib.SCALARS if has_moe else ())
+  window = {'t0': time.time(), 'examples': 0}
   unfreeze_at = unfreeze.boundaries(t.unfreeze)  # once, not per step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for micro in range(start, total_micro):
@@ -305,22 +326,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"{float(m['grad_norm'])}); stopped without checkpointing this state. Lower "
             f'optim.learning_rate (now {config.optim.learning_rate}) or enable optim.clip_norm; '
             f'the last good checkpoint is step {ckpt.latest_step()}')
-      window['loss'].append(float(m['loss']))
-      window['accuracy'].append(float(m['accuracy']))
+      for k in window_keys:
+        window.setdefault(k, []).append(float(m[k]))
       window['examples'] += t.batch_size
       if (micro + 1) % accum:
         continue
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps:
         secs = max(time.time() - window['t0'], 1e-9)
-        logged = {'loss': float(np.mean(window['loss'])),
-                  'accuracy': float(np.mean(window['accuracy'])),
-                  'grad_norm': float(m['grad_norm']),
-                  'examples_per_sec': window['examples'] / secs}
+        logged = {k: float(np.mean(window[k])) for k in window_keys}
+        logged.update(grad_norm=float(m['grad_norm']), examples_per_sec=window['examples'] / secs)
         writer.write(step, 'train', logged)
         bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}",
                         ex_s=f"{logged['examples_per_sec']:.0f}")
-        window = {'loss': [], 'accuracy': [], 't0': time.time(), 'examples': 0}
+        window = {'t0': time.time(), 'examples': 0}
       if config.data.eval_split and ((t.eval_every and step % t.eval_every == 0)
                                      or step == t.steps):
         last_eval = run_eval(config.data.eval_split)

@@ -10,11 +10,11 @@ import re
 from peftjax import peft
 from peftjax.errors import ConfigError
 from peftjax.models.build import MODEL_NAMES
+from peftjax.models.build import moe_settings
 from peftjax.optim import SCHEDULES
 from peftjax.optim import check_multipliers
 from peftjax.quant.qat import check_config as check_quant
 from peftjax.unfreeze import check_schedule
-
 
 
 
@@ -77,6 +77,8 @@ def validate(c) -> None:
   if c.quant.qat or c.quant.qlora:
     check_quant(c.quant)
 
+  validate_moe(c)
+
   _check(o.learning_rate > 0, 'optim.learning_rate', o.learning_rate, 'a positive number')
   _check(o.schedule in SCHEDULES, 'optim.schedule', o.schedule, ', '.join(SCHEDULES))
   _check(0 <= o.warmup_steps < t.steps, 'optim.warmup_steps', o.warmup_steps,
@@ -105,9 +107,40 @@ def validate(c) -> None:
     raise ConfigError(str(e)) from None
 
 
+def validate_moe(c) -> None:
+  """The ``moe`` section: routing fields, loss weights, and a model that has FFNs to replace."""
+  moe = c.get('moe')
+  if moe is None or moe.num_experts == 0:
+    return
+  _check(isinstance(moe.num_experts, int) and moe.num_experts > 0, 'moe.num_experts',
+         moe.num_experts, '0 (dense) or a positive number of experts')
+  _check(c.model.name == 'bert', 'model.name', c.model.name, "'bert' with moe.num_experts > 0")
+  _check(isinstance(moe.every, int) and moe.every >= 1, 'moe.every', moe.every,
+         'a positive layer interval')
+  _check(moe.balance_coef >= 0, 'moe.balance_coef', moe.balance_coef, '>= 0')
+  _check(moe.z_coef >= 0, 'moe.z_coef', moe.z_coef, '>= 0')
+  try:
+    cfg, _ = moe_settings(moe, 1)
+    cfg.check()
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+
+
+def validate_mesh_moe(c, mesh) -> None:
+  """Experts must split evenly over the mesh's ``expert`` axis."""
+  moe, n = c.get('moe'), mesh.shape.get('expert', 1)
+  if moe is None or moe.num_experts <= 0:
+    return
+  _check(moe.num_experts % n == 0, 'moe.num_experts', moe.num_experts,
+         f'a multiple of the mesh expert axis size {n} (mesh.expert)')
+  if n > 1:
+    _check(moe.dispatch != 'ragged', 'moe.dispatch', moe.dispatch,
+           "'sorted' or 'onehot' with mesh.expert > 1")
+
+
 def validate_mesh_batch(c, data_parallel: int) -> None:
   """The global batch must split evenly over the data-parallel devices."""
   for field in ('batch_size', 'eval_batch_size'):
     v = getattr(c.train, field)
     _check(v % data_parallel == 0, f'train.{field}', v,
-           f'a multiple of the data-parallel size {data_parallel} (mesh data x fsdp)')
+           f"a multiple of the data-parallel size {data_parallel} (the mesh axes of 'batch')")

@@ -10,6 +10,8 @@ Parameter layout (per layer ``i``)::
   encoder/layer_i/intermediate/kernel                                  ('embed', 'mlp')
   encoder/layer_i/output/kernel                                        ('mlp', 'embed')
   encoder/layer_i/output_norm/{scale,bias}
+  encoder/layer_i/moe/...          instead of intermediate/output in ``cfg.moe_layers`` (see
+                                   peftjax/moe/layer.py: router, experts with an 'expert' axis)
   classifier/{kernel,bias}                                             ('embed', 'classes')
 
 Post-LayerNorm blocks with exact (erf) GELU, as in the original BERT and MiniLM.
@@ -40,6 +42,8 @@ import jax.numpy as jnp
 
 from peftjax.models.barrier import grad_barrier
 from peftjax.models.logical import param_init
+from peftjax.moe.layer import MoeConfig
+from peftjax.moe.layer import MoeFFN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,8 @@ class BertConfig:
   attention_dropout_rate: float = 0.1
   grad_barrier: bool = True  # see peftjax/models/barrier.py
   dtype: str = 'float32'  # compute dtype; parameters stay float32
+  moe: MoeConfig | None = None  # Mixture-of-Experts FFN settings (None: dense everywhere)
+  moe_layers: tuple = ()  # indices of the layers whose FFN is an MoE layer
 
   @property
   def head_dim(self) -> int:
@@ -151,13 +157,19 @@ class SelfAttention(nn.Module):
 
 class Layer(nn.Module):
   cfg: BertConfig
+  moe: bool = False  # the FFN is a Mixture-of-Experts layer (routed over real tokens)
 
   @nn.compact
-  def __call__(self, x, mask_bias, deterministic: bool, prefix_kv=None):
+  def __call__(self, x, mask_bias, deterministic: bool, prefix_kv=None, token_mask=None):
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     h = SelfAttention(cfg, name='attention')(x, mask_bias, deterministic, prefix_kv=prefix_kv)
     x = _layer_norm(cfg, 'attention_norm')(x + drop(h))
+    if self.moe:
+      h = MoeFFN(cfg.moe, cfg.hidden_size, cfg.intermediate_size, activation=_gelu,
+                 dtype=cfg.dtype, name='moe')(x, token_mask, deterministic)
+      x = _layer_norm(cfg, 'output_norm')(x + drop(h))
+      return _constrain(x, ('batch', 'length', 'embed'))
     h = nn.Dense(cfg.intermediate_size, name='intermediate', dtype=cfg.dtype,
                  kernel_init=_init(0.02, ('embed', 'mlp')), bias_init=_zeros(('mlp',)))(x)
     h = _gelu(h)
@@ -200,11 +212,18 @@ class BertEncoder(nn.Module):
     # Additive mask: 0 for real keys, a large negative number for padding.
     mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                           jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    bad = [i for i in cfg.moe_layers if not 0 <= i < cfg.num_layers]
+    if bad or (cfg.moe_layers and cfg.moe is None):
+      raise ValueError(f'moe_layers={cfg.moe_layers} needs a MoeConfig and indices in '
+                       f'0..{cfg.num_layers - 1}')
+    token_mask = attention_mask > 0 if cfg.moe_layers else None
     for i in range(cfg.num_layers):
       if cfg.grad_barrier:
         x = grad_barrier(x)
       kv = None if prefix_kv is None else (prefix_kv[i][0], prefix_kv[i][1])
-      x = Layer(cfg, name=f'layer_{i}')(x, mask_bias, deterministic, prefix_kv=kv)
+      moe = i in cfg.moe_layers
+      x = Layer(cfg, moe=moe, name=f'layer_{i}')(x, mask_bias, deterministic, prefix_kv=kv,
+                                                  **({'token_mask': token_mask} if moe else {}))
     return x
 
 

@@ -13,6 +13,8 @@ from peftjax.models.bert import BertConfig
 from peftjax.models.hf_bert import load_bert
 from peftjax.models.vision import CNN
 from peftjax.models.vision import MLP
+from peftjax.moe.layer import MoeConfig
+from peftjax.moe.upcycle import upcycle_ffn
 
 MODEL_NAMES = ('bert', 'mlp', 'cnn')
 
@@ -54,13 +56,34 @@ def _init_params(module, inputs, seed: int, only: str | None = None):
   return params, specs
 
 
+MOE_FIELDS = ('num_experts', 'top_k', 'capacity_factor', 'dropless', 'router', 'renormalize',
+              'jitter', 'shared_experts', 'dispatch', 'router_init_std')
+
+
+def moe_settings(moe_cfg, num_layers: int) -> tuple[MoeConfig | None, tuple]:
+  """``(MoeConfig, MoE layer indices)`` from the ``moe`` config section; ``(None, ())`` if off.
+
+  With ``moe.every = N`` the FFN of every N-th layer is an MoE layer (layers N-1, 2N-1, ...).
+
+  >>> moe_settings(config.moe, 6)  # doctest: +SKIP
+  (MoeConfig(num_experts=8, ...), (1, 3, 5))
+  """
+  if moe_cfg is None or moe_cfg.num_experts <= 0:
+    return None, ()
+  cfg = MoeConfig(**{f: moe_cfg[f] for f in MOE_FIELDS})
+  return cfg, tuple(i for i in range(num_layers) if (i + 1) % moe_cfg.every == 0)
+
+
 def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
-          image_shape=None, seed: int = 0) -> Built:
+          image_shape=None, seed: int = 0, moe_cfg=None) -> Built:
   """Builds the model named by ``model_cfg.name``.
 
   For ``'bert'``: weights from ``pretrained_dir`` (a HF BERT directory) unless
   ``model_cfg.pretrained == 'random'``; ``model_cfg.num_layers > 0`` keeps only the first
-  layers; the classifier head is always freshly initialised.
+  layers; the classifier head is always freshly initialised. With ``moe_cfg.num_experts > 0``
+  the FFN of every ``moe_cfg.every``-th layer is an MoE layer, upcycled from the pretrained FFN
+  (every expert a copy, a small random router) or randomly initialised without pretrained
+  weights.
 
   >>> built = build(cfg.model, num_classes=2, pretrained_dir=minilm_dir())  # doctest: +SKIP
   """
@@ -77,6 +100,13 @@ def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
     else:
       bert_cfg, encoder = load_bert(pretrained_dir, **overrides)
       source = str(pretrained_dir)
+    moe, moe_layers = moe_settings(moe_cfg, bert_cfg.num_layers)
+    bert_cfg = dataclasses.replace(bert_cfg, moe=moe, moe_layers=moe_layers)
+    if encoder is not None:
+      for i in moe_layers:
+        encoder = upcycle_ffn(encoder, f'layer_{i}', moe.num_experts,
+                              rng=jax.random.fold_in(jax.random.key(seed), i),
+                              shared_experts=moe.shared_experts, router_std=moe.router_init_std)
     module = BertClassifier(bert_cfg, num_classes=num_classes, pooling=model_cfg.pooling)
     keys = ('input_ids', 'attention_mask', 'token_type_ids')
     params, specs = _init_params(module, sample_inputs(keys), seed,

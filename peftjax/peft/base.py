@@ -136,8 +136,11 @@ def layer_scope(types: tuple, paths, wrap: Callable):
 
 
 def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng=None,
-          deterministic: bool = True):
+          deterministic: bool = True, with_aux: bool = False):
   """Runs ``module`` with ``method`` applied: the one forward used for training and eval.
+
+  With ``with_aux`` it returns ``(output, aux)`` where ``aux`` is the ``'moe'`` collection the
+  model's MoE layers sowed (routing losses and reports; ``{}`` for a dense model).
 
   >>> logits = apply(model, method, base, peft, {'input_ids': ids, ...})  # doctest: +SKIP
   """
@@ -149,6 +152,10 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
     rngs['dropout'], method_rng = jax.random.split(rng)
   base_params = method.forward_base(base_params, peft_params)
   with method.intercept(peft_params, rng=method_rng, deterministic=deterministic):
+    if with_aux:
+      out, state = module.apply({'params': base_params}, **inputs, deterministic=deterministic,
+                                rngs=rngs, mutable=['moe'])
+      return out, state.get('moe', {})
     return module.apply({'params': base_params}, **inputs, deterministic=deterministic, rngs=rngs)
 
 

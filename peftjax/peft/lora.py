@@ -12,9 +12,16 @@ into ``W`` for export and serving; :func:`unmerge` takes it out again.
 The LoRA tree mirrors the base tree: ``encoder/layer_0/attention/query/{lora_a, lora_b}``, and
 its logical axes are the adapted kernel's (input axes on A, output axes on B), so it shards like
 the weight it adapts.
+
+Mixture-of-Experts layers (modules with an ``EXPERT_KERNELS`` attribute, see
+``peftjax/moe/layer.py``) expose their stacked expert kernels ``(E, in, out)`` as sites of kind
+``'expert'``: A is ``(E, in, r)`` and B ``(E, r, out)``, one pair per expert, passed to the layer
+through its ``expert_lora`` hook so the update runs inside the batched expert matmul (and inside
+``shard_map``, split over the expert axis, under expert parallelism).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from typing import Any
@@ -45,6 +52,7 @@ class Site:
   in_shape: tuple      # weight dims contracted with the input (the vocabulary for 'embed')
   out_shape: tuple     # weight dims of the output features
   x_axes: tuple        # input axes contracted (dense only), non-negative
+  experts: int = 0     # 'expert' sites: the number of experts (leading weight axis)
 
   @property
   def weight_path(self) -> str:
@@ -59,13 +67,17 @@ class Site:
     return int(np.prod(self.out_shape))
 
 
+def _is_moe(mod) -> bool:
+  return bool(getattr(type(mod), 'EXPERT_KERNELS', ()))
+
+
 def _record_modules(module, base_params, inputs) -> dict[str, nn.Module]:
   """Module path -> module instance for every supported layer the forward pass calls."""
   seen: dict[str, tuple] = {}
 
   def spy(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name == '__call__' and isinstance(mod, _RECORDED):
+    if context.method_name == '__call__' and (isinstance(mod, _RECORDED) or _is_moe(mod)):
       x = args[0] if args else next(iter(kwargs.values()))
       seen['/'.join(mod.path)] = (mod, np.ndim(x))
     return next_fun(*args, **kwargs)
@@ -76,26 +88,29 @@ def _record_modules(module, base_params, inputs) -> dict[str, nn.Module]:
 
 
 def find_sites(module, base_params, inputs, targets: str | list[str], *,
-               field: str = 'peft.targets', user: str = 'LoRA', conv: bool = False
-               ) -> list[Site]:
+               field: str = 'peft.targets', user: str = 'LoRA', conv: bool = False,
+               experts: bool = False) -> list[Site]:
   """The layers LoRA adapts: supported modules whose weight path matches ``targets``.
 
   Raises a ConfigError naming ``field`` and listing the closest weight paths when nothing
   matches, and when a match is a weight ``user`` cannot handle (e.g. a Conv kernel or a
   LayerNorm scale). Quantization finds its layers with the same function (``conv=True``
-  also accepts ``nn.Conv`` kernels: in ``(kh, kw, c_in)``, out ``(c_out,)``).
+  also accepts ``nn.Conv`` kernels: in ``(kh, kw, c_in)``, out ``(c_out,)``); ``experts=True``
+  accepts the stacked expert kernels of MoE layers (kind ``'expert'``).
   """
   pred = tree_lib.make_selector(targets)
   flat = tree_lib.flatten(base_params)
   matched = [p for p in flat if pred(p, flat[p])]
   modules = _record_modules(module, base_params, inputs)
   weight_paths = {f'{p}/{_WEIGHT_NAME[type(m)]}': p for p, (m, _) in modules.items()
-                  if conv or not isinstance(m, nn.Conv)}
+                  if not _is_moe(m) and (conv or not isinstance(m, nn.Conv))}
+  expert_paths = {f'{p}/{name}/kernel': f'{p}/{name}' for p, (m, _) in modules.items()
+                  if _is_moe(m) and experts for name in type(m).EXPERT_KERNELS}
   if not matched:
     near = tree_lib.closest_paths(str(targets), list(weight_paths) or list(flat))
     raise ConfigError(f'{field}={targets!r} matches no parameter; closest weight paths: '
                       f'{near}')
-  unsupported = [p for p in matched if p not in weight_paths]
+  unsupported = [p for p in matched if p not in weight_paths and p not in expert_paths]
   if unsupported:
     raise ConfigError(
         f'{field}={targets!r} matches {unsupported[:3]}, which {user} cannot handle; it '
@@ -103,6 +118,10 @@ def find_sites(module, base_params, inputs, targets: str | list[str], *,
         f'{sorted(weight_paths)[:3]}')
   sites = []
   for wp in matched:
+    if wp in expert_paths:
+      e, d_in, d_out = flat[wp].shape
+      sites.append(Site(expert_paths[wp], 'expert', (d_in,), (d_out,), (), experts=e))
+      continue
     path = weight_paths[wp]
     mod, x_ndim = modules[path]
     w_shape = tuple(flat[wp].shape)
@@ -139,13 +158,17 @@ def init_sites(rng, sites: list[Site], rank: int) -> dict:
           f'peft.rank={rank} is invalid for {site.weight_path} (in {site.d_in}, out '
           f'{site.d_out}); valid: 1 <= rank <= {min(site.d_in, site.d_out)}')
     key = jax.random.fold_in(rng, zlib.crc32(site.path.encode()))
-    if site.kind == 'embed':
+    lead = (site.experts,) if site.kind == 'expert' else ()
+    if site.kind == 'expert':
+      bound = 1.0 / np.sqrt(site.d_in)
+      a = jax.random.uniform(key, (*lead, *site.in_shape, rank), jnp.float32, -bound, bound)
+    elif site.kind == 'embed':
       a = jax.random.normal(key, (*site.in_shape, rank), jnp.float32) / np.sqrt(rank)
     else:
       bound = 1.0 / np.sqrt(site.d_in)
       a = jax.random.uniform(key, (*site.in_shape, rank), jnp.float32, -bound, bound)
     flat[f'{site.path}/lora_a'] = a
-    flat[f'{site.path}/lora_b'] = jnp.zeros((rank, *site.out_shape), jnp.float32)
+    flat[f'{site.path}/lora_b'] = jnp.zeros((*lead, rank, *site.out_shape), jnp.float32)
   return tree_lib.unflatten(flat)
 
 
@@ -170,10 +193,40 @@ def branch_dropout(x, rate: float, rng, path: str, deterministic: bool):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+@contextlib.contextmanager
+def expert_scope(sites: list[Site], lora_params, scale: float):
+  """Context under which every MoE layer with ``'expert'`` sites gets their factors through
+  its ``expert_lora`` hook (``x·W_e + s·(x·A_e)·B_e`` inside the batched expert matmul)."""
+  flat = tree_lib.flatten(lora_params)
+  by_layer: dict[str, dict] = {}
+  for site in sites:
+    layer, name = site.path.rsplit('/', 1)
+    by_layer.setdefault(layer, {})[name] = (flat[f'{site.path}/lora_a'],
+                                            flat[f'{site.path}/lora_b'])
+
+  def interceptor(next_fun, args, kwargs, context):
+    path = '/'.join(context.module.path)
+    if context.method_name != '__call__' or path not in by_layer:
+      return next_fun(*args, **kwargs)
+    return next_fun(*args, **kwargs, expert_lora=by_layer[path], expert_lora_scale=scale)
+
+  if not by_layer:
+    yield
+    return
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+@contextlib.contextmanager
 def lora_scope(sites: list[Site], lora_params, scale: float, *, dropout: float = 0.0,
                rng=None, deterministic: bool = True):
-  """Context under which every ``site`` computes ``y = layer(x) + s·(drop(x)·A)·B``."""
-  by_path = {s.path: s for s in sites}
+  """Context under which every ``site`` computes ``y = layer(x) + s·(drop(x)·A)·B``.
+
+  Branch dropout applies to dense sites; expert sites take the MoE layer's routed inputs as they
+  are.
+  """
+  experts = [s for s in sites if s.kind == 'expert']
+  by_path = {s.path: s for s in sites if s.kind != 'expert'}
   flat = tree_lib.flatten(lora_params)
 
   def wrap(path, module, call, x):
@@ -185,10 +238,13 @@ def lora_scope(sites: list[Site], lora_params, scale: float, *, dropout: float =
     return y + _lora_delta(site, x, flat[f'{path}/lora_a'], flat[f'{path}/lora_b'], scale,
                            y.dtype)
 
-  return layer_scope(_SUPPORTED, by_path, wrap)
+  with expert_scope(experts, lora_params, scale), layer_scope(_SUPPORTED, by_path, wrap):
+    yield
 
 
 def _delta_weight(site: Site, a, b, scale):
+  if site.kind == 'expert':
+    return jnp.einsum('eir,ero->eio', a, b) * scale
   d = (a.reshape(site.d_in, -1) @ b.reshape(-1, site.d_out)) * scale
   return d.reshape(*site.in_shape, *site.out_shape)
 
@@ -223,7 +279,7 @@ class LoRA(Method):
   def init(self, rng, module, base_params, inputs) -> dict:
     if self.cfg.rank <= 0:
       raise ConfigError(f'peft.rank={self.cfg.rank}; valid: a positive integer')
-    self.sites = find_sites(module, base_params, inputs, self.cfg.targets)
+    self.sites = find_sites(module, base_params, inputs, self.cfg.targets, experts=True)
     return init_sites(rng, self.sites, self.cfg.rank)
 
   def _need_sites(self):
@@ -249,8 +305,10 @@ class LoRA(Method):
     out = {}
     for s in self._need_sites():
       w = specs.get(s.weight_path)
-      axes = tuple(w) if w is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
+      ndim = len(s.in_shape) + len(s.out_shape) + (s.kind == 'expert')
+      axes = tuple(w) if w is not None else (None,) * ndim
+      lead, axes = (axes[:1], axes[1:]) if s.kind == 'expert' else ((), axes)
       n_in = len(s.in_shape)
-      out[f'{s.path}/lora_a'] = P(*axes[:n_in], None)
-      out[f'{s.path}/lora_b'] = P(None, *axes[n_in:])
+      out[f'{s.path}/lora_a'] = P(*lead, *axes[:n_in], None)
+      out[f'{s.path}/lora_b'] = P(*lead, None, *axes[n_in:])
     return tree_lib.unflatten(out)
