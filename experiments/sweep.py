@@ -67,6 +67,31 @@ def run_name(overrides: dict) -> str:
   return re.sub(r'[^A-Za-z0-9_.,=+-]', '_', ','.join(parts)) or 'default'
 
 
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys on a config in place, as the sweep's command-line flags do; returns it.
+
+  >>> apply_overrides(common.get_config(), {'peft.rank': 4}).peft.rank  # doctest: +SKIP
+  4
+  """
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def seed_runs(workdir: str, overrides: dict, seeds) -> list[tuple[dict, pathlib.Path]]:
+  """``(summary, run dir)`` of each finished run of ``overrides`` over ``seeds``, in seed order."""
+  out = []
+  for seed in seeds:
+    run_dir = pathlib.Path(workdir) / run_name({**overrides, 'seed': seed})
+    if (run_dir / 'summary.json').exists():
+      out.append((json.loads((run_dir / 'summary.json').read_text()), run_dir))
+  return out
+
+
 def command(config_path: str, workdir: pathlib.Path, overrides: dict, extra=()) -> list[str]:
   """The ``peftjax.main`` command line of one run."""
   # Strings go in bare: config_flags parses a string field's flag value as the string itself.

@@ -13,14 +13,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ['--config=configs/tiny.py']
 
 
-def _main(args, **kw):
+def _main(args, env=None, **kw):
   return subprocess.Popen([sys.executable, '-m', 'peftjax.main', *args], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, **kw)
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}, **kw)
 
 
-def _run(args, timeout=600):
-  p = _main(args)
+def _run(args, timeout=600, env=None):
+  p = _main(args, env)
   out, err = p.communicate(timeout=timeout)
   return p.returncode, out, err
 
@@ -140,3 +140,45 @@ def test_fresh_refuses_foreign_directory(tmp_path):
   code, out, err = _run([*TINY, '--fresh', f'--workdir={tmp_path}'])
   assert code != 0 and 'refusing to clear' in err
   assert (tmp_path / 'precious.txt').read_text() == 'keep me'
+
+
+MOE = [*TINY, '--config.model.num_layers=2', '--config.moe.num_experts=4']
+
+
+def test_moe_lora_on_experts_end_to_end(tmp_path):
+  """Upcycled 2-layer MiniLM-MoE (layer 1: 8 experts), LoRA on experts + router, from flags."""
+  wd = tmp_path / 'moe'
+  code, out, err = _run([*TINY, '--config.model.num_layers=2', '--config.moe.num_experts=8',
+                         '--config.peft.targets=moe/(intermediate|output|router)/kernel$',
+                         f'--workdir={wd}'])
+  assert code == 0, err[-3000:]
+  s = json.loads((wd / 'summary.json').read_text())
+  d, f, e, r = 384, 1536, 8, 8
+  lora = (d * r + r * e) + e * (d * r + r * f) + e * (f * r + r * d)  # router, W1, W2 per expert
+  assert s['trainable_params'] == lora + d * 2 + 2
+  train = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()
+           if '"train"' in l]
+  for m in train:
+    assert 0.5 < m['balance_loss'] < 4.0  # E * sum_e f_e P_e: 1.0 when uniform, E at worst
+    assert 0.0 <= m['dropped_fraction'] <= 1.0 and m['z_loss'] > 0
+
+
+@pytest.mark.parametrize('overrides,expect', [
+    (['--config.moe.top_k=5'], 'config.moe.top_k=5 is invalid; valid: 1 <= top_k <= num_experts (4)'),
+    (['--config.moe.top_k=0'], 'config.moe.top_k=0 is invalid'),
+    (['--config.moe.capacity_factor=0.0'], 'config.moe.capacity_factor=0.0 is invalid; valid: a number > 0'),
+    (['--config.moe.router=switch'], "config.moe.router='switch' is invalid; valid: topk, expert_choice"),
+])
+def test_invalid_moe_values_fail_before_compute(tmp_path, overrides, expect):
+  code, out, err = _run([*MOE, *overrides, f'--workdir={tmp_path / "w"}'])
+  assert code != 0 and expect in err, err[-2000:]
+  assert not (tmp_path / 'w').exists()
+
+
+def test_experts_not_divisible_by_expert_axis(tmp_path):
+  code, out, err = _run([*MOE, '--config.moe.num_experts=6', '--config.mesh.expert=4',
+                         f'--workdir={tmp_path / "w"}'],
+                        env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert code != 0 and ('config.moe.num_experts=6 is invalid; valid: a multiple of the mesh '
+                        'expert axis size 4') in err, err[-2000:]
+  assert not (tmp_path / 'w').exists()

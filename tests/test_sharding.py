@@ -15,10 +15,22 @@ def _mesh_cfg(**kw):
 
 
 def test_mesh_shape_resolves_rest():
-  assert sharding.mesh_shape(_mesh_cfg(), 8) == {'data': 8, 'fsdp': 1, 'tensor': 1}
-  assert sharding.mesh_shape(_mesh_cfg(fsdp=2), 8) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+  assert sharding.mesh_shape(_mesh_cfg(), 8) == {'data': 8, 'fsdp': 1, 'expert': 1, 'tensor': 1}
+  assert sharding.mesh_shape(_mesh_cfg(fsdp=2), 8) == {'data': 4, 'fsdp': 2, 'expert': 1,
+                                                       'tensor': 1}
   assert sharding.mesh_shape(_mesh_cfg(data=2, tensor=-1), 8) == {'data': 2, 'fsdp': 1,
-                                                                  'tensor': 4}
+                                                                  'expert': 1, 'tensor': 4}
+  assert sharding.mesh_shape(_mesh_cfg(data=2, expert=-1), 8) == {'data': 2, 'fsdp': 1,
+                                                                  'expert': 4, 'tensor': 1}
+
+
+def test_data_parallel_size_follows_batch_rule():
+  import jax
+  mesh_cfg = _mesh_cfg(data=1)
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+  rules = (('batch', ('data', 'fsdp', 'expert')),)
+  assert sharding.data_parallel_size(mesh, rules) == 1
+  assert mesh.axis_names == ('data', 'fsdp', 'expert', 'tensor')
 
 
 @pytest.mark.parametrize('kw,msg', [

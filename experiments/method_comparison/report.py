@@ -31,7 +31,7 @@ Notes on this run of the study:
 """
 
 
-def _step_seconds(run_dir: pathlib.Path) -> float:
+def step_seconds(run_dir: pathlib.Path) -> float:
   """Steady-state seconds per step: the median logged throughput, without the first window
   (which holds the compilation)."""
   logs = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
@@ -40,29 +40,32 @@ def _step_seconds(run_dir: pathlib.Path) -> float:
   return float(np.median([batch / m['examples_per_sec'] for m in train]))
 
 
+def seed_summary(found: list[tuple[dict, pathlib.Path]]) -> dict:
+  """Mean ± std over seeds of accuracy, mean ECE, sizes, step time and total wall time of the
+  ``(summary, run dir)`` pairs of one run's seeds (:func:`sweep.seed_runs`)."""
+  runs, dirs = [r for r, _ in found], [d for _, d in found]
+  acc = np.array([r['accuracy_after'] for r in runs])
+  return {
+      'seeds': len(runs), 'total_params': runs[0]['total_params'],
+      'trainable_params': runs[0]['trainable_params'],
+      'accuracy_mean': float(acc.mean()), 'accuracy_std': float(acc.std()),
+      'ece_mean': float(np.mean([r['ece_after'] for r in runs])),
+      'step_seconds': float(np.median([step_seconds(d) for d in dirs])),
+      'wall_seconds': float(sum(r['wall_seconds'] for r in runs)),
+  }
+
+
 def rows(workdir: str) -> list[dict]:
   """One row per method: mean ± std over seeds of accuracy and ECE, sizes and relative speed."""
   out = []
   for label, overrides in study.METHODS.items():
-    runs, dirs = [], []
-    for seed in study.SEEDS:
-      run_dir = pathlib.Path(workdir) / sweep.run_name({**overrides, 'seed': seed})
-      if (run_dir / 'summary.json').exists():
-        runs.append(json.loads((run_dir / 'summary.json').read_text()))
-        dirs.append(run_dir)
-    if not runs:
+    found = sweep.seed_runs(workdir, overrides, study.SEEDS)
+    if not found:
       continue
-    acc = np.array([r['accuracy_after'] for r in runs])
-    out.append({
-        'method': label, 'seeds': len(runs),
-        'trainable_params': runs[0]['trainable_params'],
-        'percent_of_base': 100 * runs[0]['trainable_params'] / runs[0]['total_params'],
-        'accuracy_mean': float(acc.mean()), 'accuracy_std': float(acc.std()),
-        'ece_mean': float(np.mean([r['ece_after'] for r in runs])),
-        'step_seconds': float(np.median([_step_seconds(d) for d in dirs])),
-        'wall_seconds': float(sum(r['wall_seconds'] for r in runs)),
-        'adapter_bytes': 4 * runs[0]['trainable_params'],  # float32 trainable partition
-    })
+    row = {'method': label, **seed_summary(found)}
+    row['percent_of_base'] = 100 * row['trainable_params'] / row['total_params']
+    row['adapter_bytes'] = 4 * row['trainable_params']  # float32 trainable partition
+    out.append(row)
   full = next((r for r in out if r['method'] == 'full FT'), None)
   for r in out:
     r['step_time_vs_full'] = r['step_seconds'] / full['step_seconds'] if full else None

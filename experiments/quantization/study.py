@@ -53,14 +53,7 @@ def conversions(variant: str, model: str) -> list[tuple[str, dict, str]]:
 
 def run_config(overrides: dict):
   """The config of one run: the study config with the run's (and a conversion's) overrides."""
-  c = study.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return sweep.apply_overrides(study.get_config(), overrides)
 
 
 def convert_all(workdir: pathlib.Path, log=print) -> None:

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import tree as tree_lib
+from peftjax.errors import UserInputError
 
 
-class UpcycleError(ValueError):
+class UpcycleError(UserInputError):
   """The source path does not hold a dense FFN (``intermediate`` and ``output`` kernels)."""
 
 
