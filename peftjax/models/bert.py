@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.models.barrier import grad_barrier
-from peftjax.models.logical import param_init
+from peftjax.logical import param_init
 from peftjax.moe.layer import MoeConfig
 from peftjax.moe.layer import MoeFFN
 

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from peftjax.models.logical import param_init
+from peftjax.logical import param_init
 
 
 def _dense(features: int, name: str, axes=('embed', 'mlp')) -> nn.Dense:

@@ -1,7 +1,4 @@
 """Mixture-of-Experts: routers, sorted and one-hot dispatch, expert parallelism, upcycling."""
-# peftjax.models.bert imports moe.layer, and moe.layer imports peftjax.models.logical: load the
-# models package first, or importing peftjax.moe before peftjax.models fails (circular import).
-import peftjax.models  # noqa: F401  pylint: disable=unused-import
 from peftjax.moe.dispatch import EXPERT_KERNELS
 from peftjax.moe.dispatch import expert_mlp
 from peftjax.moe.dispatch import onehot_moe

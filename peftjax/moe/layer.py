@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from peftjax.models.logical import param_init
+from peftjax.logical import param_init
 from peftjax.moe import dispatch
 from peftjax.moe import parallel
 from peftjax.moe import routing
@@ -179,6 +179,7 @@ class MoeFFN(nn.Module):
       stats = routing.router_stats(router_logits, route.probs, route.expert, pos, cap,
                                    token_mask)
       if cfg.dispatch == 'onehot':
+        # The reference: under an expert mesh its einsums are partitioned by XLA (GSPMD).
         y = dispatch.onehot_moe(x, route, cap, params, self.activation, **kw)
       elif cfg.dispatch == 'ragged':
         y = dispatch.ragged_moe(x, route, params, self.activation, **kw)
