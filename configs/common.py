@@ -66,7 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.moe.capacity_factor = 1.25  # slots per expert and sequence: ceil(k * length * cf / E)
   c.moe.dropless = False  # capacity = sequence length: no token is ever dropped
   c.moe.router = 'topk'  # 'topk' (tokens choose experts) | 'expert_choice' (experts choose tokens)
-  c.moe.renormalize = True  # top-k weights sum to 1; False = raw softmax (Switch top-1 gate)
+  # Top-k weights sum to 1 (an upcycled model starts equal to the dense one); with top_k=1 the
+  # weight is then always 1 and the router learns from the auxiliary losses only. False = the
+  # raw softmax probabilities (Switch's top-1 gate: the task loss reaches the router).
+  c.moe.renormalize = True
   c.moe.jitter = 0.0  # multiplicative router-input noise U(1-j, 1+j) in training (Switch)
   c.moe.shared_experts = 0  # dense experts every token passes through (DeepSeek-MoE)
   c.moe.dispatch = 'sorted'  # 'sorted' (gather/scatter, default) | 'onehot' (GShard einsums) | 'ragged'

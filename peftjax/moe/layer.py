@@ -169,7 +169,8 @@ class MoeFFN(nn.Module):
     if cfg.router == 'expert_choice':
       cap = routing.capacity(s, e, cfg.top_k, cfg.capacity_factor)
       slot_token, slot_weight, probs = routing.expert_choice_route(router_logits, cap, token_mask)
-      stats = routing.router_stats(router_logits, probs, None, None, cap, token_mask)
+      stats = routing.router_stats(router_logits, probs, None, None, cap, token_mask,
+                                   slot_token=slot_token)
       y = self._sorted(em, x, slot_token, slot_weight, params, kw)
     else:
       cap = routing.capacity(s, e, cfg.top_k, cfg.capacity_factor, cfg.dropless)

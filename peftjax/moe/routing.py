@@ -145,16 +145,19 @@ def expert_choice_route(logits: jax.Array, cap: int, token_mask: jax.Array | Non
 
 
 def router_stats(logits: jax.Array, probs: jax.Array, expert: jax.Array | None,
-                 positions: jax.Array | None, cap: int, token_mask: jax.Array | None) -> dict:
+                 positions: jax.Array | None, cap: int, token_mask: jax.Array | None,
+                 slot_token: jax.Array | None = None) -> dict:
   """Auxiliary losses and reports of one routing, each a scalar (or an (E,) vector).
 
   * ``balance_loss`` (Switch Transformer, eq. 4, over all k choices): ``E · Σ_e f_e · P_e`` per
-    group, averaged over groups, where ``f_e`` is the fraction of the group's assignments routed
-    to ``e`` (before capacity) and ``P_e`` its mean router probability; 1.0 when uniform.
-    Zero for expert-choice routing, which is balanced by construction.
+    group, averaged over the groups that hold a real token, where ``f_e`` is the fraction of the
+    group's assignments routed to ``e`` (before capacity) and ``P_e`` its mean router
+    probability; 1.0 when uniform. Zero for expert-choice routing (``expert=None``), which is
+    balanced by construction.
   * ``z_loss`` (ST-MoE): mean over real tokens of ``logsumexp(logits)^2``.
   * ``dropped_fraction``: assignments of real tokens past capacity / all such assignments.
-  * ``expert_load`` (E,): the fraction of assignments each expert received (before capacity).
+  * ``expert_load`` (E,): the fraction of assignments each expert received (before capacity);
+    for expert choice, of the filled slots (``slot_token`` (G, E, C), ``S`` = empty).
   """
   g, s, e = probs.shape
   mask = jnp.ones((g, s), bool) if token_mask is None else token_mask
@@ -163,15 +166,19 @@ def router_stats(logits: jax.Array, probs: jax.Array, expert: jax.Array | None,
   z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2
   out = {'z_loss': jnp.sum(z * m) / n_tokens}
   if expert is None:  # expert choice
+    filled = jnp.sum(slot_token < s, axis=(0, 2)).astype(jnp.float32)
     out['balance_loss'] = jnp.zeros((), jnp.float32)
     out['dropped_fraction'] = jnp.zeros((), jnp.float32)
-    out['expert_load'] = jnp.full((e,), 1.0 / e, jnp.float32)
+    out['expert_load'] = filled / jnp.maximum(filled.sum(), 1.0)
     return out
   counts = jax.vmap(lambda x: jnp.bincount(x, length=e + 1))(expert)[:, :e].astype(jnp.float32)
   per_group = jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
   f = counts / per_group  # (G, E)
   p = jnp.sum(probs * m[..., None], axis=1) / jnp.maximum(m.sum(1), 1.0)[:, None]
-  out['balance_loss'] = jnp.mean(e * jnp.sum(f * p, axis=-1))
+  # An all-padding sequence has no routing to balance: it does not pull the mean down.
+  has_tokens = (m.sum(1) > 0).astype(jnp.float32)
+  out['balance_loss'] = (jnp.sum(e * jnp.sum(f * p, axis=-1) * has_tokens) /
+                         jnp.maximum(has_tokens.sum(), 1.0))
   real = expert < e
   out['dropped_fraction'] = (jnp.sum(real & (positions >= cap)) /
                              jnp.maximum(jnp.sum(real), 1)).astype(jnp.float32)
