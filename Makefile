@@ -32,6 +32,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/lora_vs_full.py
 	$(PY) benchmarks/quant.py
+	$(PY) benchmarks/moe.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -54,3 +54,41 @@ def test_committed_quant_results_have_the_keys():
     assert k in r, k
   assert r['settings']['batch_size'] == 32 and r['settings']['max_length'] == 64
   assert r['settings']['timed_steps'] >= 20
+
+
+MOE_KEYS = ('moe_vs_dense_step_ratio', 'experts_scaling_ratio', 'onehot_vs_sorted_ratio',
+            'dropped_fraction')
+
+
+def test_quick_moe_benchmark_reports_all_keys(tmp_path):
+  import math
+  from benchmarks import moe
+  out = tmp_path / 'moe.json'
+  # Tiny model, 1 layer, 3 steps; the one-hot scaling pair is left out to keep compiles few.
+  r = moe.main(['--quick', '--no-onehot-scaling', f'--out={out}'])
+  saved = json.loads(out.read_text())
+  assert saved['settings']['quick'] is True
+  for k in MOE_KEYS + ('experts_scaling_fwd_bwd_ratio', 'dropped_fraction_random_init'):
+    assert k in saved, k
+    assert math.isfinite(r[k]), k
+  for k in MOE_KEYS[:3] + ('experts_scaling_fwd_bwd_ratio',):
+    assert r[k] > 0, k
+  for k in ('dropped_fraction', 'dropped_fraction_random_init'):
+    assert 0.0 <= r[k] <= 1.0, k
+  s = saved['settings']
+  for k in ('num_experts', 'top_k', 'capacity_factor', 'scaling_experts', 'device_count',
+            'batch_size', 'max_length', 'timed_steps'):
+    assert k in s, k
+  # Not timed: the MoE layer's capacity is exact (top-2 of 8, 16 tokens, cf 1.25 -> 5 slots).
+  assert r['details']['capacity_per_group']['e8'] == 5
+
+
+def test_committed_moe_results_have_the_keys():
+  from benchmarks import moe
+  r = json.loads(pathlib.Path(moe.RESULTS).read_text())
+  for k in MOE_KEYS + ('experts_scaling_fwd_bwd_ratio',):
+    assert k in r, k
+  s = r['settings']
+  assert s['batch_size'] == 32 and s['max_length'] == 64 and s['quick'] is False
+  assert (s['num_experts'], s['top_k'], s['capacity_factor']) == (8, 2, 1.25)
+  assert s['scaling_experts'] == [4, 64] and s['timed_steps'] >= 15
