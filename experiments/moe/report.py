@@ -25,6 +25,18 @@ from peftjax import train
 from peftjax import tree as tree_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
+NOTES = """
+Notes:
+
+- Upcycled MoE layers replace the FFN of layers 1, 3 and 5; every expert starts as a copy of the
+  pretrained FFN and the router (small, random) starts the model exactly at the dense one (top-k
+  weights renormalized to sum to 1; nothing dropped at initialisation except over capacity).
+- With k=1 the renormalized weight is always 1, so the router learns from the balance and z
+  losses only (the task loss does not reach it); with k=2 it gets the task gradient as soon as
+  the experts differ.
+- The sweep ran while other jobs (tests, the MoE benchmark) shared the 2 cores, so its wall times
+  are inflated; the step-time column is measured separately (see above).
+"""
 
 
 def _last_train_metrics(run_dir: pathlib.Path) -> dict:
@@ -62,6 +74,26 @@ def utilisation(overrides: dict, run_dir: pathlib.Path | None, batches: int = 0)
     for layer, v in jax.device_get(loads(b)).items():
       total[layer] = total.get(layer, 0) + v
   return {layer: v / v.sum() for layer, v in sorted(total.items())}
+
+
+def step_time_ratios(steps: int) -> dict[str, float]:
+  """Each study run's train step / the dense full-FT step, timed in one process: every config's
+  step compiled first, then ``steps`` calls of each interleaved, medians (the sweep's own step
+  times come from separate processes at different moments of a shared machine)."""
+  from benchmarks import lora_vs_full  # pylint: disable=g-import-not-at-top
+  from peftjax import timing  # pylint: disable=g-import-not-at-top
+  runners = {}
+  for label, overrides in study.RUNS.items():
+    c = sweep.apply_overrides(study.get_config(), {**overrides, 'seed': 0})
+    task = train.build_task(c)
+    batch = task['data'].train_batches(c.train.batch_size, c.seed)[0]
+    cand = lora_vs_full.build_candidate(c, task['built'], batch)
+    runners[label] = timing.DonatingStepper(cand['compiled'], cand['state'], cand['frozen'],
+                                            batch)
+    print(f'compiled: {label}', flush=True)
+  times = timing.interleaved(runners, steps=steps)
+  dense = timing.median_ms(times['dense, full FT'])
+  return {label: timing.median_ms(t) / dense for label, t in times.items()}
 
 
 def rows(workdir: str) -> list[dict]:
@@ -135,10 +167,16 @@ def main(argv=None):
   p.add_argument('--workdir', required=True, help='the sweep workdir')
   p.add_argument('--out', default=str(HERE), help='where results.md and the PNG go')
   p.add_argument('--batches', type=int, default=0, help='test batches for utilisation (0 = all)')
+  p.add_argument('--time_steps', type=int, default=10,
+                 help='interleaved steps per run for the step-time ratios (0 = from the logs)')
   args = p.parse_args(argv)
   table = rows(args.workdir)
   if not table:
     raise SystemExit(f'error: no finished runs of the study in {args.workdir}')
+  if args.time_steps:
+    ratios = step_time_ratios(args.time_steps)
+    for r in table:
+      r['step_time_vs_dense'] = ratios[r['run']]
   util = {}
   for r in table:
     if r['overrides'].get('moe.num_experts', 0) > 0 and r['run'].endswith('full FT'):
@@ -152,9 +190,13 @@ def main(argv=None):
   minutes = sum(r['wall_seconds'] for r in table) / 60
   text = ('# MoE study: upcycled MiniLM-MoE on Rotten Tomatoes\n\n' + markdown(table) + '\n\n'
           f"{sum(r['seeds'] for r in table)} runs, {minutes:.0f} minutes of training and "
-          'evaluation on this machine (2 CPU cores). Step time is the steady-state median '
-          '(compilation excluded); balance loss (1.0 = uniform) and dropped fraction are the '
-          'last logged training window.\n\n## Expert utilisation (test split, seed 0)\n\n'
+          'evaluation on this machine (2 CPU cores). '
+          + (f'Step time: every run\'s train step timed in one process, {args.time_steps} '
+             'interleaved calls each after compilation, medians, relative to the dense full-FT '
+             'step. ' if args.time_steps else
+             'Step time: the steady-state median of each run\'s logs (compilation excluded). ')
+          + 'Balance loss (1.0 = uniform) and dropped fraction are the last logged training '
+          'window.\n' + NOTES + '\n## Expert utilisation (test split, seed 0)\n\n'
           '![expert utilisation](expert_utilisation.png)\n\n' + utilisation_table(util) + '\n')
   (out / 'results.md').write_text(text)
   if util:
