@@ -300,10 +300,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   mininterval=1.0 if sys.stdout.isatty() else 30.0, dynamic_ncols=True)
   train_t0, train_seconds = time.time(), run_info.get('train_seconds', 0.0)
   last_eval: dict = {}
-  # Averaged over each logging window: the loss, accuracy and the MoE routing reports.
-  has_moe = bool(getattr(getattr(built.module, 'cfg', None), 'moe_layers', ()))
-  window_keys = ('loss', 'accuracy') + (moe_lib.SCALARS if has_moe else ())
-  window = {'t0': time.time(), 'examples': 0}
+  # Every step metric but the gradient norm (loss, accuracy, MoE routing reports) is averaged
+  # over the logging window; the gradient norm is the last step's.
+  window = {'t0': time.time(), 'examples': 0, 'values': {}}
   unfreeze_at = unfreeze.boundaries(t.unfreeze)  # once, not per step
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for micro in range(start, total_micro):
@@ -326,20 +325,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"{float(m['grad_norm'])}); stopped without checkpointing this state. Lower "
             f'optim.learning_rate (now {config.optim.learning_rate}) or enable optim.clip_norm; '
             f'the last good checkpoint is step {ckpt.latest_step()}')
-      for k in window_keys:
-        window.setdefault(k, []).append(float(m[k]))
+      for k, v in m.items():
+        if k != 'grad_norm':
+          window['values'].setdefault(k, []).append(float(v))
       window['examples'] += t.batch_size
       if (micro + 1) % accum:
         continue
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps:
         secs = max(time.time() - window['t0'], 1e-9)
-        logged = {k: float(np.mean(window[k])) for k in window_keys}
+        logged = {k: float(np.mean(v)) for k, v in window['values'].items()}
         logged.update(grad_norm=float(m['grad_norm']), examples_per_sec=window['examples'] / secs)
         writer.write(step, 'train', logged)
         bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}",
                         ex_s=f"{logged['examples_per_sec']:.0f}")
-        window = {'t0': time.time(), 'examples': 0}
+        window = {'t0': time.time(), 'examples': 0, 'values': {}}
       if config.data.eval_split and ((t.eval_every and step % t.eval_every == 0)
                                      or step == t.steps):
         last_eval = run_eval(config.data.eval_split)

@@ -56,10 +56,6 @@ def _init_params(module, inputs, seed: int, only: str | None = None):
   return params, specs
 
 
-MOE_FIELDS = ('num_experts', 'top_k', 'capacity_factor', 'dropless', 'router', 'renormalize',
-              'jitter', 'shared_experts', 'dispatch', 'router_init_std')
-
-
 def moe_settings(moe_cfg, num_layers: int) -> tuple[MoeConfig | None, tuple]:
   """``(MoeConfig, MoE layer indices)`` from the ``moe`` config section; ``(None, ())`` if off.
 
@@ -70,7 +66,7 @@ def moe_settings(moe_cfg, num_layers: int) -> tuple[MoeConfig | None, tuple]:
   """
   if moe_cfg is None or moe_cfg.num_experts <= 0:
     return None, ()
-  cfg = MoeConfig(**{f: moe_cfg[f] for f in MOE_FIELDS})
+  cfg = MoeConfig(**{f.name: moe_cfg[f.name] for f in dataclasses.fields(MoeConfig)})
   return cfg, tuple(i for i in range(num_layers) if (i + 1) % moe_cfg.every == 0)
 
 
