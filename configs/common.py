@@ -125,6 +125,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.eval_before = True  # test accuracy of the untrained model (accuracy_before)
   c.train.progress = True  # progress bar
+  # At the end, write <workdir>/adapter.safetensors: the trainable partition + a manifest (method,
+  # base hash, data, metrics, versions); see peftjax/delta.py.
+  c.train.save_adapter = False
   # Gradual unfreezing: ((step, regex over base paths), ...); from `step` on, matching base
   # leaves train too, e.g. ((100, 'layer_5/'), (200, 'layer_4/')). () = off.
   c.train.unfreeze = ()

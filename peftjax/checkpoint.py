@@ -68,17 +68,23 @@ def abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to a temporary file in the same directory, then renames it into place."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes to a temporary file in the same directory, then renames it into place: a crash
+  mid-write leaves the previous file (or none) intact, never a partial one."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
   try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON atomically (see :func:`write_bytes_atomic`)."""
+  write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())

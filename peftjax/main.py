@@ -39,7 +39,8 @@ _CACHE = flags.DEFINE_string(
     'differ only in seed or data compile once). Default $PEFTJAX_COMPILATION_CACHE; empty = off.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_RUN_FILES = ('checkpoints', 'tensorboard', 'metrics.jsonl', 'summary.json', 'run_state.json')
+_RUN_FILES = ('checkpoints', 'tensorboard', 'metrics.jsonl', 'summary.json', 'run_state.json',
+              'adapter.safetensors')
 
 
 def _clear_workdir(workdir: pathlib.Path):

@@ -19,6 +19,7 @@ import tqdm
 
 from peftjax import checkpoint as ckpt_lib
 from peftjax import data as data_lib
+from peftjax import delta
 from peftjax import evaluate as eval_lib
 from peftjax import models
 from peftjax import moe as moe_lib
@@ -377,6 +378,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
       'dataset': data.info.name,
       'config': config.to_dict(),
   }
+  if t.save_adapter and jax.process_index() == 0:
+    # The trainable partition alone, with its provenance (peftjax/delta.py).
+    first = train_batches[0]
+    manifest = delta.save_delta(
+        workdir / 'adapter.safetensors', jax.device_get(state['params']),
+        base_params=jax.device_get(frozen), method=method.name, peft_config=config.peft,
+        base_source=built.source, metrics={'test': test, 'validation': last_eval or None},
+        dataset={'name': data.info.name, 'split': config.data.train_split,
+                 'splits': dict(data.info.splits),
+                 # the split sizes and the first training batch identify the data as seen
+                 'fingerprint': tree_lib.fingerprint({**{k: np.asarray(v) for k, v in
+                                                         first.items()},
+                                                      'splits': np.asarray(
+                                                          sorted(data.info.splits.values()))})})
+    summary['adapter'] = {'path': str(workdir / 'adapter.safetensors'),
+                          'file_bytes': manifest['file_bytes'],
+                          'adapter_to_base_bytes': manifest['adapter_to_base_bytes']}
+    _log(f"adapter: {summary['adapter']['path']} ({manifest['file_bytes']:,d} bytes, "
+         f"{100 * manifest['adapter_to_base_bytes']:.2f}% of the frozen base)")
   if jax.process_index() == 0:
     ckpt_lib.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
   return summary

@@ -182,3 +182,20 @@ def test_experts_not_divisible_by_expert_axis(tmp_path):
   assert code != 0 and ('config.moe.num_experts=6 is invalid; valid: a multiple of the mesh '
                         'expert axis size 4') in err, err[-2000:]
   assert not (tmp_path / 'w').exists()
+
+
+def test_save_adapter_writes_the_trainable_partition_with_provenance(tmp_path):
+  from peftjax import delta
+  wd = tmp_path / 'a'
+  code, out, err = _run([*TINY, '--config.train.save_adapter=True', f'--workdir={wd}'])
+  assert code == 0, err[-3000:]
+  s = json.loads((wd / 'summary.json').read_text())
+  params, m = delta.load_delta(wd / 'adapter.safetensors')
+  # The file holds exactly the run's final trainable partition, nothing of the frozen base.
+  assert m['params']['sha256'] == s['trainable_sha256']
+  assert m['params']['count'] == s['trainable_params'] == 13_058
+  assert set(params) == {'base', 'peft'} and m['method'] == 'lora'
+  assert m['metrics']['test']['accuracy'] == s['accuracy_after']
+  assert m['dataset']['name'] == 'rotten_tomatoes' and len(m['dataset']['fingerprint']) == 64
+  assert s['adapter']['file_bytes'] == (wd / 'adapter.safetensors').stat().st_size
+  assert 'adapter: ' in out
