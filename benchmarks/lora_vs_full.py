@@ -18,7 +18,6 @@ float32 matmul measured just before gives the FLOP/s against which the LoRA step
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -34,7 +33,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from peftjax import timing  # noqa: E402
-from peftjax.checkpoint import write_json_atomic  # noqa: E402
 from configs import quickstart  # noqa: E402
 from peftjax import data as data_lib  # noqa: E402
 from peftjax import models  # noqa: E402
@@ -249,13 +247,7 @@ def main(argv=None):
     p.error(f'--steps={args.steps}; the figures are medians over at least 20 steps '
             '(use --quick for a smoke test)')
   result = run(args)
-  print(report(result))
-  out = args.out or (None if args.quick else str(RESULTS))
-  if out:
-    write_json_atomic(out, result)  # never a partial file
-    print(f'wrote {out}')
-  else:
-    print(json.dumps(result, indent=2))
+  timing.publish(result, report(result), args.out or (None if args.quick else str(RESULTS)))
   return result
 
 

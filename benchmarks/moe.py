@@ -58,7 +58,6 @@ from peftjax import peft  # noqa: E402
 from peftjax import timing  # noqa: E402
 from peftjax import train  # noqa: E402
 from peftjax import tree as tree_lib  # noqa: E402
-from peftjax.checkpoint import write_json_atomic  # noqa: E402
 from peftjax.models.bert import BertClassifier  # noqa: E402
 from peftjax.models.bert import BertConfig  # noqa: E402
 from peftjax.models.bert import _gelu  # noqa: E402
@@ -522,11 +521,7 @@ def main(argv=None):
   t0 = time.perf_counter()
   result = run(args)
   result['settings']['wall_s'] = time.perf_counter() - t0
-  print(report(result))
-  out = args.out or (None if args.quick else str(RESULTS))
-  if out:
-    write_json_atomic(out, result)  # never a partial file
-    print(f'wrote {out}')
+  timing.publish(result, report(result), args.out or (None if args.quick else str(RESULTS)))
   return result
 
 

@@ -37,7 +37,6 @@ from configs import quickstart  # noqa: E402
 from peftjax import data as data_lib  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax import timing  # noqa: E402
-from peftjax.checkpoint import write_json_atomic  # noqa: E402
 from peftjax import tree as tree_lib  # noqa: E402
 from peftjax.models.build import sample_inputs  # noqa: E402
 from peftjax.quant import int8  # noqa: E402
@@ -166,11 +165,7 @@ def main(argv=None):
   elif args.steps < 20:
     p.error(f'--steps={args.steps}; the figures are medians over at least 20 calls')
   result = run(args)
-  print(report(result))
-  out = args.out or (None if args.quick else str(RESULTS))
-  if out:
-    write_json_atomic(out, result)  # never a partial file
-    print(f'wrote {out}')
+  timing.publish(result, report(result), args.out or (None if args.quick else str(RESULTS)))
   return result
 
 

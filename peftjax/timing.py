@@ -142,6 +142,19 @@ def memory_bytes(compiled) -> dict:
 # ----------------------------------------------------------------------------- reporting
 
 
+def publish(result: dict, text: str, out: str | None) -> None:
+  """Prints a benchmark's readable report, then writes ``result`` to ``out`` atomically (never a
+  partial file) or, without ``out``, prints it as JSON."""
+  import json  # pylint: disable=g-import-not-at-top
+  from peftjax.checkpoint import write_json_atomic  # pylint: disable=g-import-not-at-top
+  print(text)
+  if out:
+    write_json_atomic(out, result)
+    print(f'wrote {out}')
+  else:
+    print(json.dumps(result, indent=2))
+
+
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
   """A plain-text table: first column left-aligned, the others right-aligned."""
   cells = [[str(h) for h in header]] + [[_fmt(v) for v in r] for r in rows]
