@@ -128,6 +128,10 @@ def get_config() -> ml_collections.ConfigDict:
   # At the end, write <workdir>/adapter.safetensors: the trainable partition + a manifest (method,
   # base hash, data, metrics, versions); see peftjax/delta.py.
   c.train.save_adapter = False
+  c.train.save_adapter_opt_state = False  # also store the optimizer state in the adapter file
+  # Start from this adapter (a delta checkpoint of the same method and base): its parameters, and
+  # its optimizer state if it has one; it is recorded as the new adapter's parent. '' = fresh.
+  c.train.init_adapter = ''
   # Gradual unfreezing: ((step, regex over base paths), ...); from `step` on, matching base
   # leaves train too, e.g. ((100, 'layer_5/'), (200, 'layer_4/')). () = off.
   c.train.unfreeze = ()

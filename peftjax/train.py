@@ -219,6 +219,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate_lib.validate_mesh_moe(config, mesh)
   bsh = sharding.batch_sharding(mesh, rules)
 
+  if t.init_adapter:
+    delta.read_manifest(t.init_adapter)  # a missing or corrupt file fails before any work
+
   # ------------------------------------------------------------------ data, model, partition
   task = build_task(config)
   data, built, method = task['data'], task['built'], task['method']
@@ -253,6 +256,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ optimizer and state
   tx, state = initial_state(config, built, trainable)
+  if t.init_adapter and not latest:
+    state = _start_from_adapter(t.init_adapter, state, frozen)
 
   # ------------------------------------------------------------------ jitted functions
   forward = make_forward(built, method)
@@ -384,7 +389,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     manifest = delta.save_delta(
         workdir / 'adapter.safetensors', jax.device_get(state['params']),
         base_params=jax.device_get(frozen), method=method.name, peft_config=config.peft,
-        base_source=built.source, metrics={'test': test, 'validation': last_eval or None},
+        base_source=built.source, model_config=config.model, class_names=data.info.class_names,
+        parent=t.init_adapter or None,
+        opt_state=jax.device_get(state['opt_state']) if t.save_adapter_opt_state else None,
+        metrics={'test': test, 'validation': last_eval or None},
         dataset={'name': data.info.name, 'split': config.data.train_split,
                  'splits': dict(data.info.splits),
                  # the split sizes and the first training batch identify the data as seen
@@ -400,6 +408,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     ckpt_lib.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
   return summary
+
+
+def _start_from_adapter(path: str, state: dict, frozen) -> dict:
+  """``state`` with the parameters (and optimizer state, if stored) of the adapter at ``path``.
+
+  The adapter must belong to this base (hash check) and have this run's trainable partition.
+  """
+  params, _ = delta.load_delta(path, base_params=jax.device_get(frozen))
+  want = {p: np.shape(v) for p, v in tree_lib.flatten(state['params']).items()}
+  have = {p: np.shape(v) for p, v in tree_lib.flatten(params).items()}
+  if want != have:
+    diff = sorted(set(want.items()) ^ set(have.items()))[:3]
+    raise delta.DeltaError(f'train.init_adapter={path!r} does not fit this run\'s trainable '
+                           f'partition (method/targets/rank differ), e.g. {diff}')
+  place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)
+  loaded = tree_lib.flatten(params)
+  state = dict(state, params=tree_lib.map_with_path(lambda p, old: place(loaded[p], old),
+                                                    state['params']))
+  opt = delta.load_opt_state(path, jax.device_get(state['opt_state']))
+  if opt is not None:
+    state['opt_state'] = jax.tree.map(place, opt, state['opt_state'])
+  _log(f'starting from adapter {path}' + (' with its optimizer state' if opt is not None else ''))
+  return state
 
 
 def _jsonable(x: Any) -> Any:

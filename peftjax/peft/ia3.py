@@ -127,6 +127,28 @@ def ia3_scope(out_sites: list[DenseSite], in_sites: list[DenseSite], ia3_params)
   return layer_scope(_DENSE, set(outs) | set(ins), wrap)
 
 
+def fold(base_params, out_sites, in_sites, ia3_params) -> dict:
+  """``base_params`` with IA3 vectors folded into the kernels (and output-scaled biases).
+
+  >>> merged = fold(params, method.out_sites, method.in_sites, ia3)  # doctest: +SKIP
+  """
+  flat = tree_lib.flatten(base_params)
+  vp = tree_lib.flatten(ia3_params)
+  for s in out_sites:
+    vec = vp[f'{s.path}/ia3_out/scale']
+    w = flat[s.weight_path]
+    flat[s.weight_path] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
+    if f'{s.path}/bias' in flat:
+      b = flat[f'{s.path}/bias']
+      flat[f'{s.path}/bias'] = (b * vec).astype(b.dtype)
+  for s in in_sites:
+    vec = vp[f'{s.path}/ia3_in/scale']
+    w = flat[s.weight_path]
+    vec = vec.reshape(*s.in_shape, *(1,) * len(s.out_shape))  # scale kernel rows
+    flat[s.weight_path] = (w * vec).astype(w.dtype)
+  return tree_lib.unflatten(flat)
+
+
 @register('ia3')
 class IA3(Method):
   """IA3 from config: ``ia3_targets`` (outputs scaled), ``ia3_ffn_targets`` (inputs scaled).
@@ -181,21 +203,7 @@ class IA3(Method):
     The merged model equals the implicit one (to float rounding).
     """
     out_sites, in_sites = self._need_sites()
-    flat = tree_lib.flatten(base_params)
-    vp = tree_lib.flatten(peft_params)
-    for s in out_sites:
-      vec = vp[f'{s.path}/ia3_out/scale']
-      w = flat[s.weight_path]
-      flat[s.weight_path] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
-      if f'{s.path}/bias' in flat:
-        b = flat[f'{s.path}/bias']
-        flat[f'{s.path}/bias'] = (b * vec).astype(b.dtype)
-    for s in in_sites:
-      vec = vp[f'{s.path}/ia3_in/scale']
-      w = flat[s.weight_path]
-      vec = vec.reshape(*s.in_shape, *(1,) * len(s.out_shape))  # scale kernel rows
-      flat[s.weight_path] = (w * vec).astype(w.dtype)
-    return tree_lib.unflatten(flat)
+    return fold(base_params, out_sites, in_sites, peft_params)
 
   def logical_specs(self, base_specs, peft_params) -> Any:
     """An output vector takes the kernel's output axes; an input vector its input axes."""

@@ -71,13 +71,15 @@ def _is_moe(mod) -> bool:
   return bool(getattr(type(mod), 'EXPERT_KERNELS', ()))
 
 
-def _record_modules(module, base_params, inputs) -> dict[str, nn.Module]:
-  """Module path -> module instance for every supported layer the forward pass calls."""
+def _record_modules(module, base_params, inputs, types: tuple = _RECORDED
+                    ) -> dict[str, tuple[nn.Module, int]]:
+  """Module path -> (module, input ndim) for every ``types`` layer (and MoE layer) the forward
+  pass calls."""
   seen: dict[str, tuple] = {}
 
   def spy(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name == '__call__' and (isinstance(mod, _RECORDED) or _is_moe(mod)):
+    if context.method_name == '__call__' and (isinstance(mod, types) or _is_moe(mod)):
       x = args[0] if args else next(iter(kwargs.values()))
       seen['/'.join(mod.path)] = (mod, np.ndim(x))
     return next_fun(*args, **kwargs)
@@ -242,19 +244,21 @@ def lora_scope(sites: list[Site], lora_params, scale: float, *, dropout: float =
     yield
 
 
-def _delta_weight(site: Site, a, b, scale):
+def delta_weight(site: Site, a, b, scale):
+  """The dense update ``s·A·B`` in the adapted weight's shape."""
   if site.kind == 'expert':
     return jnp.einsum('eir,ero->eio', a, b) * scale
   d = (a.reshape(site.d_in, -1) @ b.reshape(-1, site.d_out)) * scale
   return d.reshape(*site.in_shape, *site.out_shape)
 
 
-def _fold(base_params, sites, lora_params, scale, sign):
+def fold(base_params, sites, lora_params, scale, sign: float = 1.0):
+  """``W <- W + sign·s·A·B`` for every site (merge with +1, unmerge with -1)."""
   flat = tree_lib.flatten(base_params)
   lp = tree_lib.flatten(lora_params)
   for s in sites:
     w = flat[s.weight_path]
-    flat[s.weight_path] = (w + sign * _delta_weight(s, lp[f'{s.path}/lora_a'],
+    flat[s.weight_path] = (w + sign * delta_weight(s, lp[f'{s.path}/lora_a'],
                                                     lp[f'{s.path}/lora_b'], scale)).astype(w.dtype)
   return tree_lib.unflatten(flat)
 
@@ -293,11 +297,11 @@ class LoRA(Method):
 
   def merge(self, base_params, peft_params) -> dict:
     """``W <- W + s·A·B`` for every site; the merged model equals the implicit one."""
-    return _fold(base_params, self._need_sites(), peft_params, self.scale, +1.0)
+    return fold(base_params, self._need_sites(), peft_params, self.scale, +1.0)
 
   def unmerge(self, merged_params, peft_params) -> dict:
     """Inverse of :meth:`merge`: ``W <- W - s·A·B``."""
-    return _fold(merged_params, self._need_sites(), peft_params, self.scale, -1.0)
+    return fold(merged_params, self._need_sites(), peft_params, self.scale, -1.0)
 
   def logical_specs(self, base_specs, peft_params) -> Any:
     """A takes the kernel's input axes (rank unsharded); B takes its output axes."""

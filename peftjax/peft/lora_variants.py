@@ -190,7 +190,7 @@ class DoRA(lora_lib.LoRA):
   def merge(self, base_params, peft_params) -> dict:
     """``W <- m ⊙ (W + s·A·B) / ||W + s·A·B||_c``; the merged model equals the implicit one."""
     sites = self._need_sites()
-    updated = lora_lib._fold(base_params, sites, peft_params, self.scale, +1.0)
+    updated = lora_lib.fold(base_params, sites, peft_params, self.scale, +1.0)
     flat, lp = tree_lib.flatten(updated), tree_lib.flatten(peft_params)
     for s in sites:
       v = flat[s.weight_path]
