@@ -17,15 +17,21 @@ def parse_flags(argv):
     raise SystemExit(f'error: bad flag or config override: {" ".join(lines)}') from None
 
 
+def quiet(argv) -> None:
+  """No stray arguments; absl logs at WARNING unless ``--verbosity`` is given (orbax and the
+  backend probe log at INFO)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def begin(argv, config) -> None:
   """The common start of an entry point: no stray arguments, quiet orbax, a validated config.
 
   A config error exits with its one-line message before any compute.
   """
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  quiet(argv)
   from peftjax import validate  # pylint: disable=g-import-not-at-top
   from peftjax.errors import UserInputError  # pylint: disable=g-import-not-at-top
   try:

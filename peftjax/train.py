@@ -385,21 +385,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   }
   if t.save_adapter and jax.process_index() == 0:
     # The trainable partition alone, with its provenance (peftjax/delta.py).
-    first = train_batches[0]
-    manifest = delta.save_delta(
-        workdir / 'adapter.safetensors', jax.device_get(state['params']),
-        base_params=jax.device_get(frozen), method=method.name, peft_config=config.peft,
-        base_source=built.source, model_config=config.model, class_names=data.info.class_names,
-        parent=t.init_adapter or None,
-        opt_state=jax.device_get(state['opt_state']) if t.save_adapter_opt_state else None,
+    manifest = write_adapter(
+        workdir / 'adapter.safetensors', config, task, state['params'], frozen,
         metrics={'test': test, 'validation': last_eval or None},
-        dataset={'name': data.info.name, 'split': config.data.train_split,
-                 'splits': dict(data.info.splits),
-                 # the split sizes and the first training batch identify the data as seen
-                 'fingerprint': tree_lib.fingerprint({**{k: np.asarray(v) for k, v in
-                                                         first.items()},
-                                                      'splits': np.asarray(
-                                                          sorted(data.info.splits.values()))})})
+        opt_state=state['opt_state'] if t.save_adapter_opt_state else None,
+        first_batch=train_batches[0])
     summary['adapter'] = {'path': str(workdir / 'adapter.safetensors'),
                           'file_bytes': manifest['file_bytes'],
                           'adapter_to_base_bytes': manifest['adapter_to_base_bytes']}
@@ -408,6 +398,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     ckpt_lib.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
   return summary
+
+
+def write_adapter(path, config, task: dict, params, frozen, *, metrics=None, opt_state=None,
+                  first_batch=None) -> dict:
+  """Writes ``params`` (a trainable partition of ``task``, see :func:`build_task`) as a delta
+  checkpoint with its provenance: method, base (source, model config, hash of ``frozen``), data
+  (name, split, max_length, a fingerprint of the split sizes and the first training batch),
+  class names, metrics, parent (``train.init_adapter``). Returns the manifest.
+  """
+  info = task['data'].info
+  seen = {'splits': np.asarray(sorted(info.splits.values()))}
+  if first_batch is not None:
+    seen.update({k: np.asarray(v) for k, v in first_batch.items()})
+  return delta.save_delta(
+      path, jax.device_get(params), base_params=jax.device_get(frozen),
+      method=task['method'].name, peft_config=config.peft, base_source=task['built'].source,
+      model_config=config.model, class_names=info.class_names,
+      parent=config.train.init_adapter or None,
+      opt_state=None if opt_state is None else jax.device_get(opt_state), metrics=metrics,
+      dataset={'name': info.name, 'split': config.data.train_split,
+               'max_length': config.data.max_length, 'splits': dict(info.splits),
+               'fingerprint': tree_lib.fingerprint(seen)})
 
 
 def _start_from_adapter(path: str, state: dict, frozen) -> dict:
