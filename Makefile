@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/lora_vs_full.py
 	$(PY) benchmarks/quant.py
 	$(PY) benchmarks/moe.py
+	$(PY) benchmarks/multi_adapter.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
