@@ -44,25 +44,25 @@ def base_hash(base_params) -> str:
 
 def save_delta(path: str | pathlib.Path, trainable: dict, *, base_params: dict, method: str,
                peft_config: dict | Any, base_source: str = '', dataset: dict | None = None,
-               metrics: dict | None = None, parent: str | None = None,
+               metrics: dict | None = None, parent: str | dict | None = None,
                model_config: dict | Any = None, class_names=None, opt_state=None,
                merged_from: list | None = None) -> dict:
   """Writes the trainable partition + its manifest to ``path``; returns the manifest.
 
   ``base_params`` is the frozen base the adapter was trained against (hashed, not stored);
   ``parent`` the path of the adapter this one was trained from, if any (its manifest hash is
-  recorded); ``model_config`` the config section that rebuilds the base (``config.model``),
+  recorded), or a dict ``{'path', 'params_sha256'}`` when that is already known; ``model_config`` the config section that rebuilds the base (``config.model``),
   ``class_names`` the labels of the head's outputs; ``opt_state`` an optimizer state to store
   with the adapter (to continue training from it); ``merged_from`` the adapters (and weights) a
   merged adapter was made of.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  flat = {p: np.ascontiguousarray(jax.device_get(v)) for p, v in
+  flat = {p: np.require(jax.device_get(v), requirements='C') for p, v in
           tree_lib.flatten(trainable).items()}
   base_bytes = int(sum(np.asarray(v).nbytes for v in jax.tree.leaves(base_params)))
   opt_flat = {}
   if opt_state is not None:
-    opt_flat = {f'{OPT_PREFIX}{i}': np.ascontiguousarray(jax.device_get(v))
+    opt_flat = {f'{OPT_PREFIX}{i}': np.require(jax.device_get(v), requirements='C')
                 for i, v in enumerate(jax.tree.leaves(opt_state))}
   adapter_bytes = int(sum(v.nbytes for v in flat.values()))
   peft_config, model_config = (c.to_dict() if hasattr(c, 'to_dict') else c
@@ -87,7 +87,10 @@ def save_delta(path: str | pathlib.Path, trainable: dict, *, base_params: dict, 
       'opt_state': {'leaves': len(opt_flat),
                     'bytes': int(sum(v.nbytes for v in opt_flat.values()))} if opt_flat else None,
   }
-  if parent is not None:
+  if isinstance(parent, dict):  # already known (e.g. a library adapter whose file moved)
+    manifest['parent'] = {'path': str(parent['path']),
+                          'params_sha256': parent.get('params_sha256')}
+  elif parent is not None:
     manifest['parent'] = {'path': str(parent),
                           'params_sha256': read_manifest(parent)['params']['sha256']}
   data = safetensors.numpy.save({**flat, **opt_flat}, metadata={MANIFEST_KEY: json.dumps(manifest)})

@@ -92,3 +92,45 @@ def test_committed_moe_results_have_the_keys():
   assert s['batch_size'] == 32 and s['max_length'] == 64 and s['quick'] is False
   assert (s['num_experts'], s['top_k'], s['capacity_factor']) == (8, 2, 1.25)
   assert s['scaling_experts'] == [4, 64] and s['timed_steps'] >= 15
+
+
+MULTI_ADAPTER_KEYS = ('mixed_batch_8_vs_merged', 'mixed_batch_64_vs_merged', 'active_fixed_scaling',
+                      'swap_recompiles', 'adapter_bytes_ratio', 'single_adapter_vs_merged')
+
+
+def test_quick_multi_adapter_benchmark_reports_all_keys(tmp_path):
+  from benchmarks import multi_adapter
+  out = tmp_path / 'multi_adapter.json'
+  # 1 layer, 16 adapters (4 in the small library), batch 16 x 16, 3 steps.
+  r = multi_adapter.main(['--quick', f'--out={out}'])
+  saved = json.loads(out.read_text())
+  assert saved['settings']['quick'] is True
+  for k in MULTI_ADAPTER_KEYS:
+    assert k in saved, k
+  for k in MULTI_ADAPTER_KEYS[:3] + ('single_adapter_vs_merged',):
+    assert r[k] > 0, k
+  d = r['details']
+  # Not timed: switching, re-mixing and hot-swapping compile nothing and retrace nothing ...
+  assert r['swap_recompiles'] == 0 and d['swap']['compiled'] == []
+  assert d['swap']['forward_traces'] == 0 and d['swap']['slots_unchanged']
+  # ... and the swapped-in adapter computes exactly what it computed in its own slot.
+  assert d['swap']['hot_swap_max_abs_diff'] == 0.0
+  # The library's forward equals the merged model's (float rounding).
+  for v in d['max_abs_error_vs_merged'].values():
+    assert v < 1e-4
+  # The delta file holds 1 layer x (query, value) x (384*8 + 8*384) LoRA floats + the 770-float
+  # head, plus its JSON header.
+  tensors = 4 * (2 * 2 * 384 * 8 + 770)
+  assert tensors < d['adapter_file_bytes'] < tensors + 16384
+  assert r['adapter_bytes_ratio'] == d['adapter_file_bytes'] / d['base_file_bytes']
+
+
+def test_committed_multi_adapter_results_have_the_keys():
+  from benchmarks import multi_adapter
+  r = json.loads(pathlib.Path(multi_adapter.RESULTS).read_text())
+  for k in MULTI_ADAPTER_KEYS:
+    assert k in r, k
+  s = r['settings']
+  assert s['batch_size'] == 64 and s['max_length'] == 64 and s['quick'] is False
+  assert (s['adapters'], s['few_adapters'], s['rank'], s['num_layers']) == (64, 8, 8, 6)
+  assert s['timed_steps'] >= 30 and r['swap_recompiles'] == 0

@@ -104,3 +104,70 @@ def test_crash_mid_write_keeps_the_previous_artifact(tmp_path, monkeypatch):
     _save(path, changed, base)
   assert path.read_bytes() == before
   assert [p.name for p in pathlib.Path(tmp_path).iterdir()] == ['a.safetensors']  # no temp left
+
+
+def _adam_state(trainable):
+  """An AdamW state after one update (nonzero moments, step count 1)."""
+  import optax
+  tx = optax.adamw(1e-3)
+  state = tx.init(trainable)
+  _, state = tx.update(trainable, state, trainable)
+  return tx, state
+
+
+def test_optimizer_state_round_trip(tmp_path):
+  import jax
+  base, trainable = _trees()
+  tx, opt = _adam_state(trainable)
+  path = tmp_path / 'a.safetensors'
+  m = _save(path, trainable, base, opt_state=opt)
+  leaves = jax.tree.leaves(opt)
+  assert m['opt_state'] == {'leaves': len(leaves),
+                            'bytes': sum(np.asarray(v).nbytes for v in leaves)}
+  assert len(leaves) == 2 * 3 + 1  # mu and nu per trainable leaf + the step count
+  restored = delta.load_opt_state(path, tx.init(trainable))
+  assert jax.tree.structure(restored) == jax.tree.structure(opt)
+  for got, want in zip(jax.tree.leaves(restored), leaves):
+    want = np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype  # the count stays a scalar
+    np.testing.assert_array_equal(got, want)
+  assert int(restored[0].count) == 1
+  # The parameters are unaffected: same tensors and hash as a file without optimizer state.
+  params, manifest = delta.load_delta(path, base_params=base)
+  plain = _save(tmp_path / 'plain.safetensors', trainable, base)
+  assert manifest['params'] == {k: plain['params'][k] for k in manifest['params']}
+  assert sorted(tree.flatten(params)) == sorted(tree.flatten(trainable))
+  assert plain['opt_state'] is None
+  assert delta.load_opt_state(tmp_path / 'plain.safetensors', tx.init(trainable)) is None
+
+
+def test_optimizer_state_for_another_optimizer_is_refused(tmp_path):
+  import optax
+  base, trainable = _trees()
+  _, opt = _adam_state(trainable)
+  path = tmp_path / 'a.safetensors'
+  _save(path, trainable, base, opt_state=opt)
+  sgd = optax.sgd(0.1, momentum=0.9).init(trainable)  # fewer leaves
+  with pytest.raises(delta.DeltaError, match='optimizer state does not fit this optimizer'):
+    delta.load_opt_state(path, sgd)
+  smaller = {'base': trainable['base'], 'peft': {}}  # another trainable partition
+  with pytest.raises(delta.DeltaError, match='use the same optim config and trainable partition'):
+    delta.load_opt_state(path, optax.adamw(1e-3).init(smaller))
+  wider = {**trainable, 'base': {'classifier': {'kernel': np.zeros((32, 3), np.float32)}}}
+  with pytest.raises(delta.DeltaError, match=r'leaf \d+ of 7 differs'):
+    delta.load_opt_state(path, optax.adamw(1e-3).init(wider))  # same count, one shape differs
+
+
+def test_model_config_class_names_and_merges_are_in_the_manifest(tmp_path):
+  import ml_collections
+  base, trainable = _trees()
+  model = ml_collections.ConfigDict({'name': 'bert', 'num_layers': 1, 'hidden': (256, 128)})
+  merged_from = [{'name': 'a', 'weight': 0.3}, {'name': 'b', 'weight': 0.7}]
+  _save(tmp_path / 'a.safetensors', trainable, base, model_config=model,
+        class_names=('rotten', 'fresh'), merged_from=merged_from)
+  m = delta.read_manifest(tmp_path / 'a.safetensors')
+  assert m['base']['model_config'] == {'name': 'bert', 'num_layers': 1, 'hidden': [256, 128]}
+  assert m['class_names'] == ['rotten', 'fresh'] and m['merged_from'] == merged_from
+  assert m['base']['source'] == 'tiny' and m['created'].endswith('+00:00')
+  m = _save(tmp_path / 'b.safetensors', trainable, base)
+  assert (m['base']['model_config'], m['class_names'], m['merged_from']) == (None, None, None)

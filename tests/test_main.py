@@ -199,3 +199,41 @@ def test_save_adapter_writes_the_trainable_partition_with_provenance(tmp_path):
   assert m['dataset']['name'] == 'rotten_tomatoes' and len(m['dataset']['fingerprint']) == 64
   assert s['adapter']['file_bytes'] == (wd / 'adapter.safetensors').stat().st_size
   assert 'adapter: ' in out
+
+
+def test_init_adapter_continues_from_a_saved_adapter_and_its_optimizer_state(tmp_path):
+  """Run 1 saves its adapter with the optimizer state; run 2 starts from it. Run 2's schedule
+  continues at run 1's step count (past its own 2-step cosine: learning rate exactly 0), so its
+  parameters stay bit-identical to run 1's final ones only if both the parameters and the
+  optimizer state were restored (a fresh state would start the schedule at step 0 and move them).
+  """
+  import numpy as np
+  import safetensors.numpy
+  from peftjax import delta
+  fast = [*TINY, '--config.train.save_adapter=True', '--config.train.save_adapter_opt_state=True',
+          '--config.train.eval_every=0', '--config.train.checkpoint_every=0']
+  first = tmp_path / 'a' / 'adapter.safetensors'
+  code, out, err = _run([*fast, '--config.train.steps=4', '--config.train.eval_before=False',
+                         f'--workdir={tmp_path / "a"}'])
+  assert code == 0, err[-3000:]
+  code, out, err = _run([*fast, '--config.train.steps=2', '--config.optim.warmup_steps=1',
+                         f'--config.train.init_adapter={first}', f'--workdir={tmp_path / "b"}'])
+  assert code == 0, err[-3000:]
+  assert f'starting from adapter {first} with its optimizer state' in out
+  m1, m2 = delta.read_manifest(first), delta.read_manifest(tmp_path / 'b' / 'adapter.safetensors')
+  assert m2['parent'] == {'path': str(first), 'params_sha256': m1['params']['sha256']}
+  assert m2['params']['sha256'] == m1['params']['sha256']  # bit-identical parameters
+  s1 = json.loads((tmp_path / 'a' / 'summary.json').read_text())
+  s2 = json.loads((tmp_path / 'b' / 'summary.json').read_text())
+  assert s2['accuracy_before'] == s1['accuracy_after']  # evaluated at the restored start
+  # The optimizer's step counts (AdamW's and the schedule's) went on from 4 to 6.
+  counts = [{k: int(v) for k, v in safetensors.numpy.load_file(str(p)).items()
+             if k.startswith('opt_state/') and v.dtype == np.int32}
+            for p in (first, tmp_path / 'b' / 'adapter.safetensors')]
+  assert counts[0] and set(counts[0].values()) == {4} and set(counts[1].values()) == {6}
+  assert m1['opt_state']['leaves'] == m2['opt_state']['leaves'] == 2 * 6 + 2
+  # A missing adapter fails before any work, naming the file, and leaves no workdir behind.
+  code, out, err = _run([*TINY, f'--config.train.init_adapter={tmp_path / "nope.safetensors"}',
+                         f'--workdir={tmp_path / "c"}'])
+  assert code != 0 and f"adapter file '{tmp_path / 'nope.safetensors'}' does not exist" in err
+  assert 'Traceback' not in err and not (tmp_path / 'c').exists()

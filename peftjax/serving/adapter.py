@@ -123,6 +123,11 @@ def parse(trainable: dict, method: str, peft_config: dict, *, sites: dict[str, S
             f'build the library with max_rank >= {r}')
     ad.lora[module] = (a, b)
   if ad.lora:
+    bad = {k: peft_config.get(k) for k in ('rank', 'alpha')
+           if not isinstance(peft_config.get(k), (int, float)) or peft_config.get(k) <= 0}
+    if bad:
+      _fail(where, f'its peft_config has {bad}; a LoRA adapter needs positive rank and alpha '
+            '(its scale is alpha/rank)')
     ad.scale = lora_scale(peft_config)
   for path, v in tree_lib.flatten(trainable.get('base', {})).items():
     v = np.asarray(v, np.float32)

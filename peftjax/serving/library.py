@@ -62,6 +62,8 @@ class AdapterLibrary:
                max_rank: int = 16, slots: int | None = None, base_source: str = ''):
     if max_rank < 1:
       raise AdapterError(f'max_rank={max_rank} is invalid; valid: a positive integer')
+    if slots is not None and slots < 1:
+      raise AdapterError(f'slots={slots} is invalid; valid: None (automatic) or >= 1')
     self.module = module
     self.input_keys = tuple(input_keys)
     self.max_rank = int(max_rank)
@@ -171,6 +173,10 @@ class AdapterLibrary:
         for key, v in slot_values(a, layout, self._base_flat).items():
           _leaf(host, key)[slot_of[n_]] = v
       self.stacks = jax.tree.map(jnp.asarray, host)
+      # Compile the slot writer for these shapes now (a no-op write), so that later hot swaps
+      # compile nothing.
+      _write_slot(self.stacks, jnp.asarray(0, jnp.int32), jax.tree.map(lambda x: x[:1],
+                                                                         self.stacks))
       new_layout = layout != self.layout
       self.layout, self._adapters, self._slot = layout, {k: adapters[k] for k in order}, slot_of
       if new_layout:  # the layout is part of the program; slot counts only change shapes
@@ -212,14 +218,15 @@ class AdapterLibrary:
         biases=tuple(sorted({*cur.biases, *biases})))
 
   def _write(self, stacks, slot: int, ad: Adapter, layout: Layout):
-    """``stacks`` with slot ``slot`` holding ``ad`` (identity where ``ad`` has no part)."""
-    identity = empty_stacks(layout, 1, self._base_flat)
-    values = slot_values(ad, layout, self._base_flat)
-    new = jax.tree.map(lambda x: x, stacks)  # a fresh container; arrays are immutable
-    for key in _keys(identity):
-      v = values.get(key, _leaf(identity, key)[0])
-      _set_leaf(new, key, _leaf(new, key).at[slot].set(jnp.asarray(v)))
-    return new
+    """``stacks`` with slot ``slot`` holding ``ad`` (identity where ``ad`` has no part).
+
+    One jitted update with the slot as an argument: a hot swap compiles nothing after the
+    first write at these shapes.
+    """
+    values = empty_stacks(layout, 1, self._base_flat)
+    for key, v in slot_values(ad, layout, self._base_flat).items():
+      _leaf(values, key)[0] = v
+    return _write_slot(stacks, jnp.asarray(slot, jnp.int32), values)
 
   # ---------------------------------------------------------------- running
   def _make_fn(self):
@@ -269,6 +276,7 @@ class AdapterLibrary:
     merged = self._parse(ad.trainable(), ad.method, ad.peft_config, where=f'merge {new_name!r}')
     first = self._adapters[next(iter(weights))].manifest or {}
     merged.manifest = {'base': first.get('base', {}), 'class_names': first.get('class_names'),
+                       'params': {'sha256': tree_lib.fingerprint(merged.trainable())},
                        **ad.manifest}
     self.add(new_name, merged)
     return merged
@@ -306,15 +314,16 @@ class AdapterLibrary:
         base_source=m.get('base', {}).get('source', self.base_source),
         model_config=m.get('base', {}).get('model_config'), class_names=m.get('class_names'),
         dataset=m.get('dataset'), metrics=m.get('metrics'),
-        parent=ad.source or None, merged_from=m.get('merged_from'))
+        parent={'path': ad.source, 'params_sha256': m.get('params', {}).get('sha256')}
+        if ad.source else None, merged_from=m.get('merged_from'))
 
 
-def _keys(stacks: dict) -> list[tuple]:
-  keys = []
-  for group, entries in stacks.items():
-    for path, v in entries.items():
-      keys.extend([(group, path, k) for k in v] if isinstance(v, dict) else [(group, path)])
-  return keys
+@jax.jit
+def _write_slot(stacks, slot, values):
+  """``stacks`` with entry ``slot`` of every array replaced by ``values`` (leading dim 1)."""
+  return jax.tree.map(lambda s, v: jax.lax.dynamic_update_slice_in_dim(s, v.astype(s.dtype),
+                                                                       slot, 0),
+                      stacks, values)
 
 
 def _leaf(stacks: dict, key: tuple):
@@ -322,10 +331,3 @@ def _leaf(stacks: dict, key: tuple):
   for k in key:
     node = node[k]
   return node
-
-
-def _set_leaf(stacks: dict, key: tuple, value) -> None:
-  node = stacks
-  for k in key[:-1]:
-    node = node[k]
-  node[key[-1]] = value
