@@ -33,6 +33,12 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 for multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process id in a multi-process run.')
+_MULTIHOST = flags.DEFINE_enum('multihost', 'auto', ['auto', 'true', 'false'],
+                               'Initialise jax.distributed: auto = when a coordinator is given or '
+                               'the environment names a cluster; true = always (TPU VM slices '
+                               'auto-detect); false = never.')
+_DIST_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 120, 'Seconds to wait for the '
+                                     'coordinator before failing with a clear error.')
 _CACHE = flags.DEFINE_string(
     'compilation_cache', os.environ.get('PEFTJAX_COMPILATION_CACHE', ''),
     'Directory of a persistent XLA compilation cache shared by runs (sweeps set it: runs that '
@@ -60,11 +66,13 @@ def _clear_workdir(workdir: pathlib.Path):
 
 
 def _maybe_init_distributed():
-  """Multi-process JAX when flags or the environment ask for it (TPU pods auto-detect)."""
-  import jax
-  if _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  """Multi-process JAX when flags or the environment ask for it (see peftjax/distributed.py)."""
+  from peftjax import distributed
+  kwargs = distributed.settings(_MULTIHOST.value, coordinator=_COORDINATOR.value,
+                                num_processes=_NUM_PROCESSES.value,
+                                process_id=_PROCESS_ID.value)
+  if kwargs is not None:
+    distributed.initialize(kwargs, timeout=_DIST_TIMEOUT.value)
 
 
 def main(argv):
@@ -75,7 +83,10 @@ def main(argv):
   from peftjax.errors import UserInputError
   if _CACHE.value:
     cli.enable_compilation_cache(_CACHE.value)
-  _maybe_init_distributed()
+  try:
+    _maybe_init_distributed()
+  except UserInputError as e:
+    raise SystemExit(f'error: {e}') from None
   workdir = pathlib.Path(_WORKDIR.value).expanduser()
   if _FRESH.value:
     _clear_workdir(workdir)
