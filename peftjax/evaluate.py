@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.sharding import to_host
+
 
 def batch_stats(logits, labels, weight):
   """Per-example (loss, confidence, correct) with padding weighted out; runs inside jit."""
@@ -43,7 +45,7 @@ def evaluate(stats_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
   """
   parts = {'loss': [], 'confidence': [], 'correct': [], 'weight': []}
   for batch in batches:
-    out = jax.device_get(stats_fn(batch))
+    out = to_host(stats_fn(batch))  # per-example stats of every process's shard
     for k in parts:
       parts[k].append(np.asarray(out[k]))
   cat = {k: np.concatenate(v) for k, v in parts.items()}

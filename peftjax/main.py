@@ -94,6 +94,9 @@ def main(argv):
     s = train.train_and_evaluate(config, str(workdir))
   except (UserInputError, AssetNotFoundError, train.NonFiniteLossError) as e:
     raise SystemExit(f'error: {e}') from None
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return  # process 0 reports for the whole program
   print(f"\nmethod {s['method']}: trainable {s['trainable_params']:,d} of "
         f"{s['total_params']:,d} parameters ({100 * s['trainable_fraction']:.3f}%)")
   before = s['accuracy_before']

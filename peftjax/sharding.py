@@ -87,3 +87,24 @@ def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
   """Places a host batch (numpy) on the mesh, split along its leading axis."""
   return {k: jax.device_put(v, sharding if np.ndim(v) else replicated(sharding.mesh))
           for k, v in batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """``tree`` as numpy arrays on this host, whole, even when its arrays span other processes.
+
+  Arrays this process holds entirely are fetched as they are; arrays split over devices of
+  several processes (a batch, FSDP-sharded weights) are all-gathered. In a multi-process run
+  every process must call it (it is a collective whenever some array is not fully addressable).
+
+  >>> to_host({'w': jnp.ones(2)})['w']  # doctest: +SKIP
+  array([1., 1.], dtype=float32)
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)
+

@@ -39,8 +39,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _log(msg: str):
+  """Prints on process 0 only, through tqdm so that a progress bar stays intact."""
   if jax.process_index() == 0:
-    print(msg, flush=True)
+    tqdm.tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
 
 
 class MetricWriter:
@@ -318,7 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       state['params']['peft'], micro // accum)
         state = dict(state, params=trainable, opt_state=unfreeze.transplant(
             jax.jit(tx.init)(trainable), state['opt_state']))
-        bar.write(f'step {micro // accum}: unfreezing; {tree_lib.count(trainable):,d} '
+        _log(f'step {micro // accum}: unfreezing; {tree_lib.count(trainable):,d} '
                   'parameters train now')
       batch = _put_batch(train_batches[micro], bsh)
       state, metrics = train_step(state, frozen, batch)
@@ -350,7 +352,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                      or step == t.steps):
         last_eval = run_eval(config.data.eval_split)
         writer.write(step, 'eval', last_eval)
-        bar.write(f"step {step}: {config.data.eval_split} accuracy {last_eval['accuracy']:.4f} "
+        _log(f"step {step}: {config.data.eval_split} accuracy {last_eval['accuracy']:.4f} "
                   f"loss {last_eval['loss']:.4f}")
       if ckpt.save(micro + 1, state, force=(step == t.steps and t.checkpoint_every > 0)):
         run_info['train_seconds'] = train_seconds + time.time() - train_t0
@@ -374,7 +376,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       'trainable_params': report['trainable_params'],
       'total_params': report['total_params'],
       'trainable_fraction': report['trainable_fraction'],
-      'trainable_sha256': tree_lib.fingerprint(state['params']),
+      'trainable_sha256': tree_lib.fingerprint(sharding.to_host(state['params'])),
       'train_seconds': train_seconds,
       'wall_seconds': time.time() - wall0,
       'steps': t.steps,
@@ -383,12 +385,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
       'dataset': data.info.name,
       'config': config.to_dict(),
   }
+  if t.save_adapter:
+    # The trainable partition alone, with its provenance (peftjax/delta.py). Every process
+    # gathers (a collective when weights are sharded over processes); process 0 writes.
+    host = sharding.to_host({'params': state['params'], 'frozen': frozen,
+                             'opt': state['opt_state'] if t.save_adapter_opt_state else None})
   if t.save_adapter and jax.process_index() == 0:
-    # The trainable partition alone, with its provenance (peftjax/delta.py).
     manifest = write_adapter(
-        workdir / 'adapter.safetensors', config, task, state['params'], frozen,
-        metrics={'test': test, 'validation': last_eval or None},
-        opt_state=state['opt_state'] if t.save_adapter_opt_state else None,
+        workdir / 'adapter.safetensors', config, task, host['params'], host['frozen'],
+        metrics={'test': test, 'validation': last_eval or None}, opt_state=host['opt'],
         first_batch=train_batches[0])
     summary['adapter'] = {'path': str(workdir / 'adapter.safetensors'),
                           'file_bytes': manifest['file_bytes'],
@@ -427,7 +432,7 @@ def _start_from_adapter(path: str, state: dict, frozen) -> dict:
 
   The adapter must belong to this base (hash check) and have this run's trainable partition.
   """
-  params, _ = delta.load_delta(path, base_params=jax.device_get(frozen))
+  params, _ = delta.load_delta(path, base_params=sharding.to_host(frozen))
   want = {p: np.shape(v) for p, v in tree_lib.flatten(state['params']).items()}
   have = {p: np.shape(v) for p, v in tree_lib.flatten(params).items()}
   if want != have:
@@ -438,7 +443,7 @@ def _start_from_adapter(path: str, state: dict, frozen) -> dict:
   loaded = tree_lib.flatten(params)
   state = dict(state, params=tree_lib.map_with_path(lambda p, old: place(loaded[p], old),
                                                     state['params']))
-  opt = delta.load_opt_state(path, jax.device_get(state['opt_state']))
+  opt = delta.load_opt_state(path, sharding.to_host(state['opt_state']))
   if opt is not None:
     state['opt_state'] = jax.tree.map(place, opt, state['opt_state'])
   _log(f'starting from adapter {path}' + (' with its optimizer state' if opt is not None else ''))
