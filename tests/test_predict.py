@@ -145,3 +145,17 @@ def test_export_merged_and_peft_reproduce_the_adapter(adapters, tmp_path):
   with pytest.raises(Exception, match='exists and is not empty'):
     export.run(str(path), str(merged), fmt='merged')
   assert not (tmp_path / 'x').exists()
+
+
+def test_committed_serving_demo_results_are_consistent():
+  """experiments/serving: serving an adapter reproduces its training run's test accuracy, and a
+  mixed batch gives every line what that adapter gives alone."""
+  import pathlib
+  r = json.loads((pathlib.Path(__file__).parents[1] / 'experiments/serving/results.json')
+                 .read_text())
+  assert set(r['adapters']) == {'lora', 'ia3'} and r['test_examples'] > 1000
+  for name, a in r['adapters'].items():
+    assert a['served_alone_accuracy'] == a['run_test_accuracy'], name
+    assert a['mixed_lines_equal_to_alone'] == r['plans']['mixed'][name]['examples'], name
+    assert a['mixed_max_abs_prob_diff_vs_alone'] <= 1e-5, name
+  assert sum(r['plans']['mixed'][n]['examples'] for n in r['adapters']) == r['test_examples']
