@@ -155,7 +155,8 @@ def test_committed_serving_demo_results_are_consistent():
                  .read_text())
   assert set(r['adapters']) == {'lora', 'ia3'} and r['test_examples'] > 1000
   for name, a in r['adapters'].items():
-    assert a['served_alone_accuracy'] == a['run_test_accuracy'], name
+    # the same examples right: within float32 rounding of the run's mean (one example = 8e-4)
+    assert abs(a['served_alone_accuracy'] - a['run_test_accuracy']) < 1e-6, name
     assert a['mixed_lines_equal_to_alone'] == r['plans']['mixed'][name]['examples'], name
     assert a['mixed_max_abs_prob_diff_vs_alone'] <= 1e-5, name
   assert sum(r['plans']['mixed'][n]['examples'] for n in r['adapters']) == r['test_examples']
