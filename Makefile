@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quant.py
 	$(PY) benchmarks/moe.py
 	$(PY) benchmarks/multi_adapter.py
+	$(PY) benchmarks/precision.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -174,7 +174,7 @@ def run(args) -> dict:
                     'name': 'adamw', 'total_steps': lora_cfg.train.steps},
       'dropout_rate': lora_cfg.model.dropout_rate,
       'grad_barrier': lora_cfg.model.grad_barrier,
-      'dtype': lora_cfg.model.dtype,
+      'dtype': lora_cfg.dtype,
       'timed_steps': args.steps,
       'timing_warmup_steps': args.warmup,
       'order': 'interleaved lora/full/infer',

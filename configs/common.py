@@ -9,6 +9,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds init, dropout and data order; the same seed gives the same run
+  # Compute dtype: 'float32' | 'bfloat16'. Parameters, the trainable partition and the optimizer
+  # state stay float32 (master weights); matmuls run in this dtype, the loss in float32.
+  c.dtype = 'float32'
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'bert'  # 'bert' | 'mlp' | 'cnn'
@@ -17,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pooling = 'mean'  # 'mean' (as sentence-transformers) | 'cls'
   c.model.dropout_rate = 0.1  # hidden and attention dropout in training
   c.model.grad_barrier = True  # materialize residual-stream grads per layer (XLA CPU speed-up)
-  c.model.dtype = 'float32'  # compute dtype
+  # Rematerialization per encoder layer (jax.checkpoint): 'none' | 'full' (save only each
+  # layer's input, recompute the rest in the backward) | 'dots' (also save the matmul outputs
+  # without batch dims, i.e. the dense projections).
+  c.model.remat = 'none'
   c.model.hidden = (256, 128)  # hidden sizes of the 'mlp' model
 
   c.data = ml_collections.ConfigDict()
@@ -145,4 +151,9 @@ def get_config() -> ml_collections.ConfigDict:
   # split the batch (GShard/MaxText), so 'batch' includes 'expert'.
   c.mesh.rules = (('batch', ('data', 'fsdp', 'expert')), ('embed', 'fsdp'), ('heads', 'tensor'),
                   ('mlp', 'tensor'), ('vocab', 'tensor'), ('expert', 'expert'))
+  # With fsdp/tensor/expert > 1, parameters of at least this many MiB that the rules leave fully
+  # replicated are listed at start-up (they cost memory on every device).
+  c.mesh.replicated_report_mb = 1.0
+  # ... and the run refuses to start when such parameters total more than this; -1 = never.
+  c.mesh.max_replicated_mb = -1.0
   return c

@@ -63,6 +63,18 @@ class Checkpointer:
     self._mngr.close()
 
 
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The newest checkpoint step in ``directory``; None if it has none (nothing is created)."""
+  if not pathlib.Path(directory).is_dir():
+    return None
+  mngr = ocp.CheckpointManager(pathlib.Path(directory).absolute(),
+                               options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
 def abstract(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a concrete tree, the target of a restore."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -16,6 +16,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from peftjax.errors import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 
@@ -29,19 +31,19 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
   if bad:
     a, s = next(iter(bad.items()))
-    raise ValueError(f'mesh.{a}={s}; valid: a positive size or -1 (the remaining devices)')
+    raise ConfigError(f'mesh.{a}={s}; valid: a positive size or -1 (the remaining devices)')
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
-    raise ValueError(f'mesh: only one axis may be -1, got {rest}')
+    raise ConfigError(f'mesh: only one axis may be -1, got {rest}')
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if rest:
     if num_devices % fixed:
-      raise ValueError(f'mesh: {num_devices} devices are not divisible by the fixed axes '
+      raise ConfigError(f'mesh: {num_devices} devices are not divisible by the fixed axes '
                        f'product {fixed}')
     sizes[rest[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f'mesh {sizes} needs {math.prod(sizes.values())} devices; '
-                     f'{num_devices} are available')
+    raise ConfigError(f'mesh {sizes} needs {math.prod(sizes.values())} devices; '
+                      f'{num_devices} are available (set one axis to -1 for "the rest")')
   return sizes
 
 
@@ -64,6 +66,30 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, axis_rules) -> Any:
   mesh_specs = nn.logical_to_mesh(logical_specs, axis_rules)
   return jax.tree.map(lambda s: NamedSharding(mesh, s if s is not None else P()), mesh_specs,
                       is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def fit(shardings: Any, tree: Any) -> Any:
+  """``shardings`` with every dimension that its mesh axes do not divide left unsplit.
+
+  Rules name axes by meaning, and a small dimension may not divide: BERT's token-type table has
+  2 rows under ``('vocab', 'tensor')`` with ``mesh.tensor=4``. Such a dimension is replicated
+  instead of failing; the rest of the array stays split.
+
+  >>> fit(NamedSharding(mesh, P('tensor', 'fsdp')), np.zeros((2, 32)))  # doctest: +SKIP
+  NamedSharding(mesh=..., spec=PartitionSpec(None, 'fsdp'))
+  """
+  def one(sh, x):
+    if not isinstance(sh, NamedSharding):
+      return sh
+    shape = np.shape(x)
+    spec = list(sh.spec) + [None] * (len(shape) - len(sh.spec))
+    for i, axes in enumerate(spec[:len(shape)]):
+      names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      if names and shape[i] % math.prod(sh.mesh.shape[a] for a in names):
+        spec[i] = None
+    return NamedSharding(sh.mesh, P(*spec[:len(shape)]))
+
+  return jax.tree.map(one, shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -107,4 +133,27 @@ def to_host(tree: Any) -> Any:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(one, tree)
+
+
+def replicated_leaves(tree: Any, shardings: Any, *, min_bytes: int = 0) -> list[tuple[str, int]]:
+  """``[(path, bytes)]`` of arrays of at least ``min_bytes`` that ``shardings`` leave whole on
+  every device although the mesh has model-parallel axes (``fsdp``, ``tensor`` or ``expert``
+  > 1), largest first. A pure data-parallel mesh replicates by design: ``[]``.
+
+  >>> replicated_leaves(params, shardings, min_bytes=2**20)  # doctest: +SKIP
+  [('encoder/embeddings/position_embeddings/embedding', 786432)]
+  """
+  from peftjax import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  out = []
+  sh = tree_lib.flatten(jax.tree.map(lambda s: s, shardings,
+                                     is_leaf=lambda x: isinstance(x, NamedSharding)))
+  for path, x in tree_lib.flatten(tree).items():
+    s = sh.get(path)
+    if not isinstance(s, NamedSharding):
+      continue
+    model = math.prod(n for a, n in s.mesh.shape.items() if a != 'data')
+    nbytes = int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+    if model > 1 and nbytes >= min_bytes and all(a is None for a in s.spec):
+      out.append((path, nbytes))
+  return sorted(out, key=lambda t: -t[1])
 

@@ -31,6 +31,7 @@ from peftjax import tree as tree_lib
 from peftjax import unfreeze
 from peftjax import validate as validate_lib
 from peftjax import xla_cpu
+from peftjax.errors import ConfigError
 from peftjax.models.build import sample_inputs
 
 
@@ -89,7 +90,7 @@ def build_task(config):
   info = data.info
   built = models.build(config.model, num_classes=info.num_classes, pretrained_dir=pretrained,
                        image_shape=info.image_shape, seed=config.seed,
-                       moe_cfg=config.get('moe'))
+                       moe_cfg=config.get('moe'), dtype=config.get('dtype', 'float32'))
   method = quant.wrap(peft.build(config.peft), config.quant)
   inputs = sample_inputs(built.input_keys, length=config.data.max_length,
                          image_shape=info.image_shape)
@@ -176,6 +177,7 @@ def make_train_step(forward, tx, input_keys, *, balance_coef: float = 0.01,
   def loss_fn(trainable, frozen, batch, rng):
     inputs = {k: batch[k] for k in input_keys}
     logits, aux = forward(trainable, frozen, inputs, rng, deterministic=False, with_aux=True)
+    logits = logits.astype(jnp.float32)  # the loss in float32 whatever the compute dtype
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     aux_loss, metrics = moe_lib.aux_losses(aux, balance_coef, z_coef)
     metrics['loss'] = loss
@@ -212,6 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ config
   validate_lib.validate(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
+  _check_writable(workdir)
   t = config.train
 
   # ------------------------------------------------------------------ mesh and rules
@@ -229,9 +232,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data, built, method = task['data'], task['built'], task['method']
   unfreeze.check_targets(t.unfreeze, built.params)
   accum = config.optim.grad_accum_steps
-  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', every=t.checkpoint_every * accum,
-                               keep=t.keep_checkpoints)
-  latest = ckpt.latest_step() or 0
+  latest = ckpt_lib.latest_step(workdir / 'checkpoints') or 0  # creates nothing yet
 
   def partition(base_params, peft_params, update: int):
     """The trainable/frozen split in force at ``update`` (gradual unfreezing), on the mesh."""
@@ -242,15 +243,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                              'peft': task['peft_specs']}, mesh, rules)
     frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
     base_train, frozen = tree_lib.partition(base_params, sel)
-    return (_place({'base': base_train, 'peft': peft_params}, train_sh),
-            _place(frozen, frozen_sh))
+    trainable = {'base': base_train, 'peft': peft_params}
+    return (_place(trainable, sharding.fit(train_sh, trainable)),
+            _place(frozen, sharding.fit(frozen_sh, frozen)))
 
   # A resumed run restores into the partition of the last update it completed.
   trainable, frozen = partition(
       tree_lib.combine(task['frozen'], task['trainable']['base']), task['trainable']['peft'],
       max(latest // accum - 1, 0))
+  _check_replication(config.mesh, trainable, frozen)
   # The report names the method's own parameters after it: 'lora/encoder/...'.
   workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', every=t.checkpoint_every * accum,
+                               keep=t.keep_checkpoints)
   report = tree_lib.size_report({**trainable['base'], method.name: trainable['peft']}, frozen)
   _log(f'data: {data.info.name} {dict(data.info.splits)}; model: {config.model.name} '
        f'({built.source}); method: {method.name}; mesh: {dict(mesh.shape)}')
@@ -403,6 +408,44 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     ckpt_lib.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
   return summary
+
+
+def _check_writable(workdir: pathlib.Path) -> None:
+  """A ConfigError unless ``workdir`` (or, if it does not exist yet, its nearest existing
+  parent) is a directory this process can create files in. Probed with a temporary file that
+  is removed at once, so nothing is left behind."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  probe = workdir
+  while not probe.exists() and probe != probe.parent:
+    probe = probe.parent
+  try:
+    if not probe.is_dir():
+      raise NotADirectoryError(f'{probe} is not a directory')
+    with tempfile.TemporaryFile(dir=probe):
+      pass
+  except OSError as e:
+    raise ConfigError(f'--workdir={str(workdir)!r} is not writable ({e}); choose a directory '
+                      'this process can write to') from None
+
+
+def _check_replication(mesh_cfg, trainable, frozen) -> None:
+  """Lists large parameters the rules leave replicated on a model-parallel mesh, and refuses
+  the run when they total more than ``mesh.max_replicated_mb`` (a ConfigError naming them)."""
+  tree = {'trainable': trainable, 'frozen': frozen}
+  leaves = sharding.replicated_leaves(
+      tree, jax.tree.map(lambda x: x.sharding, tree),
+      min_bytes=int(mesh_cfg.get('replicated_report_mb', 1.0) * 2**20))
+  if not leaves:
+    return
+  total = sum(b for _, b in leaves) / 2**20
+  listing = ', '.join(f'{p} ({b / 2**20:.1f} MiB)' for p, b in leaves[:5])
+  limit = mesh_cfg.get('max_replicated_mb', -1.0)
+  if 0 <= limit < total:
+    raise ConfigError(
+        f'mesh.max_replicated_mb={limit}: {total:.1f} MiB of parameters stay fully replicated '
+        f'on every device, e.g. {listing}; add mesh.rules for their logical axes or raise the '
+        'limit')
+  _log(f'note: {len(leaves)} parameters ({total:.1f} MiB) stay fully replicated: {listing}')
 
 
 def write_adapter(path, config, task: dict, params, frozen, *, metrics=None, opt_state=None,

@@ -9,6 +9,7 @@ import re
 
 from peftjax import peft
 from peftjax.errors import ConfigError
+from peftjax.models.bert import REMAT_POLICIES
 from peftjax.models.build import MODEL_NAMES
 from peftjax.models.build import moe_settings
 from peftjax.optim import SCHEDULES
@@ -44,7 +45,10 @@ def validate(c) -> None:
   m, d, p, o, t = c.model, c.data, c.peft, c.optim, c.train
   _check(m.name in MODEL_NAMES, 'model.name', m.name, ', '.join(MODEL_NAMES))
   _check(m.pooling in ('mean', 'cls'), 'model.pooling', m.pooling, "'mean' or 'cls'")
-  _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, "'float32' or 'bfloat16'")
+  _check(c.dtype in ('float32', 'bfloat16'), 'dtype', c.dtype,
+         "'float32' or 'bfloat16' (the compute dtype; parameters stay float32)")
+  _check(m.remat in REMAT_POLICIES, 'model.remat', m.remat,
+         ', '.join(repr(k) for k in REMAT_POLICIES) + ' (per-layer rematerialization)')
   _check(m.num_layers >= 0, 'model.num_layers', m.num_layers, '0 (all layers) or a positive count')
   _check(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, '0 <= rate < 1')
   if m.name == 'bert' and m.pretrained not in ('', 'random'):

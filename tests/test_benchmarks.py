@@ -134,3 +134,30 @@ def test_committed_multi_adapter_results_have_the_keys():
   assert s['batch_size'] == 64 and s['max_length'] == 64 and s['quick'] is False
   assert (s['adapters'], s['few_adapters'], s['rank'], s['num_layers']) == (64, 8, 8, 6)
   assert s['timed_steps'] >= 30 and r['swap_recompiles'] == 0
+
+
+PRECISION_KEYS = ('bf16_step_time_ratio', 'remat_peak_memory_ratio', 'f32_step_ms',
+                  'bf16_step_ms', 'f32_peak_bytes', 'remat_peak_bytes')
+
+
+def test_quick_precision_benchmark_reports_all_keys(tmp_path):
+  from benchmarks import precision
+  out = tmp_path / 'precision.json'
+  # 1 layer, batch 8, 3 steps; one remat policy keeps the compiles to three.
+  r = precision.main(['--quick', '--layers=1', '--remat=full', f'--out={out}'])
+  saved = json.loads(out.read_text())
+  assert saved['settings']['quick'] is True and saved['remat_policy'] == 'full'
+  for k in PRECISION_KEYS:
+    assert r[k] > 0, k
+  # Not timed: the bf16 run's trainable partition and optimizer state stay float32.
+  assert r['details']['bf16_master_dtypes'] == ['float32']
+  assert r['remat_peak_memory_ratio'] == r['remat_peak_bytes'] / r['f32_peak_bytes']
+
+
+def test_committed_precision_results_have_the_keys():
+  from benchmarks import precision
+  r = json.loads(pathlib.Path(precision.RESULTS).read_text())
+  for k in PRECISION_KEYS:
+    assert k in r, k
+  assert r['settings']['batch_size'] == 32 and r['settings']['max_length'] == 64
+  assert r['settings']['timed_steps'] >= 20

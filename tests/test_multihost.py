@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from peftjax import delta
 from peftjax import tree
@@ -76,3 +77,27 @@ def test_unreachable_coordinator_fails_fast_with_a_clear_error(tmp_path):
   assert p.returncode != 0
   assert f'could not reach the coordinator at 127.0.0.1:{port} within 2 s' in err
   assert 'Traceback' not in err and not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('args,expect', [
+    (['--config.mesh.data=3'], "mesh {'data': 3, 'fsdp': 1, 'expert': 1, 'tensor': 1} needs 3 "
+                               'devices; 8 are available'),
+    (['--config.mesh.fsdp=3'], 'mesh: 8 devices are not divisible by the fixed axes product 3'),
+    (['--config.train.batch_size=12'], 'config.train.batch_size=12 is invalid; valid: a multiple '
+                                       'of the data-parallel size 8'),
+    (['--config.mesh.tensor=2', '--config.mesh.replicated_report_mb=0',
+      '--config.mesh.max_replicated_mb=0'],
+     'mesh.max_replicated_mb=0.0: '),
+])
+def test_scale_out_mistakes_fail_before_compute(tmp_path, args, expect):
+  p = _start([f'--workdir={tmp_path / "w"}', *args], devices=8)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode != 0 and expect in err, err[-2000:]
+  assert 'Traceback' not in err and not (tmp_path / 'w').exists()
+
+
+def test_workdir_that_is_not_writable(tmp_path):
+  (tmp_path / 'file').write_text('')
+  p = _start([f'--workdir={tmp_path / "file" / "run"}'], devices=1)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode != 0 and 'is not writable' in err and 'is not a directory' in err, err

@@ -1,4 +1,5 @@
-"""Meshes from config; a data-parallel step on 8 fake CPU devices equals the 1-device step."""
+"""Meshes from config; data, data x fsdp and data x tensor steps on 8 fake CPU devices equal the
+1-device step."""
 import os
 import subprocess
 import sys
@@ -74,32 +75,49 @@ SCRIPT = textwrap.dedent('''
                 'token_type_ids': np.zeros((16, 16), np.int32),
                 'label': rng.integers(0, 2, 16).astype(np.int32)} for _ in range(3)]
 
-    def run(devices):
-      c.mesh.data = len(devices)
+    def run(devices, **axes):
+      """3 steps on a mesh; params and frozen base placed by their logical axes and the rules."""
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = axes.get('data', -1), axes.get('fsdp', 1), \
+          axes.get('tensor', 1)
       mesh = sharding.make_mesh(c.mesh, devices)
       rules = sharding.rules(c.mesh)
       bsh = sharding.batch_sharding(mesh, rules)
-      state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
-               'opt_state': tx.init(trainable), 'rng': jax.random.key_data(jax.random.key(2))}
-      state = jax.device_put(state, sharding.replicated(mesh))
-      fz = jax.device_put(frozen, sharding.replicated(mesh))
+      base_specs, frozen_specs = tree.partition(built.logical_specs, method.trainable_base)
+      train_sh = sharding.logical_to_sharding(
+          {'base': base_specs, 'peft': method.logical_specs(built.logical_specs, lora)}, mesh, rules)
+      frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
+      params = jax.device_put(trainable, sharding.fit(train_sh, trainable))
+      state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+               'opt_state': jax.jit(tx.init)(params),
+               'rng': jax.random.key_data(jax.random.key(2))}
+      fz = jax.device_put(frozen, sharding.fit(frozen_sh, frozen))
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for b in batches:
           b = {k: jax.device_put(v, bsh) for k, v in b.items()}
           state, m = step(state, fz, b)
-      return jax.device_get(state['params']), state
+      return jax.device_get(state['params']), state, fz
 
-    one, _ = run(jax.devices()[:1])
-    eight, st8 = run(jax.devices())
-    sh = st8['params']['peft']['encoder']['layer_0']['attention']['query']['lora_a'].sharding
-    assert len(sh.device_set) == 8, sh
-    for (p, a), b in zip(tree.flatten(one).items(), tree.flatten(eight).values()):
-      np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5, err_msg=p)
+    one, _, _ = run(jax.devices()[:1], data=1)
+    for axes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, tensor=4)):
+      got, st, fz = run(jax.devices(), **axes)
+      lora_a = st['params']['peft']['encoder']['layer_0']['attention']['query']['lora_a']
+      kernel = fz['encoder']['layer_0']['attention']['query']['kernel']
+      assert len(lora_a.sharding.device_set) == 8, lora_a.sharding
+      if 'fsdp' in axes:  # the frozen base is split over fsdp; LoRA A like the kernel's input
+        assert kernel.sharding.spec[0] == 'fsdp' and lora_a.sharding.spec[0] == 'fsdp', (
+            kernel.sharding, lora_a.sharding)
+        assert kernel.addressable_shards[0].data.shape[0] == 32 // 4
+      if 'tensor' in axes:  # heads split over tensor; LoRA B takes the kernel's output axes
+        lora_b = st['params']['peft']['encoder']['layer_0']['attention']['query']['lora_b']
+        assert kernel.sharding.spec[1] == 'tensor' and lora_b.sharding.spec[1] == 'tensor', (
+            kernel.sharding, lora_b.sharding)
+      for (p, a), b in zip(tree.flatten(one).items(), tree.flatten(got).values()):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5, err_msg=f'{axes} {p}')
     print('OK', len(tree.flatten(one)))
 ''')
 
 
-def test_data_parallel_step_equals_single_device():
+def test_sharded_steps_equal_single_device():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': root}

@@ -61,12 +61,38 @@ class BertConfig:
   attention_dropout_rate: float = 0.1
   grad_barrier: bool = True  # see peftjax/models/barrier.py
   dtype: str = 'float32'  # compute dtype; parameters stay float32
+  remat: str = 'none'  # per-layer rematerialization policy, a key of REMAT_POLICIES
   moe: MoeConfig | None = None  # Mixture-of-Experts FFN settings (None: dense everywhere)
   moe_layers: tuple = ()  # indices of the layers whose FFN is an MoE layer
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+
+# Per-layer rematerialization (``jax.checkpoint`` around each encoder layer): which values of a
+# layer's forward the backward keeps; everything else it recomputes from the layer's input.
+REMAT_POLICIES = {
+    'none': None,  # no layer-level remat (plain autodiff; LayerNorm and GELU remat still apply)
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only the layer input
+    # keep the dense projections' outputs (dots without batch dims), recompute attention,
+    # softmax, GELU and the norms
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _layer_class(cfg: BertConfig):
+  """``Layer``, wrapped in ``nn.remat`` with the configured policy (``Layer`` for 'none').
+
+  ``deterministic`` (positional argument 3, counting ``self``) is static: it selects Python
+  control flow (dropout on/off). Variables of every collection are lifted, so the MoE layers'
+  ``sow`` into ``'moe'`` and dropout rngs pass through the checkpoint unchanged.
+  """
+  if cfg.remat not in REMAT_POLICIES:
+    raise ValueError(f'model.remat={cfg.remat!r}; valid: {", ".join(REMAT_POLICIES)}')
+  if cfg.remat == 'none':
+    return Layer
+  return nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
 
 
 def _init(stddev: float, axes: tuple):
@@ -217,13 +243,17 @@ class BertEncoder(nn.Module):
       raise ValueError(f'moe_layers={cfg.moe_layers} needs a MoeConfig and indices in '
                        f'0..{cfg.num_layers - 1}')
     token_mask = attention_mask > 0 if cfg.moe_layers else None
+    layer_cls = _layer_class(cfg)
     for i in range(cfg.num_layers):
+      # The barrier sits between layers, outside any remat: the residual-stream gradient is
+      # materialized at each layer boundary whether or not the layer recomputes its forward.
       if cfg.grad_barrier:
         x = grad_barrier(x)
       kv = None if prefix_kv is None else (prefix_kv[i][0], prefix_kv[i][1])
       moe = i in cfg.moe_layers
-      x = Layer(cfg, moe=moe, name=f'layer_{i}')(x, mask_bias, deterministic, prefix_kv=kv,
-                                                  **({'token_mask': token_mask} if moe else {}))
+      # Positional arguments: nn.remat's static_argnums index positions.
+      x = layer_cls(cfg, moe=moe, name=f'layer_{i}')(x, mask_bias, deterministic, kv,
+                                                      token_mask if moe else None)
     return x
 
 

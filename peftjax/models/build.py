@@ -71,7 +71,7 @@ def moe_settings(moe_cfg, num_layers: int) -> tuple[MoeConfig | None, tuple]:
 
 
 def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
-          image_shape=None, seed: int = 0, moe_cfg=None) -> Built:
+          image_shape=None, seed: int = 0, moe_cfg=None, dtype: str = 'float32') -> Built:
   """Builds the model named by ``model_cfg.name``.
 
   For ``'bert'``: weights from ``pretrained_dir`` (a HF BERT directory) unless
@@ -79,7 +79,9 @@ def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
   layers; the classifier head is always freshly initialised. With ``moe_cfg.num_experts > 0``
   the FFN of every ``moe_cfg.every``-th layer is an MoE layer, upcycled from the pretrained FFN
   (every expert a copy, a small random router) or randomly initialised without pretrained
-  weights.
+  weights. ``dtype`` is the compute dtype (the top-level ``config.dtype``); the parameters are
+  float32 whatever it is. ``model_cfg.remat`` (absent in old manifests: 'none') sets the
+  per-layer rematerialization.
 
   >>> built = build(cfg.model, num_classes=2, pretrained_dir=minilm_dir())  # doctest: +SKIP
   """
@@ -87,7 +89,8 @@ def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
   if name == 'bert':
     overrides = dict(dropout_rate=model_cfg.dropout_rate,
                      attention_dropout_rate=model_cfg.dropout_rate,
-                     grad_barrier=model_cfg.grad_barrier, dtype=model_cfg.dtype)
+                     grad_barrier=model_cfg.grad_barrier, dtype=dtype,
+                     remat=model_cfg.get('remat', 'none'))
     if model_cfg.num_layers > 0:
       overrides['num_layers'] = model_cfg.num_layers
     if model_cfg.pretrained == 'random':
