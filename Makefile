@@ -24,10 +24,10 @@ run: $(STAMP)
 	$(PY) -m peftjax.main --config=configs/quickstart.py --workdir=$(WORKDIR) --fresh
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) tests
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) -m '' tests
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal -m '' tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/lora_vs_full.py

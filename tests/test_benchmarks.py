@@ -2,6 +2,8 @@
 import json
 import pathlib
 
+import pytest
+
 from benchmarks import lora_vs_full
 
 KEYS = ('lora_step_ms', 'full_step_ms', 'infer_ms', 'step_time_ratio', 'flops_ratio',
@@ -35,6 +37,10 @@ QUANT_KEYS = ('int8_infer_time_ratio', 'int8_weight_bytes_ratio', 'qat_step_time
               'qlora_base_bytes_ratio')
 
 
+# Slow (~1 min each: the quick mode still compiles a dozen programs); `make test-all` runs it.
+# In the default run the committed-results test checks the file this script writes, and the
+# measured pieces have their own unit tests (tests/test_int8.py, test_qat.py, test_moe*.py).
+@pytest.mark.slow
 def test_quick_quant_benchmark_reports_all_keys():
   from benchmarks import quant
   r = quant.main(['--quick'])
@@ -60,6 +66,10 @@ MOE_KEYS = ('moe_vs_dense_step_ratio', 'experts_scaling_ratio', 'onehot_vs_sorte
             'dropped_fraction')
 
 
+# Slow (~1 min each: the quick mode still compiles a dozen programs); `make test-all` runs it.
+# In the default run the committed-results test checks the file this script writes, and the
+# measured pieces have their own unit tests (tests/test_int8.py, test_qat.py, test_moe*.py).
+@pytest.mark.slow
 def test_quick_moe_benchmark_reports_all_keys(tmp_path):
   import math
   from benchmarks import moe
