@@ -518,11 +518,7 @@ def main(argv=None):
     args.vocab, args.drop_layers, args.drop_batches = 512, 1, 2
     args.scaling_experts = (2, 8)
   args.compiler_options = {'xla_backend_optimization_level': 0} if args.quick else None
-  t0 = time.perf_counter()
-  result = run(args)
-  result['settings']['wall_s'] = time.perf_counter() - t0
-  timing.publish(result, report(result), args.out or (None if args.quick else str(RESULTS)))
-  return result
+  return timing.run_and_publish(run, report, args, RESULTS)
 
 
 if __name__ == '__main__':

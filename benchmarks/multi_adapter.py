@@ -341,11 +341,7 @@ def main(argv=None):
   if args.adapters % args.few or args.batch % args.adapters:
     p.error(f'--adapters={args.adapters} must be a multiple of --few={args.few}, and '
             f'--batch={args.batch} a multiple of --adapters')
-  t0 = time.perf_counter()
-  result = run(args)
-  result['settings']['wall_s'] = time.perf_counter() - t0
-  timing.publish(result, report(result), args.out or (None if args.quick else str(RESULTS)))
-  return result
+  return timing.run_and_publish(run, report, args, RESULTS)
 
 
 if __name__ == '__main__':

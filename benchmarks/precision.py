@@ -229,9 +229,7 @@ def main(argv=None):
   elif args.steps < 20:
     p.error(f'--steps={args.steps}; the figures are medians over at least 20 steps '
             '(use --quick for a smoke test)')
-  result = run(args)
-  timing.publish(result, report(result), args.out or (None if args.quick else str(RESULTS)))
-  return result
+  return timing.run_and_publish(run, report, args, RESULTS)
 
 
 if __name__ == '__main__':

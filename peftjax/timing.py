@@ -142,6 +142,20 @@ def memory_bytes(compiled) -> dict:
 # ----------------------------------------------------------------------------- reporting
 
 
+def run_and_publish(run: Callable[[Any], dict], report: Callable[[dict], str], args,
+                    default_out) -> dict:
+  """A benchmark's ``main`` tail: ``run(args)``, its wall time in ``settings.wall_s``, then
+  :func:`publish` to ``args.out``, else ``default_out`` (nowhere but stdout with ``args.quick``).
+
+  >>> run_and_publish(run, report, args, RESULTS)  # doctest: +SKIP
+  """
+  t0 = time.perf_counter()
+  result = run(args)
+  result.setdefault('settings', {})['wall_s'] = time.perf_counter() - t0
+  publish(result, report(result), args.out or (None if args.quick else str(default_out)))
+  return result
+
+
 def publish(result: dict, text: str, out: str | None) -> None:
   """Prints a benchmark's readable report, then writes ``result`` to ``out`` atomically (never a
   partial file) or, without ``out``, prints it as JSON."""
