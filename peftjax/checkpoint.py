@@ -1,4 +1,4 @@
-"""Resumable train-state checkpoints (orbax) and atomic small files.
+"""Resumable train-state checkpoints (orbax), in a local directory or a bucket.
 
 The train state is ``{'step', 'params' (trainable partition only), 'opt_state', 'rng'}``; the
 data position is a pure function of the step (see ``Data.train_batches``), so restoring the
@@ -8,14 +8,13 @@ mid-save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
-import tempfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from peftjax import storage
 
 
 class Checkpointer:
@@ -27,7 +26,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, every: int, keep: int = 2):
     self.every = every
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = storage.path(directory)
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -65,9 +64,10 @@ class Checkpointer:
 
 def latest_step(directory: str | os.PathLike) -> int | None:
   """The newest checkpoint step in ``directory``; None if it has none (nothing is created)."""
-  if not pathlib.Path(directory).is_dir():
+  directory = storage.path(directory)
+  if not directory.is_dir():
     return None
-  mngr = ocp.CheckpointManager(pathlib.Path(directory).absolute(),
+  mngr = ocp.CheckpointManager(directory,
                                options=ocp.CheckpointManagerOptions(create=False))
   try:
     return mngr.latest_step()
@@ -78,25 +78,3 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 def abstract(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a concrete tree, the target of a restore."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Writes to a temporary file in the same directory, then renames it into place: a crash
-  mid-write leaves the previous file (or none) intact, never a partial one."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON atomically (see :func:`write_bytes_atomic`)."""
-  write_bytes_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())

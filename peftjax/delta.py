@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from peftjax import tree as tree_lib
-from peftjax.checkpoint import write_bytes_atomic
+from peftjax import storage
 from peftjax.errors import UserInputError
 
 FORMAT = 'peftjax-delta/1'
@@ -94,20 +94,24 @@ def save_delta(path: str | pathlib.Path, trainable: dict, *, base_params: dict, 
     manifest['parent'] = {'path': str(parent),
                           'params_sha256': read_manifest(parent)['params']['sha256']}
   data = safetensors.numpy.save({**flat, **opt_flat}, metadata={MANIFEST_KEY: json.dumps(manifest)})
-  write_bytes_atomic(path, data)
-  manifest['file_bytes'] = pathlib.Path(path).stat().st_size
+  storage.write_bytes_atomic(path, data)
+  manifest['file_bytes'] = len(data)
   return manifest
 
 
 def read_manifest(path: str | pathlib.Path) -> dict:
   """The manifest of an adapter file; a :class:`DeltaError` if it is unreadable or incomplete."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise DeltaError(f'adapter file {str(path)!r} does not exist')
   try:
-    with safe_open(str(path), framework='numpy') as f:
-      meta = f.metadata() or {}
+    # The safetensors header: an 8-byte little-endian length, then that much JSON. Read just
+    # that (a local file or an object in a bucket alike), not the tensors.
+    with path.open('rb') as f:
+      n = int.from_bytes(f.read(8), 'little')
+      if not 0 < n < 100 << 20:
+        raise ValueError(f'header length {n}')
+      meta = json.loads(f.read(n)).get('__metadata__') or {}
   except Exception as e:  # truncated or not a safetensors file
     raise DeltaError(f'adapter file {str(path)!r} is corrupt or truncated: {e}') from None
   if MANIFEST_KEY not in meta:
@@ -147,7 +151,7 @@ def load_delta(path: str | pathlib.Path, *, base_params: dict | None = None
   if base_params is not None:
     check_base(manifest, base_params, path)
   try:
-    flat = safetensors.numpy.load_file(str(path))
+    flat = safetensors.numpy.load(storage.read_bytes(path))
   except Exception as e:
     raise DeltaError(f'adapter file {str(path)!r} is corrupt or truncated: {e}') from None
   flat = {k: v for k, v in flat.items() if not k.startswith(OPT_PREFIX)}
@@ -165,7 +169,7 @@ def load_opt_state(path: str | pathlib.Path, template):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   if not read_manifest(path).get('opt_state'):
     return None
-  flat = safetensors.numpy.load_file(str(path))
+  flat = safetensors.numpy.load(storage.read_bytes(path))
   leaves, treedef = jax.tree.flatten(template)
   stored = [flat.get(f'{OPT_PREFIX}{i}') for i in range(len(leaves))]
   extra = sum(k.startswith(OPT_PREFIX) for k in flat) - len(leaves)

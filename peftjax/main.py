@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import sys
 
 from absl import app
@@ -49,7 +48,7 @@ _RUN_FILES = ('checkpoints', 'tensorboard', 'metrics.jsonl', 'summary.json', 'ru
               'adapter.safetensors')
 
 
-def _clear_workdir(workdir: pathlib.Path):
+def _clear_workdir(workdir):
   """Removes a previous run's files; refuses a directory that holds other things."""
   if not workdir.exists():
     return
@@ -60,7 +59,7 @@ def _clear_workdir(workdir: pathlib.Path):
   for name in _RUN_FILES:
     p = workdir / name
     if p.is_dir():
-      shutil.rmtree(p)
+      p.rmtree()
     elif p.exists():
       p.unlink()
 
@@ -87,7 +86,8 @@ def main(argv):
     _maybe_init_distributed()
   except UserInputError as e:
     raise SystemExit(f'error: {e}') from None
-  workdir = pathlib.Path(_WORKDIR.value).expanduser()
+  from peftjax import storage
+  workdir = storage.path(_WORKDIR.value)
   if _FRESH.value:
     _clear_workdir(workdir)
   try:

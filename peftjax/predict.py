@@ -143,7 +143,7 @@ def run(adapter_specs: list[str], input_path: str, output_path: str, *, base: st
         max_rank: int = 0, progress: bool = True) -> dict:
   """The whole job (what ``main`` calls); returns a summary. Raises on bad input before
   writing anything."""
-  from peftjax import checkpoint  # pylint: disable=g-import-not-at-top
+  from peftjax import storage  # pylint: disable=g-import-not-at-top
   from peftjax.data.tokenize import Tokenizer  # pylint: disable=g-import-not-at-top
   if batch_size < 1:
     raise PredictError(f'--batch_size={batch_size} is invalid; valid: a positive integer')
@@ -161,7 +161,7 @@ def run(adapter_specs: list[str], input_path: str, output_path: str, *, base: st
   tokenizer = Tokenizer(pathlib.Path(lib.base_source) / 'tokenizer.json', max_length=length)
   preds = predict(lib, requests, class_names, tokenizer, batch_size=batch_size,
                   progress=progress)
-  checkpoint.write_bytes_atomic(out_path, ''.join(json.dumps(p) + '\n' for p in preds).encode())
+  storage.write_bytes_atomic(out_path, ''.join(json.dumps(p) + '\n' for p in preds).encode())
   counts = {n: sum(r['adapter'] == n for r in requests) for n in adapters}
   return {'records': len(preds), 'per_adapter': counts, 'output': str(out_path),
           'compiles': lib.compiles}

@@ -160,7 +160,7 @@ def publish(result: dict, text: str, out: str | None) -> None:
   """Prints a benchmark's readable report, then writes ``result`` to ``out`` atomically (never a
   partial file) or, without ``out``, prints it as JSON."""
   import json  # pylint: disable=g-import-not-at-top
-  from peftjax.checkpoint import write_json_atomic  # pylint: disable=g-import-not-at-top
+  from peftjax.storage import write_json_atomic  # pylint: disable=g-import-not-at-top
   print(text)
   if out:
     write_json_atomic(out, result)

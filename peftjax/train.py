@@ -27,6 +27,7 @@ from peftjax import optim
 from peftjax import peft
 from peftjax import quant
 from peftjax import sharding
+from peftjax import storage
 from peftjax import tree as tree_lib
 from peftjax import unfreeze
 from peftjax import validate as validate_lib
@@ -47,14 +48,25 @@ def _log(msg: str):
 
 
 class MetricWriter:
-  """Metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+  """Metrics to ``metrics.jsonl`` and TensorBoard event files (process 0 only).
 
-  def __init__(self, workdir: pathlib.Path):
+  In a bucket workdir both are staged locally and uploaded at each :meth:`sync` (objects can't
+  be appended to); a resumed run continues the bucket's ``metrics.jsonl``.
+  """
+
+  def __init__(self, workdir):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported lazily: a heavy import
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a')
-      self._tb = SummaryWriter(str(workdir / 'tensorboard'))
+      self._stage = storage.Staging(workdir, resume=('metrics.jsonl',))
+      self._jsonl = open(self._stage.local / 'metrics.jsonl', 'a')
+      self._tb = SummaryWriter(str(self._stage.local / 'tensorboard'))
+
+  def sync(self):
+    """Makes everything written so far visible in the workdir (an upload for a bucket)."""
+    if self.enabled:
+      self._tb.flush()
+      self._stage.sync()
 
   def write(self, step: int, split: str, metrics: dict):
     if not self.enabled:
@@ -69,6 +81,7 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+      self._stage.close()
 
 
 def resolve_pretrained(model_cfg) -> str | None:
@@ -132,7 +145,7 @@ def restore_trained(config, workdir: str) -> tuple[dict, dict]:
   """
   from peftjax.errors import UserInputError
   task = build_task(config)
-  ckpt_dir = pathlib.Path(workdir).expanduser().absolute() / 'checkpoints'
+  ckpt_dir = storage.path(workdir) / 'checkpoints'
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=0)
   if ckpt.latest_step() is None:
     ckpt.close()
@@ -213,7 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   wall0 = time.time()
   # ------------------------------------------------------------------ config
   validate_lib.validate(config)
-  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir = storage.path(workdir)
   _check_writable(workdir)
   t = config.train
 
@@ -303,7 +316,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run_info['accuracy_before'] = before['accuracy']
     _log(f"test accuracy before training: {before['accuracy']:.4f}")
   if jax.process_index() == 0:
-    ckpt_lib.write_json_atomic(run_file, run_info)
+    storage.write_json_atomic(run_file, run_info)
 
   # ------------------------------------------------------------------ the loop
   train_batches = data.train_batches(t.batch_size, config.seed)
@@ -357,12 +370,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                      or step == t.steps):
         last_eval = run_eval(config.data.eval_split)
         writer.write(step, 'eval', last_eval)
+        writer.sync()
         _log(f"step {step}: {config.data.eval_split} accuracy {last_eval['accuracy']:.4f} "
                   f"loss {last_eval['loss']:.4f}")
       if ckpt.save(micro + 1, state, force=(step == t.steps and t.checkpoint_every > 0)):
         run_info['train_seconds'] = train_seconds + time.time() - train_t0
         if jax.process_index() == 0:
-          ckpt_lib.write_json_atomic(run_file, run_info)
+          storage.write_json_atomic(run_file, run_info)
+        writer.sync()  # logs reach a bucket workdir with each checkpoint
   bar.close()
   train_seconds += time.time() - train_t0
 
@@ -406,24 +421,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     _log(f"adapter: {summary['adapter']['path']} ({manifest['file_bytes']:,d} bytes, "
          f"{100 * manifest['adapter_to_base_bytes']:.2f}% of the frozen base)")
   if jax.process_index() == 0:
-    ckpt_lib.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
+    storage.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
   return summary
 
 
-def _check_writable(workdir: pathlib.Path) -> None:
-  """A ConfigError unless ``workdir`` (or, if it does not exist yet, its nearest existing
-  parent) is a directory this process can create files in. Probed with a temporary file that
-  is removed at once, so nothing is left behind."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  probe = workdir
-  while not probe.exists() and probe != probe.parent:
-    probe = probe.parent
+def _check_writable(workdir) -> None:
+  """A ConfigError unless this process can create files in ``workdir`` (a local directory, or
+  its nearest existing parent; or a bucket prefix). The probe removes what it writes."""
   try:
-    if not probe.is_dir():
-      raise NotADirectoryError(f'{probe} is not a directory')
-    with tempfile.TemporaryFile(dir=probe):
-      pass
-  except OSError as e:
+    storage.probe_writable(workdir)
+  except (OSError, ImportError) as e:
     raise ConfigError(f'--workdir={str(workdir)!r} is not writable ({e}); choose a directory '
                       'this process can write to') from None
 

