@@ -157,6 +157,7 @@ def to_hf_tensors(cfg: BertConfig, encoder: dict) -> dict[str, np.ndarray]:
   if cfg.moe_layers:
     raise ExportError(f'model.moe_layers={cfg.moe_layers}: the HF BERT format has no '
                       'Mixture-of-Experts layers; export a dense model')
+  _check_heads(cfg)
   flat = {p: np.asarray(jax.device_get(v)) for p, v in tree_lib.flatten(encoder).items()}
   _check_encoder(cfg, flat)
   d = cfg.hidden_size
@@ -183,9 +184,20 @@ def to_hf_tensors(cfg: BertConfig, encoder: dict) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items()}
 
 
+def _check_heads(cfg: BertConfig) -> None:
+  # HF BERT derives the head size as hidden_size / num_attention_heads; a head-pruned config
+  # (peftjax.compress.prune.prune_heads keeps the head size) has no HF equivalent.
+  if cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+    raise ExportError(
+        f'num_heads={cfg.num_heads} x head_size={cfg.head_dim} != hidden_size={cfg.hidden_size} '
+        '(a head-pruned model): the HF BERT format needs num_heads * head_size == hidden_size; '
+        'export the model before head pruning')
+
+
 def hf_config(cfg: BertConfig, *, num_labels: int | None = None, class_names=None,
               pooling: str = 'mean', source: str = '') -> dict[str, Any]:
   """The ``config.json`` of an export: HF ``BertConfig`` fields + our ``"peftjax"`` block."""
+  _check_heads(cfg)
   out = {
       'model_type': 'bert',
       'architectures': ['BertModel'],

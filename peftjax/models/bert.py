@@ -64,10 +64,13 @@ class BertConfig:
   remat: str = 'none'  # per-layer rematerialization policy, a key of REMAT_POLICIES
   moe: MoeConfig | None = None  # Mixture-of-Experts FFN settings (None: dense everywhere)
   moe_layers: tuple = ()  # indices of the layers whose FFN is an MoE layer
+  # Per-head size; 0 = hidden_size // num_heads. Head pruning (peftjax/compress/prune.py) removes
+  # heads at a fixed hidden size, so there num_heads * head_size < hidden_size.
+  head_size: int = 0
 
   @property
   def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
+    return self.head_size or self.hidden_size // self.num_heads
 
 
 # Per-layer rematerialization (``jax.checkpoint`` around each encoder layer): which values of a
@@ -173,6 +176,7 @@ class SelfAttention(nn.Module):
     q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) + mask_bias
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(cfg.dtype)
+    self.sow('intermediates', 'attention_probs', probs)
     probs = nn.Dropout(cfg.attention_dropout_rate)(probs, deterministic=deterministic)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     ctx = _constrain(ctx, ('batch', 'length', 'heads', 'kv'))
