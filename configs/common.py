@@ -103,6 +103,51 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.percentile = 99.99  # observer='percentile': the |x| percentile taken as the range
   c.quant.calibration_batches = 8  # train batches run through the model to calibrate
 
+  # Compression (peftjax/compress/): applied to the model before the method, composed with it.
+  c.compress = ml_collections.ConfigDict()
+  # Start from a finished run's trained model (its workdir; the method merged into the weights)
+  # instead of the pretrained one: retrain after pruning, compress a fine-tuned classifier.
+  c.compress.init_from = ''
+  c.compress.prune = ml_collections.ConfigDict()
+  # 'none' | 'magnitude' (unstructured) | 'nm' (N:M along the input dim) | 'heads' (attention
+  # heads removed) | 'ffn' (FFN channels removed). heads/ffn return a smaller model.
+  c.compress.prune.kind = 'none'
+  c.compress.prune.targets = r'encoder/.*/(query|key|value|out|intermediate|output)/kernel$'
+  c.compress.prune.sparsity = 0.5  # magnitude: the final fraction of targeted weights pruned
+  c.compress.prune.scope = 'layer'  # magnitude: 'layer' (each leaf) | 'global' (all targets ranked)
+  # Gradual pruning (Zhu & Gupta): the sparsity ramps cubically from initial_sparsity at
+  # begin_step to sparsity at end_step, masks recomputed every `every` updates. end_step = 0:
+  # one shot before training (the mask then stays fixed: pruned weights stay zero).
+  c.compress.prune.initial_sparsity = 0.0
+  c.compress.prune.begin_step = 0
+  c.compress.prune.end_step = 0
+  c.compress.prune.every = 10
+  c.compress.prune.n = 2  # nm: keep n of every m consecutive input weights (2:4)
+  c.compress.prune.m = 4
+  c.compress.prune.keep_heads = 6  # heads: heads kept in every layer
+  c.compress.prune.keep_ffn = 768  # ffn: FFN channels kept in every layer
+  c.compress.prune.score = 'magnitude'  # heads/ffn: 'magnitude' | 'first_order' (|sum w*grad|)
+  c.compress.prune.score_batches = 4  # first_order: train batches the gradients are summed over
+  c.compress.distill = ml_collections.ConfigDict()
+  c.compress.distill.teacher = ''  # workdir of a finished run: its model is the teacher; '' = off
+  # The student: 'every_other' (the teacher's layers 0, 2, 4, ... with its head: DistilBERT's
+  # init), a tuple of teacher layer indices, or '' (the model section: e.g. model.num_layers=3).
+  c.compress.distill.student_layers = 'every_other'
+  c.compress.distill.temperature = 2.0  # softmax temperature T of the soft targets
+  c.compress.distill.alpha = 0.5  # weight of the soft (T^2-scaled KL) term; 1 - alpha: labels
+  c.compress.lowrank = ml_collections.ConfigDict()
+  c.compress.lowrank.targets = ''  # regex of kernels replaced by two SVD factors; '' = off
+  c.compress.lowrank.rank = 0  # one rank for every target; 0 = use energy
+  c.compress.lowrank.energy = 0.0  # per kernel, the smallest rank keeping this share of sum(S^2)
+  # Weight sharing (the Deep Compression pipeline, peftjax/compress/deep.py): k-means into
+  # 2^bits shared values per layer, centroids fine-tuned, indices Huffman-coded.
+  c.compress.share = ml_collections.ConfigDict()
+  c.compress.share.bits = 5
+  c.compress.share.targets = r'(kernel|embedding)$'
+  c.compress.share.finetune_steps = 100  # centroid fine-tuning updates after clustering
+  c.compress.share.learning_rate = 1e-4
+  c.compress.share.gap_bits = 5  # bits of a relative sparse index (Han et al.: 5 fc, 8 conv)
+
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-4  # peak learning rate
   c.optim.schedule = 'cosine'  # 'cosine' | 'linear' | 'constant' (after warmup)

@@ -4,6 +4,8 @@ One explicit function, :func:`train_and_evaluate`, with banner comments for each
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import pathlib
 import sys
@@ -18,6 +20,10 @@ import optax
 import tqdm
 
 from peftjax import checkpoint as ckpt_lib
+from peftjax.compress import distill as distill_lib
+from peftjax.compress import lowrank
+from peftjax.compress import plan as compress_lib
+from peftjax.compress import prune as prune_lib
 from peftjax import data as data_lib
 from peftjax import delta
 from peftjax import evaluate as eval_lib
@@ -104,6 +110,11 @@ def build_task(config):
   built = models.build(config.model, num_classes=info.num_classes, pretrained_dir=pretrained,
                        image_shape=info.image_shape, seed=config.seed,
                        moe_cfg=config.get('moe'), dtype=config.get('dtype', 'float32'))
+  plan = compress_lib.Plan()
+  if config.get('compress') is not None:
+    built, plan = compress_lib.prepare(config, built, data, load_finished)
+    if plan.masks is not None:  # pruned before the method sees the base (e.g. PiSSA's SVD)
+      built.params = prune_lib.apply_masks(built.params, plan.masks)
   method = quant.wrap(peft.build(config.peft), config.quant)
   inputs = sample_inputs(built.input_keys, length=config.data.max_length,
                          image_shape=info.image_shape)
@@ -116,9 +127,33 @@ def build_task(config):
         built.module, base, peft_params,
         [batches[i] for i in range(config.quant.calibration_batches)], built.input_keys)
   base_trainable, frozen = tree_lib.partition(base, method.trainable_base)
-  return dict(data=data, built=built, method=method, frozen=frozen,
+  return dict(data=data, built=built, method=method, frozen=frozen, plan=plan,
               trainable={'base': base_trainable, 'peft': peft_params},
               peft_specs=method.logical_specs(built.logical_specs, peft_params))
+
+
+def load_finished(workdir: str) -> tuple[Any, models.Built]:
+  """``(config, Built)`` of the finished run in ``workdir``, its method merged into the weights.
+
+  The run's own config comes from its ``summary.json``; the result is a plain model (no method)
+  that a later run can start from or learn from (``compress.init_from``, ``compress.distill``).
+
+  >>> cfg, teacher = load_finished('/tmp/run')  # doctest: +SKIP
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from peftjax.errors import UserInputError  # pylint: disable=g-import-not-at-top
+  summary = storage.path(workdir) / 'summary.json'
+  if not summary.exists():
+    raise UserInputError(f'{str(summary)!r} does not exist: {workdir!r} is not a finished run '
+                         '(train it first: python -m peftjax.main --config=... --workdir=...)')
+  config = ml_collections.ConfigDict(json.loads(summary.read_text())['config'])
+  task, params = restore_trained(config, workdir)
+  try:
+    merged = task['method'].merge(params['base'], params['peft'])
+  except NotImplementedError as e:
+    raise UserInputError(f'{workdir!r}: its {task["method"].name} model cannot be merged into '
+                         f'plain weights ({e}); use a run of a mergeable method') from None
+  return config, dataclasses.replace(task['built'], params=merged)
 
 
 def _depth(built) -> int:
@@ -159,51 +194,84 @@ def restore_trained(config, workdir: str) -> tuple[dict, dict]:
   base_train, frozen = tree_lib.partition(base, sel)
   _, state = initial_state(config, task['built'], {'base': base_train,
                                                    'peft': task['trainable']['peft']})
+  state, _ = _add_masks(config, task['plan'], state, config.optim.grad_accum_steps)
   state = ckpt.restore_latest(ckpt_lib.abstract(state))
   ckpt.close()
   params = state['params']
   return task, {'base': tree_lib.combine(frozen, params['base']), 'peft': params['peft']}
 
 
-def make_forward(built, method):
+def make_forward(built, method, *, factored: bool = False):
   """``forward(trainable, frozen, inputs, rng, deterministic, with_aux) -> logits``.
 
-  ``with_aux=True`` returns ``(logits, moe collection)`` (see :func:`peft.apply`).
+  ``with_aux=True`` returns ``(logits, moe collection)`` (see :func:`peft.apply`). With
+  ``factored``, layers holding low-rank factors run as two matmuls (``compress.lowrank``).
   """
   def forward(trainable, frozen, inputs, rng=None, deterministic=True, with_aux=False):
     base = tree_lib.combine(frozen, trainable['base'])
-    return peft.apply(built.module, method, base, trainable['peft'], inputs, rng=rng,
-                      deterministic=deterministic, with_aux=with_aux)
+    with lowrank.scope() if factored else contextlib.nullcontext():
+      return peft.apply(built.module, method, base, trainable['peft'], inputs, rng=rng,
+                        deterministic=deterministic, with_aux=with_aux)
+  return forward
+
+
+def make_teacher_forward(teacher: models.Built):
+  """``teacher_forward(params, inputs) -> logits``: the teacher in eval mode, no method."""
+  factored = bool(lowrank.factored_paths(teacher.params))
+
+  def forward(params, inputs):
+    with lowrank.scope() if factored else contextlib.nullcontext():
+      return teacher.module.apply({'params': params}, **inputs, deterministic=True)
   return forward
 
 
 def make_train_step(forward, tx, input_keys, *, balance_coef: float = 0.01,
-                    z_coef: float = 1e-3):
+                    z_coef: float = 1e-3, teacher_forward=None, distill_cfg=None,
+                    mask_update=None):
   """The jitted step: loss, gradients w.r.t. the trainable partition only, update.
+
+  ``train_step(state, frozen, batch, teacher_params=None) -> (state, metrics)``.
 
   The loss is the cross-entropy plus, for a model with MoE layers, ``balance_coef`` x the
   load-balancing loss and ``z_coef`` x the router z-loss (averaged over the MoE layers); the
-  metrics then also hold ``balance_loss``, ``z_loss`` and ``dropped_fraction``.
+  metrics then also hold ``balance_loss``, ``z_loss`` and ``dropped_fraction``. With a
+  ``teacher_forward`` (``compress.distill``) the label loss becomes the distillation loss
+  (``distill.kd_loss`` with ``distill_cfg``'s temperature and alpha); the teacher runs in the
+  same program on ``teacher_params`` with its gradient stopped. With ``mask_update``
+  (``compress.prune``), ``state['masks']`` is updated and applied to the trainable base after
+  every update, so pruned weights stay exactly zero.
   """
   xla_cpu.use_unrolled_threefry()  # dropout masks ~15x faster on CPU, same bits
 
-  def loss_fn(trainable, frozen, batch, rng):
+  def loss_fn(trainable, frozen, batch, rng, teacher_params):
     inputs = {k: batch[k] for k in input_keys}
     logits, aux = forward(trainable, frozen, inputs, rng, deterministic=False, with_aux=True)
     logits = logits.astype(jnp.float32)  # the loss in float32 whatever the compute dtype
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     aux_loss, metrics = moe_lib.aux_losses(aux, balance_coef, z_coef)
+    if teacher_forward is None:
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    else:
+      teacher = jax.lax.stop_gradient(
+          teacher_forward(jax.lax.stop_gradient(teacher_params), inputs)).astype(jnp.float32)
+      loss, parts = distill_lib.kd_loss(logits, teacher, batch['label'],
+                                        temperature=distill_cfg.temperature,
+                                        alpha=distill_cfg.alpha)
+      metrics.update(soft_loss=parts['soft'], hard_loss=parts['hard'],
+                     agreement=(logits.argmax(-1) == teacher.argmax(-1)).mean())
     metrics['loss'] = loss
     metrics['accuracy'] = (logits.argmax(-1) == batch['label']).mean()
     return loss + aux_loss, metrics
 
-  def train_step(state, frozen, batch):
+  def train_step(state, frozen, batch, teacher_params=None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], frozen, batch, rng)
+        state['params'], frozen, batch, rng, teacher_params)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
+    if mask_update is not None:
+      base, masks = mask_update(new_state['step'], params['base'], state['masks'])
+      new_state.update(params=dict(params, base=base), masks=masks)
     return new_state, {**metrics, 'grad_norm': optax.tree.norm(grads)}
 
   return train_step
@@ -276,15 +344,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ optimizer and state
   tx, state = initial_state(config, built, trainable)
+  plan = task['plan']
+  state, mask_update = _add_masks(config, plan, state, accum)
   if t.init_adapter and not latest:
     state = _start_from_adapter(t.init_adapter, state, frozen)
 
   # ------------------------------------------------------------------ jitted functions
-  forward = make_forward(built, method)
+  forward = make_forward(built, method, factored=plan.factored)
   moe_cfg = config.get('moe')
   coefs = ({} if moe_cfg is None else
            dict(balance_coef=moe_cfg.balance_coef, z_coef=moe_cfg.z_coef))
-  train_step = jax.jit(make_train_step(forward, tx, built.input_keys, **coefs),
+  teacher_params = teacher_forward = None
+  if plan.teacher is not None:
+    # The teacher's weights are sharded like any model's and passed to the step as an argument
+    # (not baked into the program as constants).
+    t_sh = sharding.logical_to_sharding(plan.teacher.logical_specs, mesh, rules)
+    teacher_params = _place(plan.teacher.params, sharding.fit(t_sh, plan.teacher.params))
+    teacher_forward = make_teacher_forward(plan.teacher)
+  train_step = jax.jit(make_train_step(forward, tx, built.input_keys, **coefs,
+                                       teacher_forward=teacher_forward,
+                                       distill_cfg=config.compress.distill if plan.teacher
+                                       else None, mask_update=mask_update),
                        donate_argnums=(0,))
 
   @jax.jit
@@ -341,7 +421,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         _log(f'step {micro // accum}: unfreezing; {tree_lib.count(trainable):,d} '
                   'parameters train now')
       batch = _put_batch(train_batches[micro], bsh)
-      state, metrics = train_step(state, frozen, batch)
+      state, metrics = train_step(state, frozen, batch, teacher_params)
       m = jax.device_get(metrics)
       step = (micro + 1) // accum
       if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
@@ -405,6 +485,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       'dataset': data.info.name,
       'config': config.to_dict(),
   }
+  if plan.report or plan.masks is not None:
+    base = sharding.to_host(tree_lib.combine(frozen, state['params']['base']))
+    summary['compression'] = {**plan.report,
+                              **compress_lib.size_summary(base, config.compress)}
+    if plan.teacher is not None:
+      summary['compression']['distill']['teacher_accuracy'] = json.loads(
+          (storage.path(config.compress.distill.teacher) / 'summary.json').read_text()
+      )['accuracy_after']
   if t.save_adapter:
     # The trainable partition alone, with its provenance (peftjax/delta.py). Every process
     # gathers (a collective when weights are sharded over processes); process 0 writes.
@@ -423,6 +511,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     storage.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
   return summary
+
+
+def _add_masks(config, plan, state: dict, accum: int):
+  """``(state, mask_update)``: the pruning masks of trainable leaves join the train state
+  (they are checkpointed and, with gradual pruning, change); frozen leaves were pruned once."""
+  train_masks, frozen_masks = compress_lib.split_masks(plan.masks, state['params']['base'])
+  if plan.gradual and frozen_masks:
+    raise ConfigError(
+        f'gradual pruning (compress.prune.end_step={config.compress.prune.end_step}) of frozen '
+        f'weights ({next(iter(tree_lib.flatten(frozen_masks)))}, ...): their mask could never '
+        'change; use peft.method=full, or end_step=0 to prune once before training')
+  if not train_masks:
+    return state, None
+  flat_params = tree_lib.flatten(state['params']['base'])
+  masks = tree_lib.unflatten({k: jax.device_put(m, flat_params[k].sharding)
+                              for k, m in tree_lib.flatten(train_masks).items()})
+  return dict(state, masks=masks), compress_lib.mask_update(config.compress.prune, accum)
 
 
 def _check_writable(workdir) -> None:

@@ -109,6 +109,13 @@ def validate(c) -> None:
     check_schedule(t.unfreeze)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if c.get('compress') is not None:
+    from peftjax.compress import plan  # pylint: disable=g-import-not-at-top
+    plan.validate(c.compress)
+    if c.compress.prune.kind in ('magnitude', 'nm') and t.unfreeze:
+      raise ConfigError(f'compress.prune.kind={c.compress.prune.kind!r} with train.unfreeze='
+                        f'{t.unfreeze!r}; valid: one of them (masks are kept on the leaves '
+                        'trainable from the start)')
 
 
 def validate_moe(c) -> None:

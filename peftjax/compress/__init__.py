@@ -1,0 +1,1 @@
+"""Compression: pruning, distillation, low-rank factorization, weight sharing."""
