@@ -135,6 +135,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.compress.distill.student_layers = 'every_other'
   c.compress.distill.temperature = 2.0  # softmax temperature T of the soft targets
   c.compress.distill.alpha = 0.5  # weight of the soft (T^2-scaled KL) term; 1 - alpha: labels
+  # Also match layer outputs (mean squared error over real tokens) and attention distributions
+  # (KL over real keys) of student layer i with the teacher layer it replaces (BERT only).
+  c.compress.distill.hidden_weight = 0.0
+  c.compress.distill.attention_weight = 0.0
   c.compress.lowrank = ml_collections.ConfigDict()
   c.compress.lowrank.targets = ''  # regex of kernels replaced by two SVD factors; '' = off
   c.compress.lowrank.rank = 0  # one rank for every target; 0 = use energy

@@ -207,27 +207,33 @@ def make_forward(built, method, *, factored: bool = False):
   ``with_aux=True`` returns ``(logits, moe collection)`` (see :func:`peft.apply`). With
   ``factored``, layers holding low-rank factors run as two matmuls (``compress.lowrank``).
   """
-  def forward(trainable, frozen, inputs, rng=None, deterministic=True, with_aux=False):
+  def forward(trainable, frozen, inputs, rng=None, deterministic=True, with_aux=False,
+              capture=None):
     base = tree_lib.combine(frozen, trainable['base'])
     with lowrank.scope() if factored else contextlib.nullcontext():
       return peft.apply(built.module, method, base, trainable['peft'], inputs, rng=rng,
-                        deterministic=deterministic, with_aux=with_aux)
+                        deterministic=deterministic, with_aux=with_aux, capture=capture)
   return forward
 
 
-def make_teacher_forward(teacher: models.Built):
-  """``teacher_forward(params, inputs) -> logits``: the teacher in eval mode, no method."""
+def make_teacher_forward(teacher: models.Built, *, taps: bool = False):
+  """``teacher_forward(params, inputs) -> logits``: the teacher in eval mode, no method.
+
+  With ``taps``, a :class:`distill.Taps` with every layer's output and attention probabilities.
+  """
   factored = bool(lowrank.factored_paths(teacher.params))
 
   def forward(params, inputs):
     with lowrank.scope() if factored else contextlib.nullcontext():
+      if taps:
+        return distill_lib.run_bert(teacher.module, params, inputs)
       return teacher.module.apply({'params': params}, **inputs, deterministic=True)
   return forward
 
 
 def make_train_step(forward, tx, input_keys, *, balance_coef: float = 0.01,
                     z_coef: float = 1e-3, teacher_forward=None, distill_cfg=None,
-                    mask_update=None):
+                    layer_map=None, mask_update=None):
   """The jitted step: loss, gradients w.r.t. the trainable partition only, update.
 
   ``train_step(state, frozen, batch, teacher_params=None) -> (state, metrics)``.
@@ -236,28 +242,51 @@ def make_train_step(forward, tx, input_keys, *, balance_coef: float = 0.01,
   load-balancing loss and ``z_coef`` x the router z-loss (averaged over the MoE layers); the
   metrics then also hold ``balance_loss``, ``z_loss`` and ``dropped_fraction``. With a
   ``teacher_forward`` (``compress.distill``) the label loss becomes the distillation loss
-  (``distill.kd_loss`` with ``distill_cfg``'s temperature and alpha); the teacher runs in the
-  same program on ``teacher_params`` with its gradient stopped. With ``mask_update``
+  (``distill.kd_loss`` with ``distill_cfg``'s temperature and alpha, plus its
+  ``hidden_weight`` x hidden-state and ``attention_weight`` x attention matching of student
+  layer i with teacher layer ``layer_map[i]``; the teacher forward then returns
+  ``distill.Taps``); the teacher runs in the same program on ``teacher_params`` with its
+  gradient stopped. With ``mask_update``
   (``compress.prune``), ``state['masks']`` is updated and applied to the trainable base after
   every update, so pruned weights stay exactly zero.
   """
   xla_cpu.use_unrolled_threefry()  # dropout masks ~15x faster on CPU, same bits
 
+  matching = teacher_forward is not None and bool(
+      distill_cfg.get('hidden_weight', 0.0) or distill_cfg.get('attention_weight', 0.0))
+
   def loss_fn(trainable, frozen, batch, rng, teacher_params):
     inputs = {k: batch[k] for k in input_keys}
-    logits, aux = forward(trainable, frozen, inputs, rng, deterministic=False, with_aux=True)
+    if matching:
+      logits, aux, inter = forward(trainable, frozen, inputs, rng, deterministic=False,
+                                   capture=distill_lib.is_layer_call)
+    else:
+      logits, aux = forward(trainable, frozen, inputs, rng, deterministic=False, with_aux=True)
     logits = logits.astype(jnp.float32)  # the loss in float32 whatever the compute dtype
     aux_loss, metrics = moe_lib.aux_losses(aux, balance_coef, z_coef)
     if teacher_forward is None:
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     else:
       teacher = jax.lax.stop_gradient(
-          teacher_forward(jax.lax.stop_gradient(teacher_params), inputs)).astype(jnp.float32)
-      loss, parts = distill_lib.kd_loss(logits, teacher, batch['label'],
+          teacher_forward(jax.lax.stop_gradient(teacher_params), inputs))
+      t_logits = (teacher.logits if matching else teacher).astype(jnp.float32)
+      loss, parts = distill_lib.kd_loss(logits, t_logits, batch['label'],
                                         temperature=distill_cfg.temperature,
                                         alpha=distill_cfg.alpha)
       metrics.update(soft_loss=parts['soft'], hard_loss=parts['hard'],
-                     agreement=(logits.argmax(-1) == teacher.argmax(-1)).mean())
+                     agreement=(logits.argmax(-1) == t_logits.argmax(-1)).mean())
+      if matching:
+        student = distill_lib.taps_from(logits, inter)
+        lmap = layer_map or distill_lib.uniform_layer_map(len(student.hiddens),
+                                                          len(teacher.hiddens))
+        for name, weight, fn, field in (
+            ('hidden_loss', distill_cfg.hidden_weight, distill_lib.hidden_loss, 'hiddens'),
+            ('attention_loss', distill_cfg.attention_weight, distill_lib.attention_loss,
+             'attentions')):
+          if weight:
+            metrics[name] = fn(getattr(student, field), getattr(teacher, field), lmap,
+                               batch['attention_mask'])
+            loss = loss + weight * metrics[name]
     metrics['loss'] = loss
     metrics['accuracy'] = (logits.argmax(-1) == batch['label']).mean()
     return loss + aux_loss, metrics
@@ -360,11 +389,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # (not baked into the program as constants).
     t_sh = sharding.logical_to_sharding(plan.teacher.logical_specs, mesh, rules)
     teacher_params = _place(plan.teacher.params, sharding.fit(t_sh, plan.teacher.params))
-    teacher_forward = make_teacher_forward(plan.teacher)
+    d = config.compress.distill
+    teacher_forward = make_teacher_forward(plan.teacher,
+                                           taps=bool(d.hidden_weight or d.attention_weight))
   train_step = jax.jit(make_train_step(forward, tx, built.input_keys, **coefs,
                                        teacher_forward=teacher_forward,
                                        distill_cfg=config.compress.distill if plan.teacher
-                                       else None, mask_update=mask_update),
+                                       else None, layer_map=plan.layer_map,
+                                       mask_update=mask_update),
                        donate_argnums=(0,))
 
   @jax.jit

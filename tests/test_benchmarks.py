@@ -171,3 +171,34 @@ def test_committed_precision_results_have_the_keys():
     assert k in r, k
   assert r['settings']['batch_size'] == 32 and r['settings']['max_length'] == 64
   assert r['settings']['timed_steps'] >= 20
+
+
+COMPRESSION_KEYS = ('student_infer_time_ratio', 'head_pruned_50_infer_time_ratio',
+                    'svd_half_rank_infer_time_ratio', 'deep_compression_size_ratio',
+                    'huffman_roundtrip_exact')
+
+
+@pytest.mark.slow  # ~1 min: it trains the MNIST model twice; test_compress_train covers the parts
+def test_quick_compression_benchmark_reports_all_keys(tmp_path):
+  from benchmarks import compression
+  out = tmp_path / 'compression.json'
+  r = compression.main(['--quick', f'--out={out}'])
+  assert json.loads(out.read_text())['settings']['quick'] is True
+  for k in COMPRESSION_KEYS:
+    assert k in r, k
+  p = r['details']['params']
+  # Not timed: every smaller model really has fewer parameters than the teacher.
+  assert p['student'] < p['heads_pruned_50'] < p['teacher'] and p['svd_half_rank'] < p['teacher']
+  stages = r['details']['deep_compression_mnist']['stages']
+  assert r['deep_compression_size_ratio'] == stages[-1]['bytes'] / stages[0]['bytes']
+  assert r['huffman_roundtrip_exact'] is True
+
+
+def test_committed_compression_results_have_the_keys():
+  from benchmarks import compression
+  r = json.loads(pathlib.Path(compression.RESULTS).read_text())
+  for k in COMPRESSION_KEYS:
+    assert k in r, k
+  assert r['settings']['batch_size'] == 32 and r['settings']['max_length'] == 64
+  assert r['settings']['timed_calls'] >= 20 and not r['settings']['quick']
+  assert r['huffman_roundtrip_exact'] is True

@@ -88,19 +88,19 @@ def check_hparams(temperature, alpha, hidden_weight=0.0, attention_weight=0.0) -
 
   >>> check_hparams(temperature=2.0, alpha=0.5)
   >>> check_hparams(temperature=0.0, alpha=0.5)  # doctest: +SKIP
-  ConfigError: distill.temperature=0.0; valid: a number > 0 (1 = plain softmax, 2-20 typical)
+  ConfigError: compress.distill.temperature=0.0; valid: a number > 0 (1 = plain softmax, ...)
   """
-  t = _number('distill.temperature', temperature)
+  t = _number('compress.distill.temperature', temperature)
   # `not x > 0` rather than `x <= 0`: NaN fails too.
   if t is not None and not t > 0:
-    raise ConfigError(f'distill.temperature={temperature!r}; valid: a number > 0 '
+    raise ConfigError(f'compress.distill.temperature={temperature!r}; valid: a number > 0 '
                       '(1 = plain softmax, 2-20 typical)')
-  a = _number('distill.alpha', alpha)
+  a = _number('compress.distill.alpha', alpha)
   if a is not None and not 0.0 <= a <= 1.0:
-    raise ConfigError(f'distill.alpha={alpha!r}; valid: a number in [0, 1] '
+    raise ConfigError(f'compress.distill.alpha={alpha!r}; valid: a number in [0, 1] '
                       '(the weight of the soft term; 1 - alpha weights the label cross-entropy)')
-  for field, value in (('distill.hidden_weight', hidden_weight),
-                       ('distill.attention_weight', attention_weight)):
+  for field, value in (('compress.distill.hidden_weight', hidden_weight),
+                       ('compress.distill.attention_weight', attention_weight)):
     w = _number(field, value)
     if w is not None and not w >= 0.0:
       raise ConfigError(f'{field}={value!r}; valid: a number >= 0 (0 turns the term off)')
@@ -140,10 +140,11 @@ def check_layer_map(layer_map, num_student_layers: int, num_teacher_layers: int)
   >>> check_layer_map((1, 3, 5), 3, 6)
   (1, 3, 5)
   """
-  out = _check_indices('distill.layer_map', layer_map, num_teacher_layers, 'teacher layer')
+  out = _check_indices('compress.distill.layer_map', layer_map, num_teacher_layers,
+                       'teacher layer')
   if len(out) != num_student_layers:
-    raise ConfigError(f'distill.layer_map={out} has {len(out)} entries; valid: one teacher layer '
-                      f'index per student layer ({num_student_layers})')
+    raise ConfigError(f'compress.distill.layer_map={out} has {len(out)} entries; valid: one '
+                      f'teacher layer index per student layer ({num_student_layers})')
   return out
 
 
@@ -185,9 +186,10 @@ def kd_loss(student_logits, teacher_logits, labels, *, temperature, alpha, weigh
   ``loss = mean_b[alpha * soft_b + (1 - alpha) * hard_b]`` with ``soft_b = T^2 *
   KL(softmax(t_b / T) || softmax(s_b / T))`` and ``hard_b`` the cross-entropy with the label.
   The ``T^2`` keeps the soft term's gradient, ``alpha * T * (softmax(s/T) - softmax(t/T)) / B``,
-  about as large as at ``T = 1`` for any temperature. ``weight`` (``(batch,)``) weights examples
-  (0 for padding rows); the mean is then ``sum(w * l) / sum(w)``. The teacher's gradient is
-  stopped.
+  of a similar size at every temperature (for zero-mean logits it tends to
+  ``alpha * (s - t) / (C * B)`` as ``T`` grows), so changing ``T`` does not rescale ``alpha``.
+  ``weight`` (``(batch,)``) weights examples (0 for padding rows); the mean is then
+  ``sum(w * l) / sum(w)``. The teacher's gradient is stopped.
 
   Returns ``(loss, {'soft': mean soft_b, 'hard': mean hard_b})``, so ``loss = alpha * soft +
   (1 - alpha) * hard``.
@@ -293,7 +295,8 @@ def attention_loss(student_attentions, teacher_attentions, layer_map, mask):
 # ----------------------------------------------------------------------------- running a model
 
 
-def _is_layer_call(module, method_name: str) -> bool:
+def is_layer_call(module, method_name: str) -> bool:
+  """The capture filter of every encoder layer's output (``capture_intermediates``)."""
   # nn.remat(Layer) subclasses Layer, so this also captures rematerialized layers.
   return isinstance(module, Layer) and method_name == '__call__'
 
@@ -315,15 +318,21 @@ def run_bert(module: nn.Module, params, inputs: dict, *, rng=None,
   """
   rngs = {} if rng is None else {'dropout': rng}
   logits, state = module.apply({'params': params}, **inputs, deterministic=deterministic,
-                               rngs=rngs, capture_intermediates=_is_layer_call,
+                               rngs=rngs, capture_intermediates=is_layer_call,
                                mutable=['intermediates', 'moe'])
-  enc = state['intermediates']['encoder']
+  return taps_from(logits, state['intermediates'], state.get('moe', {}))
+
+
+def taps_from(logits, intermediates: dict, aux=None) -> Taps:
+  """:class:`Taps` from a BERT forward's ``'intermediates'`` collection captured with
+  :func:`is_layer_call` (e.g. ``peft.apply(..., capture=is_layer_call)``)."""
+  enc = intermediates['encoder']
   n = len([k for k in enc if k.startswith('layer_')])
   layers = [enc[f'layer_{i}'] for i in range(n)]
   return Taps(logits=logits,
               hiddens=tuple(l['__call__'][0] for l in layers),
               attentions=tuple(l['attention']['attention_probs'][0] for l in layers),
-              aux=state.get('moe', {}))
+              aux=aux)
 
 
 # ----------------------------------------------------------------------------- building students
@@ -339,10 +348,11 @@ def select_layers(num_layers: int, layers='every_other') -> tuple[int, ...]:
   """
   if isinstance(layers, str):
     if layers != 'every_other':
-      raise ConfigError(f"distill.layers={layers!r}; valid: 'every_other' or a tuple of strictly "
-                        f'increasing teacher layer indices in 0..{num_layers - 1}')
+      raise ConfigError(f"compress.distill.student_layers={layers!r}; valid: 'every_other' or "
+                        f'a tuple of strictly increasing teacher layer indices in '
+                        f'0..{num_layers - 1}')
     return tuple(range(0, num_layers, 2))
-  return _check_indices('distill.layers', layers, num_layers, 'teacher layer')
+  return _check_indices('compress.distill.student_layers', layers, num_layers, 'teacher layer')
 
 
 def _encoder_of(cfg: BertConfig, params) -> tuple[dict, bool]:
@@ -415,7 +425,13 @@ def fresh_student(cfg: BertConfig, num_layers: int, *, num_classes: int, rng,
 
 
 def _as_taps(out) -> Taps:
-  return out if isinstance(out, Taps) else Taps(logits=out)
+  if isinstance(out, Taps):
+    return out
+  if isinstance(out, (tuple, list, dict)):
+    # e.g. train's forward with with_aux=True, which returns (logits, aux).
+    raise UserInputError(f'a distillation forward returned a {type(out).__name__}; valid: the '
+                         'logits array or Taps(logits, ..., aux=...)')
+  return Taps(logits=out)
 
 
 def make_distill_loss(student_forward: Callable, teacher_forward: Callable, *,
@@ -471,7 +487,7 @@ def make_distill_loss(student_forward: Callable, teacher_forward: Callable, *,
   """
   check_hparams(temperature, alpha, hidden_weight, attention_weight)
   if layer_map is not None:
-    layer_map = _check_indices('distill.layer_map', layer_map, None, 'teacher layer')
+    layer_map = _check_indices('compress.distill.layer_map', layer_map, None, 'teacher layer')
   input_keys = tuple(input_keys)
 
   def loss_fn(student_params, teacher_params, batch, rng=None, deterministic: bool = False):

@@ -15,6 +15,7 @@ runs factored layers (:func:`peftjax.compress.lowrank.scope`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -70,13 +71,16 @@ def validate(cc) -> None:
     raise ConfigError(f'compress.prune.score={p.score!r}; valid: {", ".join(SCORES)}')
   d = cc.distill
   if d.teacher:
-    distill_lib.check_hparams(d.temperature, d.alpha)
+    distill_lib.check_hparams(d.temperature, d.alpha, d.hidden_weight, d.attention_weight)
   lr = cc.lowrank
   if lr.targets and not ((lr.rank > 0) != (lr.energy > 0)):
     raise ConfigError(f'compress.lowrank rank={lr.rank}, energy={lr.energy}; valid: exactly one '
                       'of rank >= 1 or energy in (0, 1]')
   if lr.targets and lr.energy > 1.0:
     raise ConfigError(f'compress.lowrank.energy={lr.energy}; valid: (0, 1]')
+  from peftjax.compress import huffman, share  # pylint: disable=g-import-not-at-top
+  share.check_bits(cc.share.bits, 'compress.share.bits')
+  huffman.check_gap_bits(cc.share.gap_bits, 'compress.share.gap_bits')
 
 
 def rebuild(built: Built, module: nn.Module, params: dict, image_shape=None) -> Built:
@@ -93,6 +97,26 @@ def _check_same_shapes(field: str, want: dict, have: dict) -> None:
   if bad:
     raise ConfigError(f'{field}: the run\'s model does not fit this config\'s model (first '
                       f'difference: {bad[0]}); use the same model section as that run')
+
+
+def _check_teacher_fits(teacher: Built, student: Built, path: str, image_shape=None) -> None:
+  """A ConfigError unless the teacher reads the student's inputs and gives logits of the
+  student's shape (shapes only: nothing is computed)."""
+  if tuple(teacher.input_keys) != tuple(student.input_keys):
+    raise ConfigError(f'compress.distill.teacher={path!r} reads {teacher.input_keys}; the '
+                      f'student reads {student.input_keys}: a teacher must take the same inputs')
+  inputs = sample_inputs(student.input_keys, image_shape=image_shape)
+  shape = lambda b: jax.eval_shape(
+      lambda p: _apply(b, p, inputs), b.params).shape
+  t, s = shape(teacher), shape(student)
+  if t != s:
+    raise ConfigError(f'compress.distill.teacher={path!r} outputs logits of shape {t}; the '
+                      f'student outputs {s}: the teacher must be trained on the same classes')
+
+
+def _apply(built: Built, params, inputs):
+  with lowrank.scope() if lowrank.factored_paths(params) else contextlib.nullcontext():
+    return built.module.apply({'params': params}, **inputs)
 
 
 def _bert_cfg(built: Built, what: str):
@@ -175,6 +199,7 @@ def prepare(config, built: Built, data, load_run: Callable[[str], tuple[Any, Bui
 
   if cc.distill.teacher:
     _, teacher = load_run(cc.distill.teacher)
+    _check_teacher_fits(teacher, built, cc.distill.teacher, data.info.image_shape)
     plan.teacher = teacher
     layers = cc.distill.student_layers
     if layers:

@@ -136,11 +136,13 @@ def layer_scope(types: tuple, paths, wrap: Callable):
 
 
 def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng=None,
-          deterministic: bool = True, with_aux: bool = False):
+          deterministic: bool = True, with_aux: bool = False, capture=None):
   """Runs ``module`` with ``method`` applied: the one forward used for training and eval.
 
   With ``with_aux`` it returns ``(output, aux)`` where ``aux`` is the ``'moe'`` collection the
-  model's MoE layers sowed (routing losses and reports; ``{}`` for a dense model).
+  model's MoE layers sowed (routing losses and reports; ``{}`` for a dense model). With a
+  ``capture`` filter (flax's ``capture_intermediates``, e.g. every layer's output for
+  distillation) it returns ``(output, aux, intermediates)``.
 
   >>> logits = apply(model, method, base, peft, {'input_ids': ids, ...})  # doctest: +SKIP
   """
@@ -152,6 +154,11 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
     rngs['dropout'], method_rng = jax.random.split(rng)
   base_params = method.forward_base(base_params, peft_params)
   with method.intercept(peft_params, rng=method_rng, deterministic=deterministic):
+    if capture is not None:
+      out, state = module.apply({'params': base_params}, **inputs, deterministic=deterministic,
+                                rngs=rngs, mutable=['moe', 'intermediates'],
+                                capture_intermediates=capture)
+      return out, state.get('moe', {}), state.get('intermediates', {})
     if with_aux:
       out, state = module.apply({'params': base_params}, **inputs, deterministic=deterministic,
                                 rngs=rngs, mutable=['moe'])
