@@ -5,7 +5,7 @@ Rotten Tomatoes reviews. Every candidate is one jitted forward of a model this p
 
 * ``student``: the 3-layer student built from the teacher's layers 0, 2, 4
   (``distill.student_from_teacher``);
-* ``heads_pruned_50``: 6 of 12 heads removed in every layer (``prune.prune_heads``, magnitude
+* ``heads_pruned_50``: 6 of 12 heads removed in every layer (``structured.prune_heads``, magnitude
   scores): a smaller model, not a masked one;
 * ``svd_half_rank``: every FFN kernel (384 x 1536 and 1536 x 384) replaced by rank-192 SVD
   factors, run as two matmuls (``lowrank.factorize`` + ``lowrank.scope``).
@@ -50,7 +50,7 @@ from peftjax.compress import deep  # noqa: E402
 from peftjax.compress import distill  # noqa: E402
 from peftjax.compress import huffman  # noqa: E402
 from peftjax.compress import lowrank  # noqa: E402
-from peftjax.compress import prune  # noqa: E402
+from peftjax.compress import structured  # noqa: E402
 from peftjax.models.bert import BertClassifier  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results' / 'compression.json'
@@ -79,7 +79,7 @@ def candidates(args):
                        seed=c.seed)
   cfg, params = built.module.cfg, built.params
   student = distill.student_from_teacher(cfg, params, 'every_other')
-  heads, heads_cfg = prune.prune_heads(params, cfg, cfg.num_heads // 2)
+  heads, heads_cfg = structured.prune_heads(params, cfg, cfg.num_heads // 2)
   svd = lowrank.factorize(params, targets=FFN, rank=cfg.intermediate_size // 8)
   pool = built.module.pooling
   mk = lambda cfg_: BertClassifier(cfg_, num_classes=2, pooling=pool)

@@ -52,12 +52,7 @@ def get_config(arg=None):
   p = c.compress.prune
   p.end_step = RETRAIN_STEPS // 2  # gradual magnitude pruning over the first half
   p.every = 10
-  for key, value in VARIANTS[arg].items():
-    node = c
-    *parents, last = key.split('.')
-    for name in parents:
-      node = node[name]
-    node[last] = value
+  c.update_from_flattened_dict(VARIANTS[arg])
   if p.kind != 'magnitude':
     p.end_step = 0
   return c

@@ -73,12 +73,7 @@ def apply_overrides(config, overrides: dict):
   >>> apply_overrides(common.get_config(), {'peft.rank': 4}).peft.rank  # doctest: +SKIP
   4
   """
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

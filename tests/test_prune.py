@@ -11,6 +11,7 @@ import pytest
 
 from peftjax import tree
 from peftjax.compress import prune
+from peftjax.compress import structured
 from peftjax.models import BertClassifier
 from peftjax.models import BertConfig
 from peftjax.moe.layer import MoeConfig
@@ -285,7 +286,7 @@ def _heads(params, cfg):
 def test_head_pruning_equals_zeroed_heads():
   params = _bert()
   scores = jnp.array([[0.3, 0.9, 0.1, 0.5], [0.8, 0.2, 0.7, 0.4]])
-  small, small_cfg = prune.prune_heads(params, CFG, 2, scores)
+  small, small_cfg = structured.prune_heads(params, CFG, 2, scores)
   assert (small_cfg.num_heads, small_cfg.head_dim, small_cfg.hidden_size) == (2, 4, 16)
   kept = {0: [1, 3], 1: [0, 2]}
   # Reference: the full model with the removed heads' q/k/v slices and out rows zeroed.
@@ -314,7 +315,7 @@ def test_head_pruning_default_magnitude_scores_and_export_refusal():
   from peftjax.hf.bert_export import ExportError
   from peftjax.hf.bert_export import hf_config
   params = _bert()
-  scores = np.asarray(prune.head_scores(params, CFG))
+  scores = np.asarray(structured.head_scores(params, CFG))
   # L2 norm of everything a head owns: q/k/v kernel slices [:, h] and biases [h], out rows [h].
   ref = np.array([[np.sqrt(sum((layer[n][:, h] ** 2).sum() for n in
                                ('query/kernel', 'key/kernel', 'value/kernel'))
@@ -322,7 +323,7 @@ def test_head_pruning_default_magnitude_scores_and_export_refusal():
                                  ('query/bias', 'key/bias', 'value/bias', 'out/kernel')))
                    for h in range(4)] for layer in _heads(params, CFG)])
   np.testing.assert_allclose(scores, ref, rtol=1e-5)
-  small, small_cfg = prune.prune_heads(params, CFG, 3)
+  small, small_cfg = structured.prune_heads(params, CFG, 3)
   top = np.sort(np.argsort(-scores, axis=1, kind='stable')[:, :3], axis=1)
   for i in range(2):
     np.testing.assert_array_equal(
@@ -330,7 +331,7 @@ def test_head_pruning_default_magnitude_scores_and_export_refusal():
         tree.flatten(params)[f'encoder/layer_{i}/attention/out/kernel'][top[i]])
   assert tree.flatten(small)['encoder/layer_1/attention/value/kernel'].shape == (16, 3, 4)
   # Encoder-only trees work too and prune the same way.
-  enc, _ = prune.prune_heads(params['encoder'], CFG, 3)
+  enc, _ = structured.prune_heads(params['encoder'], CFG, 3)
   jax.tree.map(np.testing.assert_array_equal, enc, small['encoder'])
   hf_config(CFG)  # unpruned: fine
   with pytest.raises(ExportError, match=r'num_heads=3 x head_size=4 != hidden_size=16'):
@@ -345,8 +346,8 @@ def _grads_like(params, seed=5):
 def test_first_order_scores_match_numpy():
   params = _bert()
   grads = _grads_like(params)
-  hs = np.asarray(prune.head_scores(params, CFG, grads))
-  fs = np.asarray(prune.ffn_scores(params, CFG, grads))
+  hs = np.asarray(structured.head_scores(params, CFG, grads))
+  fs = np.asarray(structured.ffn_scores(params, CFG, grads))
   assert hs.shape == (2, 4) and fs.shape == (2, 32)
   wf = {p: np.asarray(v, np.float64) for p, v in tree.flatten(params['encoder']).items()}
   gf = {p: np.asarray(v, np.float64) for p, v in tree.flatten(grads['encoder']).items()}
@@ -365,13 +366,13 @@ def test_first_order_scores_match_numpy():
     np.testing.assert_allclose(fs[i], ref, rtol=1e-4, atol=1e-5)
     refm = np.sqrt((wf[p + 'intermediate/kernel'] ** 2).sum(0) + wf[p + 'intermediate/bias'] ** 2
                    + (wf[p + 'output/kernel'] ** 2).sum(1))
-    np.testing.assert_allclose(prune.ffn_scores(params, CFG)[i], refm, rtol=1e-5)
+    np.testing.assert_allclose(structured.ffn_scores(params, CFG)[i], refm, rtol=1e-5)
 
 
 def test_ffn_pruning_equals_zeroed_channels():
   params = _bert()
   scores = np.random.default_rng(7).uniform(size=(2, 32))
-  small, small_cfg = prune.prune_ffn(params, CFG, 20, scores)
+  small, small_cfg = structured.prune_ffn(params, CFG, 20, scores)
   assert small_cfg.intermediate_size == 20 and small_cfg.num_heads == 4
   top = np.argsort(-np.asarray(scores), axis=1, kind='stable')[:, :20]
   flat = {p: np.array(v) for p, v in tree.flatten(params).items()}
@@ -390,15 +391,15 @@ def test_ffn_pruning_equals_zeroed_channels():
 def test_structured_pruning_errors():
   params = _bert()
   moe_cfg = dataclasses.replace(CFG, moe=MoeConfig(num_experts=2), moe_layers=(1,))
-  for fn in (prune.prune_heads, prune.prune_ffn):
+  for fn in (structured.prune_heads, structured.prune_ffn):
     with pytest.raises(ValueError, match=r'moe_layers=\(1,\).*dense BERT models only'):
       fn(params, moe_cfg, 2)
   with pytest.raises(ValueError, match=r'keep_per_layer=5; valid: an integer in 1\.\.4'):
-    prune.prune_heads(params, CFG, 5)
+    structured.prune_heads(params, CFG, 5)
   with pytest.raises(ValueError, match=r'keep=0; valid: an integer in 1\.\.32'):
-    prune.prune_ffn(params, CFG, 0)
+    structured.prune_ffn(params, CFG, 0)
   with pytest.raises(ValueError, match=r'scores has shape \(2, 3\); expected \(2, 4\)'):
-    prune.prune_heads(params, CFG, 2, jnp.ones((2, 3)))
+    structured.prune_heads(params, CFG, 2, jnp.ones((2, 3)))
   with pytest.raises(ValueError, match=r"query/kernel' has shape \(16, 4, 4\); the BertConfig "
                      r"expects \(16, 4, 8\)"):
-    prune.head_scores(params, dataclasses.replace(CFG, head_size=8))
+    structured.head_scores(params, dataclasses.replace(CFG, head_size=8))

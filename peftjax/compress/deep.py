@@ -50,13 +50,7 @@ def _masks_of(params: dict, targets) -> dict:
 
 def _stage_config(config, **overrides):
   c = config.copy_and_resolve_references()
-  with c.unlocked():
-    for key, value in overrides.items():
-      node = c
-      *parents, last = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

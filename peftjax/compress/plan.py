@@ -29,6 +29,7 @@ from peftjax import tree as tree_lib
 from peftjax.compress import distill as distill_lib
 from peftjax.compress import lowrank
 from peftjax.compress import prune as prune_lib
+from peftjax.compress import structured
 from peftjax.errors import ConfigError
 from peftjax.models.bert import BertClassifier
 from peftjax.models.build import Built
@@ -147,14 +148,14 @@ def _structured(p, built: Built, data, batch_size: int, seed: int) -> tuple[Buil
   if p.kind == 'heads':
     if not 1 <= p.keep_heads <= cfg.num_heads:
       raise ConfigError(f'compress.prune.keep_heads={p.keep_heads}; valid: 1..{cfg.num_heads}')
-    scores = prune_lib.head_scores(built.params, cfg, grads)
-    params, new_cfg = prune_lib.prune_heads(built.params, cfg, p.keep_heads, scores)
+    scores = structured.head_scores(built.params, cfg, grads)
+    params, new_cfg = structured.prune_heads(built.params, cfg, p.keep_heads, scores)
   else:
     if not 1 <= p.keep_ffn <= cfg.intermediate_size:
       raise ConfigError(f'compress.prune.keep_ffn={p.keep_ffn}; valid: '
                         f'1..{cfg.intermediate_size}')
-    scores = prune_lib.ffn_scores(built.params, cfg, grads)
-    params, new_cfg = prune_lib.prune_ffn(built.params, cfg, p.keep_ffn, scores)
+    scores = structured.ffn_scores(built.params, cfg, grads)
+    params, new_cfg = structured.prune_ffn(built.params, cfg, p.keep_ffn, scores)
   module = built.module.clone(cfg=new_cfg)
   before = tree_lib.count(built.params)
   return rebuild(built, module, params), {'params_before': before,

@@ -186,7 +186,7 @@ def to_hf_tensors(cfg: BertConfig, encoder: dict) -> dict[str, np.ndarray]:
 
 def _check_heads(cfg: BertConfig) -> None:
   # HF BERT derives the head size as hidden_size / num_attention_heads; a head-pruned config
-  # (peftjax.compress.prune.prune_heads keeps the head size) has no HF equivalent.
+  # (peftjax.compress.structured.prune_heads keeps the head size) has no HF equivalent.
   if cfg.num_heads * cfg.head_dim != cfg.hidden_size:
     raise ExportError(
         f'num_heads={cfg.num_heads} x head_size={cfg.head_dim} != hidden_size={cfg.hidden_size} '

@@ -64,7 +64,7 @@ class BertConfig:
   remat: str = 'none'  # per-layer rematerialization policy, a key of REMAT_POLICIES
   moe: MoeConfig | None = None  # Mixture-of-Experts FFN settings (None: dense everywhere)
   moe_layers: tuple = ()  # indices of the layers whose FFN is an MoE layer
-  # Per-head size; 0 = hidden_size // num_heads. Head pruning (peftjax/compress/prune.py) removes
+  # Per-head size; 0 = hidden_size // num_heads. Head pruning (peftjax/compress/structured.py) removes
   # heads at a fixed hidden size, so there num_heads * head_size < hidden_size.
   head_size: int = 0
 
