@@ -222,3 +222,38 @@ def test_distillation_step_adds_hidden_and_attention_matching():
   np.testing.assert_allclose(
       metrics['loss'], kd + 0.5 * metrics['hidden_loss'] + 2.0 * metrics['attention_loss'],
       rtol=1e-5)
+
+
+def test_centroid_finetuning_moves_only_centroids_and_lowers_the_loss():
+  from peftjax.models.build import Built
+  from peftjax.models.vision import MLP
+  rng = np.random.default_rng(0)
+  module = MLP(hidden=(32,), num_classes=3, dropout_rate=0.0)
+  x = rng.normal(size=(64, 4, 4, 1)).astype(np.float32)
+  y = (x.reshape(64, -1)[:, :3].argmax(-1)).astype(np.int32)  # learnable labels
+  params = jax.tree.map(np.asarray, module.init(jax.random.key(0), x[:1])['params'])
+  params = jax.tree.map(lambda v: v.unbox() if hasattr(v, 'unbox') else v, params,
+                        is_leaf=lambda v: hasattr(v, 'unbox'))
+  built = Built(module, params, ('image',), None, 'random')
+
+  class Data:
+    @staticmethod
+    def train_batches(batch_size, seed):
+      return [{'image': x, 'label': y, 'weight': np.ones(64, np.float32)}] * 40
+
+  masks = prune.magnitude_masks(params, 0.5, targets='dense_0/kernel$')
+  shared = share.share(params, bits=2, targets='kernel$', masks=masks)
+  loss = lambda s: float(optax.softmax_cross_entropy_with_integer_labels(
+      module.apply({'params': share.expand(s)}, x), y).mean())
+  tuned = deep.finetune_centroids(built, Data, shared, steps=40, learning_rate=3e-2,
+                                  batch_size=64, seed=0)
+  for path in share.shared_paths(shared):
+    a, b = tree.flatten(shared)[path + '/indices'], tree.flatten(tuned)[path + '/indices']
+    np.testing.assert_array_equal(a, b)  # the clustering is fixed
+    assert not np.array_equal(tree.flatten(shared)[path + '/centroids'],
+                              tree.flatten(tuned)[path + '/centroids'])
+  np.testing.assert_array_equal(tuned['dense_0']['kernel']['mask'], shared['dense_0']['kernel']['mask'])
+  expanded = share.expand(tuned)['dense_0']['kernel']
+  assert np.all(np.asarray(expanded)[~np.asarray(shared['dense_0']['kernel']['mask'])] == 0)
+  assert len(np.unique(np.asarray(expanded))) <= 4 + 1  # 2^2 shared values and the pruned zeros
+  assert loss(tuned) < loss(shared)

@@ -74,6 +74,8 @@ def finetune_centroids(built, data, shared: dict, *, steps: int, learning_rate: 
   if steps <= 0:
     return shared
   trainable, frozen = share_lib.partition_centroids(shared)
+  # Fresh buffers: the step donates its state, which must not delete the caller's centroids.
+  trainable = jax.tree.map(lambda x: jnp.array(x, copy=True), trainable)
 
   def forward(trainable, frozen, inputs, rng=None, deterministic=True, with_aux=False):
     params = share_lib.expand(tree_lib.combine(frozen, trainable['base']))
