@@ -257,3 +257,18 @@ def test_centroid_finetuning_moves_only_centroids_and_lowers_the_loss():
   assert np.all(np.asarray(expanded)[~np.asarray(shared['dense_0']['kernel']['mask'])] == 0)
   assert len(np.unique(np.asarray(expanded))) <= 4 + 1  # 2^2 shared values and the pruned zeros
   assert loss(tuned) < loss(shared)
+
+
+def test_pruned_frozen_base_under_lora_keeps_exact_zeros():
+  c = tiny.get_config()  # LoRA r=8 on query/value over MiniLM's first layer
+  c.compress.prune.kind, c.compress.prune.sparsity = 'magnitude', 0.5
+  task = train.build_task(c)
+  assert task['plan'].masks is not None and not task['plan'].gradual
+  flat = tree.flatten(task['frozen'])
+  kernels = tree.select(task['frozen'], c.compress.prune.targets)
+  assert len(kernels) == 6  # the layer's 6 matmuls, all frozen: pruned once, never trained
+  for k in kernels:
+    assert int(jnp.sum(flat[k] == 0)) == round(0.5 * flat[k].size), k
+  # The masks of frozen leaves do not enter the train state (nothing there could move them).
+  trainable, frozen = plan.split_masks(task['plan'].masks, task['trainable']['base'])
+  assert not trainable and len(tree.flatten(frozen)) == 6
