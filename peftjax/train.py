@@ -4,7 +4,6 @@ One explicit function, :func:`train_and_evaluate`, with banner comments for each
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import pathlib
@@ -210,7 +209,7 @@ def make_forward(built, method, *, factored: bool = False):
   def forward(trainable, frozen, inputs, rng=None, deterministic=True, with_aux=False,
               capture=None):
     base = tree_lib.combine(frozen, trainable['base'])
-    with lowrank.scope() if factored else contextlib.nullcontext():
+    with lowrank.scope_if(factored):
       return peft.apply(built.module, method, base, trainable['peft'], inputs, rng=rng,
                         deterministic=deterministic, with_aux=with_aux, capture=capture)
   return forward
@@ -224,7 +223,7 @@ def make_teacher_forward(teacher: models.Built, *, taps: bool = False):
   factored = bool(lowrank.factored_paths(teacher.params))
 
   def forward(params, inputs):
-    with lowrank.scope() if factored else contextlib.nullcontext():
+    with lowrank.scope_if(factored):
       if taps:
         return distill_lib.run_bert(teacher.module, params, inputs)
       return teacher.module.apply({'params': params}, **inputs, deterministic=True)

@@ -79,18 +79,13 @@ def _share_run(root: pathlib.Path, bits: int) -> dict:
   from peftjax import train  # pylint: disable=g-import-not-at-top
   from peftjax.compress import deep  # pylint: disable=g-import-not-at-top
   from peftjax.compress import huffman  # pylint: disable=g-import-not-at-top
-  from peftjax.compress import share  # pylint: disable=g-import-not-at-top
   config = study.get_config('teacher')
+  config.compress.share.update(bits=bits, finetune_steps=SHARE_FINETUNE_STEPS, learning_rate=1e-5,
+                               targets=deep_compression.get_config('minilm').compress.share.targets)
   _, built = train.load_finished(str(root / 'teacher'))
   pretrained = train.resolve_pretrained(config.model)
   data = data_lib.build(config.data, tokenizer_path=f'{pretrained}/tokenizer.json')
-  targets = deep_compression.get_config('minilm').compress.share.targets
-  shared = share.share(built.params, bits=bits, targets=targets)
-  shared = deep.finetune_centroids(built, data, shared, steps=SHARE_FINETUNE_STEPS,
-                                   learning_rate=1e-5, batch_size=config.train.batch_size,
-                                   seed=config.seed)
-  acc = deep.evaluate_params(built, data, share.expand(shared), config.data.test_split,
-                             config.train.eval_batch_size)['accuracy']
+  shared, acc = deep.share_stage(config, built, data, built.params)
   size = huffman.compressed_size(shared)['total']
   result = {'bits': bits, 'accuracy': acc, 'bytes': size['bytes'],
             'float32_bytes': size['float32_bytes'],

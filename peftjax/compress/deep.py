@@ -95,6 +95,23 @@ def finetune_centroids(built, data, shared: dict, *, steps: int, learning_rate: 
   return tree_lib.combine(frozen, state['params']['base'])
 
 
+def share_stage(config, built, data, params: dict, masks: dict | None = None
+                ) -> tuple[dict, float]:
+  """``(shared tree, its test accuracy)``: ``compress.share``'s k-means of ``params`` (pruned
+  entries per ``masks`` kept at zero), then its centroid fine-tuning.
+
+  >>> shared, acc = share_stage(config, built, data, params)  # doctest: +SKIP
+  """
+  s = config.compress.share
+  shared = share_lib.share(params, bits=s.bits, targets=s.targets, masks=masks)
+  shared = finetune_centroids(built, data, shared, steps=s.finetune_steps,
+                              learning_rate=s.learning_rate,
+                              batch_size=config.train.batch_size, seed=config.seed)
+  acc = evaluate_params(built, data, share_lib.expand(shared), config.data.test_split,
+                        config.train.eval_batch_size)['accuracy']
+  return shared, acc
+
+
 def huffman_roundtrip(shared: dict, gap_bits: int) -> tuple[dict, int]:
   """Encodes every shared leaf's indices and sparse gaps, decodes them, rebuilds the tree.
 
@@ -152,8 +169,6 @@ def run(config, workdir: str) -> dict:
   wd = storage.path(workdir)
   cc = config.compress
   plan_lib.validate(cc)
-  share_lib.check_bits(cc.share.bits, 'compress.share.bits')
-  huffman.check_gap_bits(cc.share.gap_bits, 'compress.share.gap_bits')
   if cc.prune.kind not in ('magnitude', 'nm'):
     from peftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"compress.prune.kind={cc.prune.kind!r}; Deep Compression prunes weights: "
@@ -166,16 +181,15 @@ def run(config, workdir: str) -> dict:
     _log('== dense: training')
     train.train_and_evaluate(
         _stage_config(config, **{'compress.prune.kind': 'none'}), dense_dir)
-  dense = plan_lib.size_summary(train.load_finished(dense_dir)[1].params,
-                                _stage_config(config, **{'compress.prune.kind': 'none'}).compress)
-  dense_acc = _accuracy(dense_dir)
-  stages.append({'stage': 'dense', 'bytes': dense['float32_bytes'], 'accuracy': dense_acc})
 
   # ------------------------------------------------------------------ 2. pruned + retrained
   _log('== pruned: retraining with the pruning schedule')
   pruned_dir = str(wd / 'pruned')
   s = train.train_and_evaluate(_stage_config(config, **{'compress.init_from': dense_dir}),
                                pruned_dir)
+  # The dense model has the pruned one's shapes: its float32 bytes come from that summary.
+  stages.append({'stage': 'dense', 'bytes': s['compression']['float32_bytes'],
+                 'accuracy': _accuracy(dense_dir)})
   stages.append({'stage': 'pruned', 'bytes': s['compression']['sparse_bytes'],
                  'accuracy': s['accuracy_after'],
                  'target_sparsity': s['compression']['target_sparsity']})
@@ -194,12 +208,8 @@ def run(config, workdir: str) -> dict:
     from peftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f'compress.share.targets={cc.share.targets!r} misses pruned {unshared[0]}; '
                       'valid: a regex that also selects every compress.prune target')
-  shared = share_lib.share(params, bits=cc.share.bits, targets=cc.share.targets, masks=masks)
-  shared = finetune_centroids(built, data, shared, steps=cc.share.finetune_steps,
-                              learning_rate=cc.share.learning_rate,
-                              batch_size=config.train.batch_size, seed=config.seed)
+  shared, shared_acc = share_stage(config, built, data, params, masks)
   split, bs = config.data.test_split, config.train.eval_batch_size
-  shared_acc = evaluate_params(built, data, share_lib.expand(shared), split, bs)['accuracy']
   fixed = huffman.compressed_size(shared, gap_bits=cc.share.gap_bits, huffman=False)['total']
   stages.append({'stage': 'shared', 'bytes': fixed['bytes'], 'accuracy': shared_acc})
 

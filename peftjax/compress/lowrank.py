@@ -320,6 +320,15 @@ def scope(paths: Iterable[str] | None = None):
     yield
 
 
+def scope_if(factored: bool):
+  """:func:`scope` when ``factored``, else a context that does nothing (no interception cost).
+
+  >>> with scope_if(bool(factored_paths(params))):  # doctest: +SKIP
+  ...   logits = model.apply({'params': params}, x)
+  """
+  return scope() if factored else contextlib.nullcontext()
+
+
 def apply(module, factored_params, inputs, *, paths: Iterable[str] | None = None, **kwargs):
   """``module.apply`` on a factored params tree, inside :func:`scope`.
 

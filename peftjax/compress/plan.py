@@ -15,7 +15,6 @@ runs factored layers (:func:`peftjax.compress.lowrank.scope`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -116,7 +115,7 @@ def _check_teacher_fits(teacher: Built, student: Built, path: str, image_shape=N
 
 
 def _apply(built: Built, params, inputs):
-  with lowrank.scope() if lowrank.factored_paths(params) else contextlib.nullcontext():
+  with lowrank.scope_if(bool(lowrank.factored_paths(params))):
     return built.module.apply({'params': params}, **inputs)
 
 
@@ -264,8 +263,8 @@ def mask_update(p, accum: int = 1) -> Callable:
       u = step // accum  # completed optimizer updates
       due = ((step % accum == 0) & (u >= p.begin_step) & (u <= p.end_step)
              & ((u - p.begin_step) % p.every == 0))
-      sub = {k: v for k, v in tree_lib.flatten(params).items()
-             if k in tree_lib.flatten(masks)}
+      pruned = tree_lib.flatten(masks).keys()
+      sub = {k: v for k, v in tree_lib.flatten(params).items() if k in pruned}
       masks = jax.lax.cond(
           due, lambda: prune_lib.magnitude_masks(tree_lib.unflatten(sub), _schedule(p, u),
                                                  targets=p.targets, scope=p.scope),
