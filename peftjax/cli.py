@@ -5,6 +5,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+# Every entry point imports this module, so each has --verbose: full tracebacks instead of the
+# one-line messages of peftjax.errors (PEFTJAX_VERBOSE=1 does the same).
+flags.DEFINE_bool('verbose', False, 'Show the full traceback of a failure instead of one line '
+                  '(also: PEFTJAX_VERBOSE=1).')
+
 
 def parse_flags(argv):
   """absl flag parsing, with a misspelled ``--config.x.y`` reported in one line."""

@@ -107,4 +107,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  from peftjax import errors  # pylint: disable=g-import-not-at-top
+  errors.run(main)

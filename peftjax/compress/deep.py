@@ -277,5 +277,6 @@ if __name__ == '__main__':
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (or gs:// prefix) of the stages.')
   flags.mark_flags_as_required(['config', 'workdir'])
   from peftjax import cli
-  app.run(main, flags_parser=cli.parse_flags)
+  from peftjax import errors  # pylint: disable=g-import-not-at-top
+  errors.run(main)
   sys.exit(0)
