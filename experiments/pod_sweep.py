@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 from experiments import sweep
+from peftjax import errors
 
 REMOTE_PYTHON = '.venv/bin/python'  # relative to the repository directory on each worker
 # Per-worker persistent XLA cache, in the remote checkout (the runs' working directory): runs of a
@@ -129,6 +130,15 @@ def _no_match(stderr: str) -> bool:
   return 'matched no objects' in stderr or 'No URLs matched' in stderr
 
 
+def _gcloud_failed(what: str, r: subprocess.CompletedProcess) -> SystemExit:
+  """gcloud's (multi-line) complaint as one line, with the fix for a missing login."""
+  lines = [line.strip() for line in r.stderr.splitlines() if line.strip()]
+  reason = lines[0] if lines else f'exit status {r.returncode}'
+  if 'auth login' in r.stderr or 'credential' in r.stderr.lower():
+    reason += " (run 'gcloud auth login', or give a local --workdir)"
+  return SystemExit(f'error: {what} failed: {reason}')
+
+
 def read_text(path: str) -> str | None:
   """The text of a local or gs:// file, or None if it does not exist."""
   if not is_gcs(path):
@@ -146,7 +156,7 @@ def read_text(path: str) -> str | None:
     return r.stdout
   if _no_match(r.stderr):
     return None
-  raise SystemExit(f'error: gcloud storage cat {path} failed: {r.stderr.strip()}')
+  raise _gcloud_failed(f'gcloud storage cat {path}', r)
 
 
 def finished(workdir_root: str, names: list[str]) -> set[str]:
@@ -154,7 +164,7 @@ def finished(workdir_root: str, names: list[str]) -> set[str]:
   if is_gcs(workdir_root) and _gcs_backend() == 'gcloud':  # one listing, not one call per run
     r = _gcloud('ls', join(workdir_root, '*/summary.json'))
     if r.returncode and not _no_match(r.stderr):
-      raise SystemExit(f'error: gcloud storage ls {workdir_root} failed: {r.stderr.strip()}')
+      raise _gcloud_failed(f'gcloud storage ls {workdir_root}', r)
     found = {line.strip() for line in r.stdout.splitlines()}
     return {n for n in names if join(join(workdir_root, n), 'summary.json') in found}
   if is_gcs(workdir_root):
@@ -226,6 +236,10 @@ def main(argv=None):
   pp.add_argument('--format', default='shell', choices=('shell', 'json'),
                   help="shell: '<slice>\\t<script>' per slice with work to do; json: the whole plan")
   pp.add_argument('--python', default=REMOTE_PYTHON, help="the workers' python")
+  pp.add_argument('--if_unreadable', default='fail', choices=('fail', 'plan_all'),
+                  help='when the workdir cannot be read here (no gs:// reader, no credentials): '
+                  'fail, or plan every run with a note (tpu/sweep.sh --dry-run; each worker '
+                  'still skips a finished run)')
   pc = sub.add_parser('collect', help='the results table of all runs')
   pc.add_argument('--config', required=True)
   pc.add_argument('--workdir', required=True)
@@ -256,7 +270,18 @@ def main(argv=None):
     extra = [*extra, f'--compilation_cache={REMOTE_CACHE}']
   entries = plan(path, args.workdir, [s for s in args.slices.split(',') if s], arg, extra,
                  args.python)
-  done = finished(args.workdir, [e['run'] for e in entries])
+  try:
+    done = finished(args.workdir, [e['run'] for e in entries])
+  except (SystemExit, Exception) as e:  # pylint: disable=broad-except
+    reason = ' '.join(str(e).split()).removeprefix('error: ') or type(e).__name__
+    if args.if_unreadable == 'fail':
+      if isinstance(e, SystemExit):
+        raise
+      raise SystemExit(f'error: cannot read {args.workdir}: {type(e).__name__}: {reason}') from e
+    print(f'note: cannot tell here which runs in {args.workdir} are finished ({reason}); the plan '
+          'lists every run, and each worker skips a run whose summary.json exists before '
+          'starting it', file=sys.stderr)
+    done = set()
   for e in entries:
     e['finished'] = e['run'] in done
   if args.format == 'json':
@@ -273,4 +298,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  errors.guard(main)()  # a known failure is one line; SystemExit messages pass as they are

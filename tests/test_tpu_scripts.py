@@ -198,6 +198,64 @@ def test_environment_fills_in_and_bad_values_are_named():
   assert script('run.sh', '--help').stdout.startswith('tpu/run.sh: run one config')
 
 
+# ---------------------------------------------------------------- TPU generations and runtimes
+
+GENERATIONS = [  # accelerator type, the runtime Google documents for its generation
+    ('v2-8', 'tpu-ubuntu2204-base'), ('v3-32', 'tpu-ubuntu2204-base'),
+    ('v4-32', 'tpu-ubuntu2204-base'), ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+    ('v5p-8', 'v2-alpha-tpuv5'), ('v6e-8', 'v2-alpha-tpuv6e')]
+
+
+@pytest.mark.parametrize('accelerator,runtime', GENERATIONS)
+def test_create_picks_the_runtime_of_the_generation(accelerator, runtime):
+  r = script('create.sh', *BASE, '--name=tpu-a', f'--accelerator={accelerator}', '--dry-run')
+  [cmd] = commands(r)
+  assert cmd[4:] == ['create', 'tpu-a', '--project=proj', '--zone=us-central2-b',
+                     f'--accelerator-type={accelerator}', f'--version={runtime}']
+  assert r.stderr == ''
+  create, _ = commands(script('create.sh', *BASE, '--name=tpu-a', f'--accelerator={accelerator}',
+                              '--spot', '--queued', '--wait', '--dry-run'))
+  assert flag(create, 'runtime-version') == runtime and flag(create, 'node-id') == 'tpu-a'
+
+
+def test_an_explicit_runtime_wins_with_a_note():
+  for option in ('--runtime', '--version'):
+    r = script('create.sh', *BASE, '--name=tpu-a', '--accelerator=v5litepod-16',
+               f'{option}=tpu-ubuntu2204-base', '--dry-run')
+    assert flag(commands(r)[0], 'version') == 'tpu-ubuntu2204-base'
+    assert r.stderr == ('note: --runtime=tpu-ubuntu2204-base on a v5e slice; Google documents '
+                        'v2-alpha-tpuv5-lite for v5e\n')
+  r = script('create.sh', *BASE, '--name=tpu-a', '--accelerator=v6e-8', '--dry-run',
+             env={'TPU_RUNTIME': 'v2-alpha-tpuv6e'})
+  assert flag(commands(r)[0], 'version') == 'v2-alpha-tpuv6e' and r.stderr == ''
+  r = script('create.sh', *BASE, '--name=tpu-a', '--accelerator=v6e-8', '--runtime=a',
+             '--version=b', '--dry-run', check=False)
+  assert_refused(r, 'create.sh', '--runtime=a and --version=b disagree')
+
+
+def assert_refused(r, name, *words):
+  """Exit 1, nothing on stdout, stderr = one error line naming `words` + the usage hint."""
+  assert r.returncode == 1 and r.stdout == '', (r.returncode, r.stdout, r.stderr)
+  lines = r.stderr.splitlines()
+  assert len(lines) == 2 and lines[0].startswith(f'error: tpu/{name}: '), r.stderr
+  assert lines[1] == f"(run 'tpu/{name} --help' for usage)"
+  for w in words:
+    assert w in lines[0], (w, lines[0])
+
+
+VALID_TYPES = 'valid: v2-N, v3-N, v4-N, v5litepod-N (v5e), v5p-N, v6e-N'
+
+
+@pytest.mark.parametrize('accelerator,words', [
+    ('v5e-16', ["v5e's type is v5litepod-N, e.g. v5litepod-16"]),
+    ('v7-8', []), ('v4', []), ('v4-0', []), ('tpu32', []), ('V4-8', [])])
+def test_create_refuses_an_unknown_accelerator_type(accelerator, words):
+  r = script('create.sh', *BASE, '--name=tpu-a', f'--accelerator={accelerator}', '--dry-run',
+             check=False)
+  assert_refused(r, 'create.sh', f'--accelerator={accelerator} is not an accelerator type',
+                 VALID_TYPES, *words)
+
+
 # ---------------------------------------------------------------- setup / run / logs / fetch
 
 def test_setup_installs_on_every_worker():
@@ -440,3 +498,150 @@ def test_collect_from_a_gs_root_through_gcloud(fake_gcs, monkeypatch, tmp_path):
   assert pod_sweep.finished('gs://bkt/none', RUNS) == set()
   pod_sweep.main(['collect', f'--config={TINY}', '--workdir=gs://bkt/sw', f'--out={tmp_path}/o'])
   assert (tmp_path / 'o' / 'results.md').exists()
+
+
+# ---------------------------------------------------------------- no gcloud, no account
+
+NOT_GCLOUD = {'gcloud', 'gsutil', 'bq', 'docker-credential-gcloud'}
+
+
+@pytest.fixture(scope='module')
+def no_gcloud(tmp_path_factory):
+  """A clean environment whose PATH has every tool of this machine but the Cloud SDK, and a HOME
+  without gcloud's config: no gcloud, no account, no credentials."""
+  bin_dir = tmp_path_factory.mktemp('bin')
+  for d in os.environ['PATH'].split(os.pathsep):
+    if not os.path.isdir(d):
+      continue
+    for entry in os.scandir(d):
+      if (entry.name not in NOT_GCLOUD and not (bin_dir / entry.name).exists()
+          and os.access(entry.path, os.X_OK)):
+        (bin_dir / entry.name).symlink_to(entry.path)
+  home = tmp_path_factory.mktemp('home')
+  env = {'PATH': str(bin_dir), 'HOME': str(home), 'PYTHON': sys.executable,
+         'TMPDIR': str(tmp_path_factory.mktemp('tmp'))}
+  assert subprocess.run(['bash', '-c', 'command -v gcloud'], env=env,
+                        capture_output=True, check=False).returncode == 1
+  return env
+
+
+def bare(name, *args, env):
+  """tpu/<name> run with exactly `env` (not the test's environment)."""
+  return subprocess.run(['bash', str(ROOT / 'tpu' / name), *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, check=False)
+
+
+@pytest.mark.parametrize('name,args', [
+    ('create.sh', ['--name=tpu-a', '--accelerator=v5litepod-16', '--spot']),
+    ('create.sh', ['--name=tpu-a', '--accelerator=v6e-8', '--queued', '--wait']),
+    ('setup.sh', ['--name=tpu-a', '--source=local']),
+    ('setup.sh', ['--name=tpu-a', '--source=https://example.org/p.git', '--ref=v1']),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=gs://bkt/runs/tiny']),
+    ('run.sh', ['--name=tpu-a', '--stop']),
+    ('logs.sh', ['--name=tpu-a', '--follow']),
+    ('fetch.sh', ['--workdir=gs://bkt/sweeps/tiny', '--dest=results/tiny']),
+    ('fetch.sh', ['--name=tpu-a', '--workdir=/w/s', '--dest=results/tiny']),
+    ('delete.sh', ['--name=tpu-a', '--queued']),
+    ('sweep.sh', ['--names=tpu-a,tpu-b', f'--config={TINY}', '--workdir=/data/sweeps/tiny']),
+])
+def test_every_dry_run_needs_no_gcloud_and_no_account(no_gcloud, name, args):
+  r = bare(name, *BASE, *args, '--dry-run', env=no_gcloud)
+  assert r.returncode == 0, r.stderr
+  assert commands(r) and 'error' not in r.stderr
+  assert not os.listdir(no_gcloud['TMPDIR'])  # nothing written (setup's tarball is only printed)
+  assert not (ROOT / 'results').exists()
+
+
+def test_sweep_dry_run_on_a_bucket_without_gcloud_plans_every_run(no_gcloud):
+  r = bare('sweep.sh', *BASE, '--names=tpu-a,tpu-b', f'--config={TINY}',
+           '--workdir=gs://bkt/sweeps/tiny', '--dry-run', env=no_gcloud)
+  assert r.returncode == 0, r.stderr
+  assigned = dict(slice_runs(c) for c in commands(r))
+  assert assigned == {'tpu-a': [f'gs://bkt/sweeps/tiny/{RUNS[0]}', f'gs://bkt/sweeps/tiny/{RUNS[2]}'],
+                      'tpu-b': [f'gs://bkt/sweeps/tiny/{RUNS[1]}', f'gs://bkt/sweeps/tiny/{RUNS[3]}']}
+  [note] = [line for line in r.stderr.splitlines() if line.startswith('note:')]
+  assert 'cannot tell here which runs in gs://bkt/sweeps/tiny are finished' in note
+  assert 'the gcloud CLI; none is installed' in note and 'each worker skips' in note
+  # The workers still check each run's summary.json before starting it.
+  assert f'gcloud storage ls gs://bkt/sweeps/tiny/{RUNS[0]}/summary.json' in flag(
+      commands(r)[0], 'command')
+
+
+NO_ACCOUNT = r'''#!/usr/bin/env bash
+# gcloud without an account: every storage command fails the way the real one does.
+echo "$*" >> "$HOME/gcloud-calls"
+[[ $1 == storage ]] || { echo "fake gcloud: unexpected $*" >&2; exit 3; }
+cat >&2 <<'MSG'
+ERROR: (gcloud.storage.ls) You do not currently have an active account selected.
+Please run:
+
+  $ gcloud auth login
+
+to obtain new credentials.
+MSG
+exit 1
+'''
+
+
+def test_sweep_without_an_account_dry_runs_and_a_real_run_fails_in_one_line(no_gcloud, tmp_path):
+  bin_dir = tmp_path / 'sdk'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text(NO_ACCOUNT)
+  (bin_dir / 'gcloud').chmod(0o755)
+  env = {**no_gcloud, 'PATH': f'{bin_dir}:{no_gcloud["PATH"]}', 'HOME': str(tmp_path)}
+  args = [*BASE, '--names=tpu-a,tpu-b', f'--config={TINY}', '--workdir=gs://bkt/sw']
+  r = bare('sweep.sh', *args, '--dry-run', env=env)
+  assert r.returncode == 0, r.stderr
+  assert sum(len(runs) for _, runs in (slice_runs(c) for c in commands(r))) == len(RUNS)
+  [note] = [line for line in r.stderr.splitlines() if line.startswith('note:')]
+  assert ('You do not currently have an active account selected. '
+          "(run 'gcloud auth login', or give a local --workdir)") in note
+  # Without --dry-run the same account problem stops the sweep before any slice is touched.
+  r = bare('sweep.sh', *args, env=env)
+  assert_refused(r, 'sweep.sh', 'gcloud storage ls gs://bkt/sw failed',
+                 'You do not currently have an active account selected', 'gcloud auth login')
+  assert [c.split()[:2] for c in (tmp_path / 'gcloud-calls').read_text().splitlines()] == [
+      ['storage', 'ls']] * 2  # the two plans; no ssh
+
+
+@pytest.mark.parametrize('name,args', [
+    ('delete.sh', ['--name=tpu-a']),
+    ('setup.sh', ['--name=tpu-a', '--source=local']),
+    ('sweep.sh', ['--names=tpu-a', f'--config={TINY}', '--workdir=/data/sw']),
+])
+def test_without_gcloud_a_real_run_stops_in_one_line(no_gcloud, name, args):
+  r = bare(name, *BASE, *args, env=no_gcloud)
+  assert_refused(r, name, 'gcloud not found on PATH', 'add --dry-run')
+  assert not os.listdir(no_gcloud['TMPDIR'])  # no tarball made for an upload that can't happen
+
+
+# ---------------------------------------------------------------- bad flags: one line, exit 1
+
+@pytest.mark.parametrize('name,args,words', [
+    ('fetch.sh', ['--workdir=gs://b/s', '--dest=/tmp/r', '--with-checkpoints=1'],
+     ['--with-checkpoints is a flag and takes no value']),
+    ('delete.sh', ['--name=tpu-a', '--dry-run=yes'], ['--dry-run is a flag and takes no value']),
+    ('fetch.sh', ['--workdir=gs:/b/s', '--dest=/tmp/r'], ['--workdir=gs:/b/s is not a bucket path']),
+    ('fetch.sh', ['--workdir=gs://', '--dest=/tmp/r'], ['--workdir=gs:// is not a bucket path']),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=gs://My_Bucket/r'],
+     ['--workdir=gs://My_Bucket/r is not a bucket path', 'gs://BUCKET/PREFIX']),
+    ('sweep.sh', ['--names=tpu-a', f'--config={TINY}', '--workdir=gs:/b/sw'],
+     ['--workdir=gs:/b/sw is not a bucket path']),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=/'], ['--workdir=/ is a root']),
+    ('fetch.sh', ['--workdir=gs://b/s', f'--dest={ROOT / "README.md"}'],
+     ['README.md is a file; give a directory']),
+    ('logs.sh', ['--name=tpu-a', '--list', '--follow'], ['--list', 'takes no --log or --follow']),
+    ('logs.sh', ['--name=tpu-a', '--list', '--log=sweep'], ['takes no --log or --follow']),
+    ('logs.sh', ['--name=tpu-a', '--worker=w1'], ['--worker=w1; valid: 0, 1, ... or all']),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=/w', '--job=my job'],
+     ['--job=my job: use letters, digits']),
+    ('sweep.sh', ['--names=tpu-a,TPU_B', f'--config={TINY}', '--workdir=/data/sw'],
+     ["--slices: 'TPU_B' is not a TPU name"]),
+    ('sweep.sh', ['--names=tpu-a,tpu-a', f'--config={TINY}', '--workdir=/data/sw'],
+     ['--slices=tpu-a,tpu-a names a slice twice']),
+    ('sweep.sh', ['--names=tpu-a', '--config=configs/nope.py', '--workdir=/data/sw'],
+     ['--config=configs/nope.py: no such file']),
+])
+def test_a_bad_flag_is_one_line_and_exit_1(name, args, words):
+  r = script(name, *BASE, *args, '--dry-run', check=False)
+  assert_refused(r, name, *words)

@@ -4,8 +4,10 @@
 #   parse_args SPEC "$@"   options --key=value and flags, from SPEC ("project= zone= spot ...")
 #   require KEY ENV EXAMPLE   a required option, from --KEY or else $ENV; a clear error otherwise
 #   run CMD...              prints "+ CMD" (shell-quoted); runs it unless --dry-run
+#                           (without --dry-run, parse_args first checks that gcloud is there)
 #   gcloud_tpu SUB NAME ... gcloud compute tpus tpu-vm SUB NAME --project=.. --zone=.. ...
 #   quote ARGS...           the args as one line a POSIX shell reads back as the same args
+#   tpu_generation TYPE     an accelerator type's generation and runtime, from TPU_GENERATIONS
 #
 # Works with bash >= 3.2 (macOS): no associative arrays, no mapfile.
 
@@ -22,7 +24,7 @@ usage() {  # the comment block at the top of the calling script
 die() {
   printf 'error: %s: %s\n' "$SCRIPT" "$*" >&2
   printf "(run '%s --help' for usage)\n" "$SCRIPT" >&2
-  exit 2
+  exit 1
 }
 
 quote() {
@@ -77,6 +79,9 @@ parse_args() {
         OVERRIDES+=("$1") ;;
       --*=*)
         key=${1%%=*}; key=${key#--}; value=${1#*=}
+        if [[ $spec == *" $key "* || $key == dry-run || $key == help ]]; then
+          die "--$key is a flag and takes no value: give --$key, not $1"
+        fi
         [[ $spec == *" $key= "* ]] || die "unknown option '--$key'; valid: $(_valid_opts "$spec")"
         [[ -n $value ]] || die "--$key is empty; give --$key=VALUE"
         printf -v "$(_opt_var "$key")" '%s' "$value" ;;
@@ -93,6 +98,10 @@ parse_args() {
     esac
     shift
   done
+  # Every script ends in gcloud commands; --dry-run only prints them (no gcloud, no account).
+  if ((!DRY_RUN)) && ! command -v gcloud >/dev/null 2>&1; then
+    die "gcloud not found on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install) and run 'gcloud auth login', or add --dry-run to print the commands"
+  fi
 }
 
 opt() { local v; v=$(_opt_var "$1"); printf '%s' "${!v}"; }
@@ -120,6 +129,32 @@ remote_dir() {  # --remote-dir, relative to the remote home: the repository's ch
   default remote-dir TPU_REMOTE_DIR peftjax
   OPT_remote_dir=${OPT_remote_dir#\~/}
   [[ $OPT_remote_dir != *\~* ]] || die "--remote-dir=$OPT_remote_dir: give a path relative to the remote home or an absolute one, without '~'"
+}
+
+# TPU generations: the accelerator type's prefix (TYPE = PREFIX-SIZE), the generation's name and
+# the TPU software version (runtime) Google documents for JAX on it
+# (https://cloud.google.com/tpu/docs/runtimes). The one table tpu/create.sh picks from.
+TPU_GENERATIONS='v2 v2 tpu-ubuntu2204-base
+v3 v3 tpu-ubuntu2204-base
+v4 v4 tpu-ubuntu2204-base
+v5litepod v5e v2-alpha-tpuv5-lite
+v5p v5p v2-alpha-tpuv5
+v6e v6e v2-alpha-tpuv6e'
+
+tpu_generation() {  # TYPE -> sets GENERATION and GENERATION_RUNTIME, or fails naming the valid types
+  local prefix generation runtime valid=''
+  while read -r prefix generation runtime; do
+    if [[ $1 =~ ^$prefix-[1-9][0-9]*$ ]]; then
+      GENERATION=$generation GENERATION_RUNTIME=$runtime
+      return 0
+    fi
+    valid+="$prefix-N"
+    [[ $generation == "$prefix" ]] || valid+=" ($generation)"
+    valid+=', '
+  done <<< "$TPU_GENERATIONS"
+  local hint=''
+  [[ $1 == v5e-* ]] && hint=" (v5e's type is v5litepod-N, e.g. v5litepod-${1#v5e-})"
+  die "--accelerator=$1 is not an accelerator type of a known TPU generation$hint; valid: ${valid%, } (N: the slice's size, e.g. v4-32, v5litepod-16, v5p-8, v6e-8)"
 }
 
 gcloud_tpu() {  # SUB NAME ARGS...
@@ -159,6 +194,11 @@ detached() {  # [--script] CMD_OR_SCRIPT LOG
   busy='if [ -f logs/job.pid ] && kill -0 "$(cat logs/job.pid)" 2>/dev/null; then'
   busy+=" echo \"error: \$(hostname): a job started by tpu/run.sh or tpu/sweep.sh is still running (pid \$(cat logs/job.pid)); stop it with: tpu/run.sh --stop ...\" >&2; exit 1; fi"
   printf '%s' "cd $(quote "$OPT_remote_dir") && mkdir -p logs && $busy && { setsid nohup $job > $(quote "$2") 2>&1 < /dev/null & echo \$! > logs/job.pid; echo \"\$(hostname): started job \$! (log: $OPT_remote_dir/$2)\"; }"
+}
+
+check_workdir() {  # WORKDIR: a gs:// URL must name a bucket (a typo like gs:/b would be a local path)
+  [[ $1 != gs:* || ${1%/} =~ ^gs://[a-z0-9]([-a-z0-9_.]*[a-z0-9])?(/.*)?$ ]] ||
+    die "--workdir=$1 is not a bucket path; give gs://BUCKET/PREFIX, e.g. gs://my-bucket/sweeps/tiny"
 }
 
 warn_local_workdir() {  # WORKDIR

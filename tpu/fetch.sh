@@ -26,6 +26,11 @@ parse_args "project= zone= name= workdir= dest= with-checkpoints remote-dir=" "$
 require workdir TPU_WORKDIR gs://my-bucket/sweeps/tiny
 require dest TPU_DEST results/tiny
 workdir=${OPT_workdir%/}
+if [[ -e $OPT_dest && ! -d $OPT_dest ]]; then
+  die "--dest=$OPT_dest is a file; give a directory to copy the results into"
+fi
+
+check_workdir "$OPT_workdir"
 
 if [[ $workdir == gs://* ]]; then
   [[ -z $OPT_name ]] || echo "note: --name is not used for a gs:// --workdir" >&2

@@ -30,6 +30,10 @@ default lines TPU_LOG_LINES 50
 [[ $OPT_lines =~ ^[0-9]+$ ]] || die "--lines=$OPT_lines; valid: a number of lines, e.g. --lines=100"
 [[ -z $OPT_log || $OPT_log =~ ^[A-Za-z0-9_.,=+-]+$ ]] || die "--log=$OPT_log; valid: a log's name as --list shows it, without logs/ and .log"
 
+if [[ -n $OPT_list && -n $OPT_log$OPT_follow ]]; then
+  die "--list lists the logs; it takes no --log or --follow"
+fi
+
 cd_logs="cd $(quote "$OPT_remote_dir/logs")"
 if [[ -n $OPT_list ]]; then
   remote="$cd_logs && ls -lt"

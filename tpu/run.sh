@@ -48,6 +48,8 @@ require workdir TPU_WORKDIR gs://my-bucket/runs/tiny
 config=$(repo_config "$OPT_config")
 workdir=${OPT_workdir%/}
 job=${OPT_job:-${workdir##*/}}
+check_workdir "$OPT_workdir"
+[[ -n $workdir && $workdir != gs:/ ]] || die "--workdir=$OPT_workdir is a root; give the run's own directory, e.g. gs://my-bucket/runs/tiny"
 [[ $job =~ ^[A-Za-z0-9_.,=+-]+$ ]] || die "--job=$job: use letters, digits and _.,=+- only (it names logs/JOB.log)"
 warn_local_workdir "$workdir"
 

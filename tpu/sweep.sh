@@ -40,15 +40,28 @@ require config TPU_CONFIG configs/tiny.py
 require workdir TPU_WORKDIR gs://my-bucket/sweeps/tiny
 remote_dir
 config=$(repo_config "$OPT_config")
-warn_local_workdir "$OPT_workdir"
+check_workdir "$OPT_workdir"
 
 python=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x $python ]] || command -v "$python" >/dev/null ||
   die "no python to plan the sweep: $python is missing; run 'make setup' here or set PYTHON"
 plan_cmd=("$python" -m experiments.pod_sweep plan --config="$config" --workdir="$OPT_workdir"
-          --slices="$OPT_names" --format=shell -- ${EXTRA[@]+"${EXTRA[@]}"})
+          --slices="$OPT_names" --format=shell)
+# A dry run needs no account: if the workdir can't be read here (a gs:// root without gcloud or
+# credentials), it plans every run; the workers skip finished runs themselves.
+if ((DRY_RUN)); then plan_cmd+=(--if_unreadable=plan_all); fi
+plan_cmd+=(-- ${EXTRA[@]+"${EXTRA[@]}"})
+notes=$(mktemp "${TMPDIR:-/tmp}/peftjax-plan.XXXXXX")
+trap 'rm -f "$notes"' EXIT
+if ! plan=$(cd "$ROOT" && "${plan_cmd[@]}" 2> "$notes"); then
+  # The planner's own one-line error (or, for a crash, everything it printed).
+  reason=$(sed -n 's/^.*error: //p' "$notes" | tail -n 1)
+  [[ -n $reason ]] || { cat "$notes" >&2; reason='planning the sweep failed (see above)'; }
+  die "$reason"
+fi
+warn_local_workdir "$OPT_workdir"
 echo "# plan (runs locally, also with --dry-run): $(quote "${plan_cmd[@]}")" >&2
-plan=$(cd "$ROOT" && "${plan_cmd[@]}") || die "planning the sweep failed (see above)"
+cat "$notes" >&2
 if [[ -z $plan ]]; then
   echo "every run of the sweep is finished; collect the table with: python -m experiments.pod_sweep collect --config=$config --workdir=$OPT_workdir" >&2
   exit 0
