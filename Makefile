@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/moe.py
 	$(PY) benchmarks/multi_adapter.py
 	$(PY) benchmarks/precision.py
-	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/compression_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -139,19 +139,74 @@ def memory_bytes(compiled) -> dict:
   return out
 
 
+# ----------------------------------------------------------------------------- the machine
+
+# The vector and matrix extensions that decide whether bf16 and int8 arithmetic can pay off.
+ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'avx_vnni', 'amx_tile', 'amx_bf16',
+             'amx_int8')
+
+
+def cpu_info() -> dict:
+  """The CPU that measured: ``{'model', 'logical_cpus', 'isa': {flag: bool}, 'hypervisor'}``.
+
+  The model name and flags come from ``lscpu`` (else ``/proc/cpuinfo``, else
+  ``platform.processor()``); ``isa`` says which of :data:`ISA_FLAGS` the CPU has. Ratios
+  measured on a CPU without AVX512-BF16 or AMX, say, say nothing of bf16 on one that has them.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  fields: dict[str, str] = {}
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10,
+                         env={**os.environ, 'LC_ALL': 'C'}, check=False).stdout
+    fields = {k.strip().lower(): v.strip() for k, _, v in
+              (line.partition(':') for line in out.splitlines()) if v.strip()}
+  except (OSError, subprocess.SubprocessError):
+    pass
+  if 'model name' not in fields or 'flags' not in fields:
+    try:
+      with open('/proc/cpuinfo', encoding='utf-8') as f:
+        for line in f:
+          k, _, v = line.partition(':')
+          fields.setdefault(k.strip().lower(), v.strip())
+    except OSError:
+      pass
+  flags = set(fields.get('flags', '').split())
+  return {'model': fields.get('model name') or platform.processor() or platform.machine(),
+          'logical_cpus': os.cpu_count(),
+          'isa': {f: f in flags for f in ISA_FLAGS} if flags else 'unknown',
+          'hypervisor': fields.get('hypervisor vendor', '')}
+
+
+def load_average() -> float | None:
+  """The 1-minute load average (None where the OS has none): how busy the machine was."""
+  import os  # pylint: disable=g-import-not-at-top
+  try:
+    return round(os.getloadavg()[0], 2)
+  except (AttributeError, OSError):
+    return None
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
 def run_and_publish(run: Callable[[Any], dict], report: Callable[[dict], str], args,
                     default_out) -> dict:
-  """A benchmark's ``main`` tail: ``run(args)``, its wall time in ``settings.wall_s``, then
-  :func:`publish` to ``args.out``, else ``default_out`` (nowhere but stdout with ``args.quick``).
+  """A benchmark's ``main`` tail: ``run(args)``, its wall time in ``settings.wall_s``, the CPU
+  (:func:`cpu_info`) in ``settings.cpu`` and the load average in ``settings.load_average_1m``,
+  then :func:`publish` to ``args.out``, else ``default_out`` (nowhere but stdout with
+  ``args.quick``).
 
   >>> run_and_publish(run, report, args, RESULTS)  # doctest: +SKIP
   """
-  t0 = time.perf_counter()
+  t0, load0 = time.perf_counter(), load_average()
   result = run(args)
-  result.setdefault('settings', {})['wall_s'] = time.perf_counter() - t0
+  settings = result.setdefault('settings', {})
+  settings['wall_s'] = time.perf_counter() - t0
+  # Which CPU measured, and how loaded the (shared) machine was at the start and the end.
+  settings.setdefault('cpu', cpu_info())
+  settings['load_average_1m'] = {'start': load0, 'end': load_average()}
   publish(result, report(result), args.out or (None if args.quick else str(default_out)))
   return result
 

@@ -180,7 +180,7 @@ COMPRESSION_KEYS = ('student_infer_time_ratio', 'head_pruned_50_infer_time_ratio
 
 @pytest.mark.slow  # ~1 min: it trains the MNIST model twice; test_compress_train covers the parts
 def test_quick_compression_benchmark_reports_all_keys(tmp_path):
-  from benchmarks import compression
+  from benchmarks import compression_bench as compression
   out = tmp_path / 'compression.json'
   r = compression.main(['--quick', f'--out={out}'])
   assert json.loads(out.read_text())['settings']['quick'] is True
@@ -195,7 +195,7 @@ def test_quick_compression_benchmark_reports_all_keys(tmp_path):
 
 
 def test_committed_compression_results_have_the_keys():
-  from benchmarks import compression
+  from benchmarks import compression_bench as compression
   r = json.loads(pathlib.Path(compression.RESULTS).read_text())
   for k in COMPRESSION_KEYS:
     assert k in r, k

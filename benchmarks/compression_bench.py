@@ -17,8 +17,8 @@ LeNet-300-100 / MNIST-5k in a temporary directory: final bytes / float32 bytes, 
 Huffman round trip rebuilt the model exactly (``huffman_roundtrip_exact``, which also requires
 a 1e6-symbol random round trip of :mod:`peftjax.compress.huffman`).
 
-  python benchmarks/compression.py            # writes benchmarks/results/compression.json
-  python benchmarks/compression.py --quick    # smoke test: 2 layers, few steps, prints JSON only
+  python benchmarks/compression_bench.py            # writes benchmarks/results/compression.json
+  python benchmarks/compression_bench.py --quick    # smoke test: 2 layers, few steps, prints JSON only
 """
 from __future__ import annotations
 
@@ -30,9 +30,6 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Run as a script, this file's directory comes first on sys.path, and the file's name would then
-# shadow the `compression` package jax imports (zstd); the benchmarks are imported via ROOT.
-sys.path[:] = [p for p in sys.path if pathlib.Path(p or '.').resolve() != ROOT / 'benchmarks']
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
