@@ -15,9 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'bert'  # 'bert' | 'mlp' | 'cnn'
-  c.model.pretrained = ''  # HF BERT dir (config.json + model.safetensors); '' = bundled MiniLM-L6; 'random'
+  c.model.pretrained = ''  # HF BERT dir (config.json, model.safetensors, tokenizer.json); '' = bundled MiniLM-L6; 'random'
   c.model.num_layers = 0  # keep only the first N encoder layers; 0 = all
-  c.model.pooling = 'mean'  # 'mean' (as sentence-transformers) | 'cls'
+  c.model.pooling = 'mean'  # 'mean' (sentence-transformers) | 'cls' | 'cls_pooler' (HF BERT's tanh pooler)
   c.model.dropout_rate = 0.1  # hidden and attention dropout in training
   c.model.grad_barrier = True  # materialize residual-stream grads per layer (XLA CPU speed-up)
   # Rematerialization per encoder layer (jax.checkpoint): 'none' | 'full' (save only each
@@ -206,3 +206,74 @@ def get_config() -> ml_collections.ConfigDict:
   # ... and the run refuses to start when such parameters total more than this; -1 = never.
   c.mesh.max_replicated_mb = -1.0
   return c
+
+
+# ------------------------------------------------------------------------------- variants
+# ``--config=configs/x.py:<arg>`` passes ``<arg>`` to ``get_config(arg)`` (and a sweep's
+# ``sweep(add, arg)``). A config with variants picks one with :func:`variant`, a config with
+# ``key=value`` settings reads them with :func:`settings`, a config without either refuses any
+# arg with :func:`no_variant`: an unknown one is an error that lists the valid ones.
+
+
+def variant(arg, names, *, default: str) -> str:
+  """The variant ``arg`` selects among ``names``; ``None`` or ``''`` give ``default``.
+
+  >>> variant('lora', ('full', 'lora'), default='full')
+  'lora'
+  >>> variant('lroa', ('full', 'lora'), default='full')
+  Traceback (most recent call last):
+  ...
+  peftjax.errors.ConfigError: unknown variant 'lroa' (did you mean 'lora'?); valid: 'full' (the default, also without ':variant'), 'lora'
+  """
+  from peftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  names = tuple(names)
+  if arg in (None, ''):
+    return default
+  if arg not in names:
+    valid = ', '.join(f'{n!r} (the default, also without \':variant\')' if n == default
+                      else repr(n) for n in names)
+    raise ConfigError(f'unknown variant {arg!r}{_did_you_mean(arg, names)}; valid: {valid}')
+  return arg
+
+
+def no_variant(arg) -> None:
+  """Refuses any ``arg``: for configs that have no variants (``get_config(arg=None)``)."""
+  from peftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  if arg not in (None, ''):
+    raise ConfigError(f"unknown variant {arg!r}: this config has no variants; valid: the file "
+                      "alone, without ':variant'")
+
+
+def settings(arg, **defaults) -> dict:
+  """``key=value`` settings from ``arg`` (``'steps=60'``, ``'steps=60,seeds=1'``), typed like
+  their ``defaults``; unknown keys and values of the wrong type are refused.
+
+  >>> settings('steps=60', steps=120)
+  {'steps': 60}
+  >>> settings(None, steps=120)
+  {'steps': 120}
+  """
+  from peftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  out = dict(defaults)
+  valid = ', '.join(f'{k}=<{type(v).__name__}> (default {v!r})' for k, v in defaults.items())
+  for item in ([] if arg in (None, '') else str(arg).split(',')):
+    key, eq, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults or not eq:
+      what = f'setting {key!r}' if eq else f'{item!r} (not key=value)'
+      raise ConfigError(f'unknown {what} in variant {arg!r}'
+                        f'{_did_you_mean(key, defaults) if eq else ""}; valid: {valid}')
+    kind = type(defaults[key])
+    try:
+      out[key] = kind(value.strip())
+    except ValueError:
+      word = {int: 'an integer', float: 'a number'}.get(kind, f'a {kind.__name__}')
+      raise ConfigError(f'variant {arg!r}: {key}={value!r} is not {word}; valid: {valid}'
+                        ) from None
+  return out
+
+
+def _did_you_mean(word: str, names) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(str(word), [str(n) for n in names], n=1)
+  return f' (did you mean {close[0]!r}?)' if close else ''

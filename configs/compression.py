@@ -40,10 +40,9 @@ def get_config(arg=None):
   c.train.steps = TEACHER_STEPS
   c.train.eval_every = 150
   c.train.checkpoint_every = 150
-  if arg in (None, '', 'teacher'):
+  arg = common.variant(arg, ('teacher', *VARIANTS), default='teacher')
+  if arg == 'teacher':
     return c
-  if arg not in VARIANTS:
-    raise ValueError(f'configs/compression.py:{arg}; valid: teacher, {", ".join(VARIANTS)}')
   c.optim.learning_rate = 3e-5
   c.optim.warmup_steps = 10
   c.train.steps = RETRAIN_STEPS

@@ -18,7 +18,7 @@ def get_config(arg=None):
   p, s = c.compress.prune, c.compress.share
   p.kind = 'magnitude'
   p.every = 10
-  if arg == 'minilm':
+  if common.variant(arg, ('mnist', 'minilm'), default='mnist') == 'minilm':
     # The encoder's matmuls are pruned to 70% over the first half of retraining; sharing then
     # covers them, the embeddings and the head (everything but biases and norms).
     c.optim.learning_rate = 3e-5
@@ -33,8 +33,6 @@ def get_config(arg=None):
     s.finetune_steps = 50
     s.learning_rate = 1e-5
     return c
-  if arg not in (None, '', 'mnist'):
-    raise ValueError(f"configs/deep_compression.py:{arg}; valid: '' (MNIST) or 'minilm'")
   c.model.name = 'mlp'
   c.model.hidden = (300, 100)  # LeNet-300-100
   c.model.dropout_rate = 0.0

@@ -20,13 +20,11 @@ def get_config(arg=None):
   c.train.eval_every = 150
   c.train.checkpoint_every = 150
   c.optim.warmup_steps = 30
-  if arg == 'lora':
+  if common.variant(arg, ('full', 'lora'), default='full') == 'lora':
     c.peft.method = 'lora'
     c.peft.targets = r'moe/(intermediate|output|router)/kernel$'
     c.optim.learning_rate = 1e-3
-  elif arg in (None, '', 'full'):
+  else:
     c.peft.method = 'full'
     c.optim.learning_rate = 5e-5
-  else:
-    raise ValueError(f"configs/moe.py: arg={arg!r}; valid: '' / 'full' or 'lora'")
   return c

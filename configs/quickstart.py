@@ -6,7 +6,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.no_variant(arg)
   c = common.get_config()
   c.peft.method = 'lora'
   c.peft.rank = 8
@@ -26,7 +26,7 @@ def sweep(add, arg=None):
 
   python -m experiments.sweep --config=configs/quickstart.py --workdir=/tmp/sweep
   """
-  del arg
+  common.no_variant(arg)
   for rank in (4, 8, 16):
     for lr in (5e-4, 1e-3, 2e-3):
       add(**{'peft.rank': rank, 'optim.learning_rate': lr})

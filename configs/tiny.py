@@ -6,7 +6,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.no_variant(arg)
   c = common.get_config()
   c.model.num_layers = 1
   c.data.max_length = 16
@@ -25,7 +25,7 @@ def get_config(arg=None):
 
 def sweep(add, arg=None):
   """Two ranks x two seeds: a sweep small enough for tests."""
-  del arg
+  common.no_variant(arg)
   for rank in (2, 4):
     for seed in (0, 1):
       add(**{'peft.method': 'lora', 'peft.rank': rank, 'seed': seed})  # a str, an int

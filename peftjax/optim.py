@@ -12,8 +12,9 @@ import re
 import optax
 
 from peftjax import tree as tree_lib
+from peftjax.validate import SCHEDULES
+from peftjax.validate import check_lr_multipliers
 
-SCHEDULES = ('cosine', 'linear', 'constant')
 # Decoupled weight decay skips biases and normalization parameters, as is standard.
 # Biases, norms and quantizer step sizes (LSQ) are not weights: no decay.
 _NO_DECAY = (r'(^|/)bias$', r'(^|/)scale$', r'norm/', r'(^|/)act_step$')
@@ -73,16 +74,8 @@ def make_optimizer(optim_cfg, total_steps: int, *, num_layers: int = 0
 
 
 def check_multipliers(multipliers) -> tuple[tuple[str, float], ...]:
-  """Validates ``((regex, factor), ...)``; raises ValueError naming the bad entry."""
-  out = []
-  for entry in multipliers:
-    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
-        or not isinstance(entry[1], (int, float)) or entry[1] <= 0):
-      raise ValueError(f'optim.lr_multipliers entry {entry!r} is invalid; valid: a pair '
-                       "(regex over parameter paths, positive factor), e.g. ('lora_b$', 16.0)")
-    tree_lib.make_selector(entry[0])  # raises for a bad regex
-    out.append((entry[0], float(entry[1])))
-  return tuple(out)
+  """Validates ``((regex, factor), ...)``; raises ConfigError (a ValueError) naming the bad entry."""
+  return check_lr_multipliers(multipliers)
 
 
 def path_factors(multipliers=(), *, layer_decay: float = 1.0, num_layers: int = 0):

@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from peftjax.errors import ConfigError
-
-MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+from peftjax.validate import MESH_AXES  # ('data', 'fsdp', 'expert', 'tensor')
+from peftjax.validate import check_mesh_rules
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -56,9 +56,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def rules(mesh_cfg) -> tuple:
-  """The logical -> mesh axis rules as a tuple of pairs (for ``nn.logical_axis_rules``)."""
-  return tuple((str(k), v if v is None or isinstance(v, str) else tuple(v))
-               for k, v in mesh_cfg.rules)
+  """The logical -> mesh axis rules as a tuple of pairs (for ``nn.logical_axis_rules``).
+
+  Each rule is ``(logical name, None | mesh axis | tuple of mesh axes)``; anything else (a
+  malformed override, an axis the mesh does not have) is a ConfigError naming the entry.
+  """
+  return check_mesh_rules(mesh_cfg.rules)
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, axis_rules) -> Any:

@@ -1,22 +1,52 @@
 """Config validation at the boundary: one clear message before any compute.
 
-Every error names the field, the bad value, and what would be valid.
+Every error names the field, the bad value, and what would be valid. Fields are checked in
+dependency order (``train.steps`` before the ``optim.warmup_steps`` that must be smaller), so the
+message names the root cause.
+
+Plain values are checked without jax, flax or optax (a bad override fails in a fraction of a
+second): the names that the heavy modules own (methods, models, poolings, schedules, mesh axes)
+are repeated here and kept equal to their registries by ``tests/test_config_errors.py``; sections
+that need their module (quantization, MoE, compression, a pretrained directory) import it only
+when they are in use, after the plain checks. What needs the data set or the model's parameter
+paths (:func:`validate_data`, :func:`validate_params`) runs in ``train.build_task``, before the
+run creates its workdir.
 """
 from __future__ import annotations
 
+import ast
+import numbers
+import os
 import pathlib
 import re
 
-from peftjax import peft
 from peftjax.errors import ConfigError
-from peftjax.models.bert import REMAT_POLICIES
-from peftjax.models.build import MODEL_NAMES
-from peftjax.models.build import moe_settings
-from peftjax.optim import SCHEDULES
-from peftjax.optim import check_multipliers
-from peftjax.quant.qat import check_config as check_quant
-from peftjax.unfreeze import check_schedule
 
+# Registries of heavy modules, repeated so that validation imports none of them.
+METHOD_NAMES = ('adapter', 'bitfit', 'dora', 'full', 'ia3', 'linear_probe', 'lora', 'pissa',
+                'prefix', 'prompt')  # peftjax.peft.method_names()
+MODEL_NAMES = ('bert', 'mlp', 'cnn')  # peftjax.models.build.MODEL_NAMES
+POOLINGS = ('mean', 'cls', 'cls_pooler')  # peftjax.models.bert.POOLINGS
+REMAT_POLICIES = ('none', 'full', 'dots')  # peftjax.models.bert.REMAT_POLICIES
+SCHEDULES = ('cosine', 'linear', 'constant')  # peftjax.optim.SCHEDULES
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')  # the axes of sharding.make_mesh's mesh
+# The bundled data sets and what they hold (peftjax.data.KNOWN); other names are checked once
+# the data set is opened (validate_data).
+KNOWN_DATA = {'rotten_tomatoes': 'text', 'mnist5k': 'image', 'digits': 'image'}
+MODEL_INPUTS = {'bert': 'text', 'mlp': 'image', 'cnn': 'image'}
+
+# The valid form of each tuple-valued field, for messages (here and for a bad override).
+TUPLE_FORMS = {
+    'mesh.rules': ("pairs (logical axis name, mesh axes), the mesh axes None, one of "
+                   f"{', '.join(map(repr, MESH_AXES))} or a tuple of them, e.g. "
+                   "--config.mesh.rules=\"(('batch', ('data', 'fsdp')), ('embed', None))\""),
+    'optim.lr_multipliers': ("pairs (regex over trainable parameter paths, positive factor), "
+                             "e.g. --config.optim.lr_multipliers=\"(('lora_b$', 16.0),)\""),
+    'train.unfreeze': ("pairs (step, regex over base parameter paths) with non-decreasing steps "
+                       ">= 0, e.g. --config.train.unfreeze=\"((0, 'classifier/'), "
+                       "(100, 'layer_5/'))\""),
+    'model.hidden': 'positive layer sizes, e.g. --config.model.hidden="(256, 128)"',
+}
 
 
 def _fail(field: str, value, valid: str):
@@ -28,13 +58,194 @@ def _check(cond: bool, field: str, value, valid: str):
     _fail(field, value, valid)
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int(field: str, v, lo: int, valid: str):
+  _check(_is_int(v) and v >= lo, field, v, valid)
+
+
+def _num(field: str, v, ok, valid: str):
+  _check(_is_num(v) and ok(v), field, v, valid)
+
+
 def _regex(field: str, value):
   patterns = [value] if isinstance(value, str) else list(value)
   for p in patterns:
+    if not isinstance(p, str):
+      _fail(field, p, 'a Python regular expression (a string)')
     try:
       re.compile(p)
     except re.error as e:
       _fail(field, p, f'a Python regular expression ({e})')
+
+
+# ---------------------------------------------------------------------------- tuple fields
+
+
+def quoted_literal(text: str) -> str | None:
+  """``text`` with its bare names quoted, if that makes it a Python literal: the form a shell
+  leaves of ``(('batch', 'data'),)`` typed without inner quotes."""
+  fixed = re.sub(r"(?<!['\"\w])([A-Za-z_][\w.$/*^-]*)(?!['\"\w])",
+                 lambda m: m.group(1) if m.group(1) in ('None', 'True', 'False')
+                 else repr(m.group(1)), text)
+  try:
+    value = ast.literal_eval(fixed)
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    return None
+  return repr(value) if isinstance(value, (tuple, list)) else None
+
+
+def _tuple_field(field: str, value, entry_problem) -> tuple:
+  """``value`` as a tuple of entries for which ``entry_problem(entry)`` (a str or None) is None.
+
+  An override that is not a Python literal reaches here as a 1-tuple of its text (the flag
+  parser keeps what it cannot read): the message says so and suggests the quoted form.
+  """
+  form = TUPLE_FORMS[field]
+  if not isinstance(value, (tuple, list)):
+    _fail(field, value, form)
+  if (len(value) == 1 and isinstance(value[0], str) and value[0].lstrip()[:1] in '([' and
+      entry_problem(value[0])):
+    fixed = quoted_literal(value[0])
+    hint = f' (did you mean --config.{field}="{fixed}"?)' if fixed else ' (quote each name)'
+    raise ConfigError(f'config.{field}={value[0]!r} is invalid: it is not a Python tuple '
+                      f'literal{hint}; valid: {form}')
+  for entry in value:
+    problem = entry_problem(entry)
+    if problem:
+      if value and not isinstance(value[0], (tuple, list)) and not entry_problem(tuple(value)):
+        problem += f'; one pair needs a trailing comma: ({tuple(value)!r},)'
+      raise ConfigError(f'config.{field} entry {entry!r} is invalid ({problem}); valid: {form}')
+  return tuple(value)
+
+
+def _rule_problem(entry) -> str | None:
+  if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+    return 'not a (logical axis, mesh axes) pair'
+  name, axes = entry
+  if not isinstance(name, str) or not name:
+    return f'the logical axis name {name!r} is not a non-empty string'
+  names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  if not isinstance(names, (tuple, list)) or not all(isinstance(a, str) for a in names):
+    return f'the mesh axes {axes!r} are not None, a mesh axis name or a tuple of them'
+  unknown = [a for a in names if a not in MESH_AXES]
+  if unknown:
+    return f'{unknown[0]!r} is not a mesh axis'
+  if len(set(names)) != len(names):
+    return f'a mesh axis appears twice in {axes!r}'
+  return None
+
+
+def check_mesh_rules(rules, field: str = 'mesh.rules') -> tuple:
+  """``config.mesh.rules`` as a tuple of ``(logical name, None | axis | tuple of axes)`` pairs
+  (for ``nn.logical_axis_rules``); a :class:`ConfigError` naming the bad entry otherwise.
+
+  >>> check_mesh_rules((('batch', ['data', 'fsdp']), ('embed', None)))
+  (('batch', ('data', 'fsdp')), ('embed', None))
+  >>> check_mesh_rules((('batch', 'dta'),))
+  Traceback (most recent call last):
+  ...
+  peftjax.errors.ConfigError: config.mesh.rules entry ('batch', 'dta') is invalid ('dta' is not a mesh axis); valid: ...
+  """
+  rules = _tuple_field(field, rules, _rule_problem)
+  return tuple((str(k), v if v is None or isinstance(v, str) else tuple(v)) for k, v in rules)
+
+
+def _multiplier_problem(entry) -> str | None:
+  if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+    return 'not a (regex, factor) pair'
+  regex, factor = entry
+  if not isinstance(regex, str):
+    return f'the regex {regex!r} is not a string'
+  try:
+    re.compile(regex)
+  except re.error as e:
+    return f'invalid selector regex {regex!r}: {e}'
+  if not _is_num(factor) or factor <= 0:
+    return f'the factor {factor!r} is not a positive number'
+  return None
+
+
+def check_lr_multipliers(multipliers) -> tuple[tuple[str, float], ...]:
+  """``optim.lr_multipliers`` as ``((regex, factor), ...)``; a ConfigError naming the bad entry.
+
+  >>> check_lr_multipliers([('lora_b$', 16)])
+  (('lora_b$', 16.0),)
+  """
+  entries = _tuple_field('optim.lr_multipliers', multipliers, _multiplier_problem)
+  return tuple((r, float(f)) for r, f in entries)
+
+
+def _unfreeze_problem(entry) -> str | None:
+  if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+    return 'not a (step, regex) pair'
+  step, regex = entry
+  if not _is_int(step) or step < 0:
+    return f'the step {step!r} is not an integer >= 0'
+  if not isinstance(regex, str):
+    return f'the regex {regex!r} is not a string'
+  try:
+    re.compile(regex)
+  except re.error as e:
+    return f'invalid selector regex {regex!r}: {e}'
+  return None
+
+
+def check_unfreeze(schedule, steps: int) -> None:
+  """``train.unfreeze``: (step, regex) pairs, steps non-decreasing and before ``train.steps``."""
+  entries = _tuple_field('train.unfreeze', schedule, _unfreeze_problem)
+  last = 0
+  for step, regex in entries:
+    if step < last:
+      raise ConfigError(f'config.train.unfreeze entry {(step, regex)!r} is invalid (its step '
+                        f'comes before the previous group\'s {last}); valid: '
+                        f'{TUPLE_FORMS["train.unfreeze"]}')
+    if step >= steps:
+      raise ConfigError(f'config.train.unfreeze entry {(step, regex)!r} is invalid with '
+                        f'train.steps={steps}: the group would never train; valid: steps below '
+                        f'train.steps ({steps})')
+    last = step
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def check_data_dir(value: str, field: str = 'data.data_dir') -> None:
+  """``data.data_dir`` (or ``$PEFTJAX_DATA_DIR`` when it is empty) must be a directory, or a
+  path where one can be created; bucket paths (``gs://...``) are left to TFDS."""
+  raw, name = value, f'config.{field}'
+  if not raw:
+    raw, name = os.environ.get('PEFTJAX_DATA_DIR', ''), '$PEFTJAX_DATA_DIR'
+  if not raw or '://' in raw:
+    return
+  path = pathlib.Path(raw).expanduser()
+  valid = ("a directory for the prepared data sets (created if missing); '' = "
+           '$PEFTJAX_DATA_DIR or ~/.cache/peftjax/tfds')
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f'{name}={raw!r} is invalid: it is a file, not a directory; valid: {valid}')
+  if path.is_dir():
+    if not os.access(path, os.R_OK | os.X_OK):
+      raise ConfigError(f'{name}={raw!r} is invalid: the directory is not readable; '
+                        f'valid: {valid}')
+    return
+  parent = path.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ConfigError(f'{name}={raw!r} is invalid: {str(parent)!r} is a file, so the directory '
+                      f'cannot be created; valid: {valid}')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f'{name}={raw!r} is invalid: it does not exist and cannot be created in '
+                      f'{str(parent)!r} (permission denied); valid: {valid}')
+
+
+# ---------------------------------------------------------------------------- the config
 
 
 def validate(c) -> None:
@@ -43,72 +254,83 @@ def validate(c) -> None:
   >>> validate(configs.quickstart.get_config())  # doctest: +SKIP
   """
   m, d, p, o, t = c.model, c.data, c.peft, c.optim, c.train
-  _check(m.name in MODEL_NAMES, 'model.name', m.name, ', '.join(MODEL_NAMES))
-  _check(m.pooling in ('mean', 'cls'), 'model.pooling', m.pooling, "'mean' or 'cls'")
+  _int('seed', c.seed, 0, 'an integer >= 0')
   _check(c.dtype in ('float32', 'bfloat16'), 'dtype', c.dtype,
          "'float32' or 'bfloat16' (the compute dtype; parameters stay float32)")
-  _check(m.remat in REMAT_POLICIES, 'model.remat', m.remat,
-         ', '.join(repr(k) for k in REMAT_POLICIES) + ' (per-layer rematerialization)')
-  _check(m.num_layers >= 0, 'model.num_layers', m.num_layers, '0 (all layers) or a positive count')
-  _check(0.0 <= m.dropout_rate < 1.0, 'model.dropout_rate', m.dropout_rate, '0 <= rate < 1')
-  if m.name == 'bert' and m.pretrained not in ('', 'random'):
-    path = pathlib.Path(m.pretrained).expanduser()
-    _check((path / 'config.json').is_file() and (path / 'model.safetensors').is_file(),
-           'model.pretrained', m.pretrained,
-           "'' (bundled MiniLM-L6), 'random', or a directory with config.json and model.safetensors")
-  _check(all(int(h) > 0 for h in m.hidden), 'model.hidden', m.hidden, 'positive layer sizes')
+
+  # train first: other sections' fields (warmup, unfreezing) are bounded by train.steps.
+  _int('train.steps', t.steps, 1, 'a positive number of steps')
+  _int('train.batch_size', t.batch_size, 1, 'a positive batch size')
+  _int('train.eval_batch_size', t.eval_batch_size, 1, 'a positive size')
+  _int('train.eval_every', t.eval_every, 0, '>= 0 (0 = only at the end)')
+  _int('train.log_every', t.log_every, 1, '>= 1')
+  _int('train.checkpoint_every', t.checkpoint_every, 0, '>= 0 (0 = off)')
+  _int('train.keep_checkpoints', t.keep_checkpoints, 1, '>= 1')
+  check_unfreeze(t.unfreeze, t.steps)
+
+  _check(m.name in MODEL_NAMES, 'model.name', m.name, ', '.join(MODEL_NAMES))
+  _check(m.pooling in POOLINGS, 'model.pooling', m.pooling, ', '.join(map(repr, POOLINGS)))
+  remat = m.get('remat', 'none')
+  _check(remat in REMAT_POLICIES, 'model.remat', remat,
+         ', '.join(map(repr, REMAT_POLICIES)) + ' (per-layer rematerialization)')
+  _int('model.num_layers', m.num_layers, 0, '0 (all layers) or a positive count')
+  _num('model.dropout_rate', m.dropout_rate, lambda v: 0.0 <= v < 1.0, '0 <= rate < 1')
+  hidden = _tuple_field('model.hidden', m.hidden,
+                        lambda h: None if _is_int(h) and h > 0 else 'not a positive integer')
+  del hidden
 
   _check(isinstance(d.name, str) and d.name != '', 'data.name', d.name,
          "'rotten_tomatoes', 'mnist5k', 'digits' or a prepared TFDS dataset name")
-  _check(2 <= d.max_length <= 512, 'data.max_length', d.max_length, '2..512 tokens')
+  check_data_dir(d.data_dir)
+  kind = KNOWN_DATA.get(d.name)
+  if kind is not None and MODEL_INPUTS[m.name] != kind:
+    _mismatch(m.name, d.name, kind)
+  _int('data.max_length', d.max_length, 2, '2..512 tokens')
+  _check(d.max_length <= 512, 'data.max_length', d.max_length, '2..512 tokens')
   _check(d.padding in ('max_length', 'longest'), 'data.padding', d.padding,
          "'max_length' or 'longest'")
-  _check(d.max_train_examples == -1 or d.max_train_examples > 0, 'data.max_train_examples',
-         d.max_train_examples, '-1 (all) or a positive count')
-  _check(d.max_eval_examples == -1 or d.max_eval_examples > 0, 'data.max_eval_examples',
-         d.max_eval_examples, '-1 (all) or a positive count')
+  _check(_is_int(d.max_train_examples) and (d.max_train_examples == -1 or
+                                            d.max_train_examples > 0),
+         'data.max_train_examples', d.max_train_examples, '-1 (all) or a positive count')
+  _check(_is_int(d.max_eval_examples) and (d.max_eval_examples == -1 or d.max_eval_examples > 0),
+         'data.max_eval_examples', d.max_eval_examples, '-1 (all) or a positive count')
 
-  names = p.method.split('+')
-  _check(all(n in peft.method_names() for n in names) and len(set(names)) == len(names),
+  validate_mesh(c.mesh)
+
+  names = p.method.split('+') if isinstance(p.method, str) else [p.method]
+  _check(all(n in METHOD_NAMES for n in names) and len(set(names)) == len(names),
          'peft.method', p.method,
-         ', '.join(peft.method_names()) + ', or several distinct ones joined by "+"')
-  _check(isinstance(p.rank, int) and p.rank > 0, 'peft.rank', p.rank, 'a positive integer')
-  _check(p.alpha > 0, 'peft.alpha', p.alpha, 'a positive number')
-  _check(0.0 <= p.dropout < 1.0, 'peft.dropout', p.dropout, '0 <= dropout < 1')
+         ', '.join(METHOD_NAMES) + ', or several distinct ones joined by "+"')
+  _check(_is_int(p.rank) and p.rank > 0, 'peft.rank', p.rank, 'a positive integer')
+  _num('peft.alpha', p.alpha, lambda v: v > 0, 'a positive number')
+  _num('peft.dropout', p.dropout, lambda v: 0.0 <= v < 1.0, '0 <= dropout < 1')
   _regex('peft.targets', p.targets)
   _regex('peft.head', p.head)
   _regex('quant.targets', c.quant.targets)
-  if c.quant.qat or c.quant.qlora:
-    check_quant(c.quant)
 
-  validate_moe(c)
-
-  _check(o.learning_rate > 0, 'optim.learning_rate', o.learning_rate, 'a positive number')
+  _num('optim.learning_rate', o.learning_rate, lambda v: v > 0, 'a positive number')
   _check(o.schedule in SCHEDULES, 'optim.schedule', o.schedule, ', '.join(SCHEDULES))
-  _check(0 <= o.warmup_steps < t.steps, 'optim.warmup_steps', o.warmup_steps,
-         f'0 <= warmup_steps < train.steps ({t.steps})')
-  _check(0.0 <= o.end_lr_fraction <= 1.0, 'optim.end_lr_fraction', o.end_lr_fraction, '0..1')
-  _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, '>= 0')
-  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, 'optim.b1/b2', (o.b1, o.b2), '0 <= b < 1')
-  _check(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, '>= 0 (0 = off)')
-  _check(o.grad_accum_steps >= 1, 'optim.grad_accum_steps', o.grad_accum_steps, '>= 1')
-  _check(0.0 < o.layer_decay <= 1.0, 'optim.layer_decay', o.layer_decay, '0 < decay <= 1 (1 = off)')
-  try:
-    check_multipliers(o.lr_multipliers)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  _check(_is_int(o.warmup_steps) and 0 <= o.warmup_steps < t.steps, 'optim.warmup_steps',
+         o.warmup_steps, f'0 <= warmup_steps < train.steps ({t.steps}): lower '
+         f'--config.optim.warmup_steps or raise --config.train.steps')
+  _num('optim.end_lr_fraction', o.end_lr_fraction, lambda v: 0.0 <= v <= 1.0, '0..1')
+  _num('optim.weight_decay', o.weight_decay, lambda v: v >= 0, '>= 0')
+  _check(_is_num(o.b1) and _is_num(o.b2) and 0 <= o.b1 < 1 and 0 <= o.b2 < 1, 'optim.b1/b2',
+         (o.b1, o.b2), '0 <= b < 1')
+  _num('optim.clip_norm', o.clip_norm, lambda v: v >= 0, '>= 0 (0 = off)')
+  _int('optim.grad_accum_steps', o.grad_accum_steps, 1, '>= 1')
+  _num('optim.layer_decay', o.get('layer_decay', 1.0), lambda v: 0.0 < v <= 1.0,
+       '0 < decay <= 1 (1 = off)')
+  check_lr_multipliers(o.lr_multipliers)
 
-  _check(t.steps > 0, 'train.steps', t.steps, 'a positive number of steps')
-  _check(t.batch_size > 0, 'train.batch_size', t.batch_size, 'a positive batch size')
-  _check(t.eval_batch_size > 0, 'train.eval_batch_size', t.eval_batch_size, 'a positive size')
-  _check(t.eval_every >= 0, 'train.eval_every', t.eval_every, '>= 0 (0 = only at the end)')
-  _check(t.log_every > 0, 'train.log_every', t.log_every, '>= 1')
-  _check(t.checkpoint_every >= 0, 'train.checkpoint_every', t.checkpoint_every, '>= 0 (0 = off)')
-  _check(t.keep_checkpoints >= 1, 'train.keep_checkpoints', t.keep_checkpoints, '>= 1')
-  try:
-    check_schedule(t.unfreeze)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  # Sections whose checks live in their (heavy) modules: imported only when in use.
+  if m.name == 'bert' and m.pretrained not in ('', 'random'):
+    from peftjax.models.hf_bert import check_model_dir  # pylint: disable=g-import-not-at-top
+    check_model_dir(m.pretrained, field='config.model.pretrained', pooling=m.pooling)
+  if c.quant.qat or c.quant.qlora:
+    from peftjax.quant.qat import check_config as check_quant  # pylint: disable=g-import-not-at-top
+    check_quant(c.quant)
+  validate_moe(c)
   if c.get('compress') is not None:
     from peftjax.compress import plan  # pylint: disable=g-import-not-at-top
     plan.validate(c.compress)
@@ -118,18 +340,58 @@ def validate(c) -> None:
                         'trainable from the start)')
 
 
+def warnings(c) -> list[str]:
+  """Settings that are valid but probably not meant (the run goes on; the loop prints them).
+
+  >>> warnings(quickstart_config_with(train_steps=60))  # doctest: +SKIP
+  ['optim.warmup_steps=40 is over half of train.steps=60: ...']
+  """
+  out = []
+  o, t = c.optim, c.train
+  if 2 * o.warmup_steps > t.steps:
+    out.append(f'optim.warmup_steps={o.warmup_steps} is over half of train.steps={t.steps}: the '
+               f'learning rate reaches its peak only at step {o.warmup_steps}; e.g. '
+               f'--config.optim.warmup_steps={max(t.steps // 10, 0)} (10% of the run)')
+  return out
+
+
+def _mismatch(model: str, data: str, kind: str):
+  fits = [n for n, k in MODEL_INPUTS.items() if k == kind]
+  other = sorted(n for n, k in KNOWN_DATA.items() if k == MODEL_INPUTS[model])
+  raise ConfigError(f"config.model.name={model!r} reads {MODEL_INPUTS[model]} but "
+                    f"data.name={data!r} is {kind} data; valid: for this data a model that "
+                    f"reads {kind} ({', '.join(fits)}), for this model {MODEL_INPUTS[model]} "
+                    f"data ({', '.join(other)})")
+
+
+def validate_mesh(mesh) -> None:
+  """Mesh sizes (positive, or one -1 for "the remaining devices") and the logical rules."""
+  rest = []
+  for axis in MESH_AXES:
+    v = mesh.get(axis, 1)
+    _check(_is_int(v) and (v >= 1 or v == -1), f'mesh.{axis}', v,
+           'a positive size or -1 (the remaining devices)')
+    if v == -1:
+      rest.append(axis)
+  if len(rest) > 1:
+    raise ConfigError(f'config.mesh: {", ".join(f"mesh.{a}=-1" for a in rest)} is invalid; '
+                      'valid: at most one axis = -1 (the remaining devices)')
+  check_mesh_rules(mesh.rules)
+
+
 def validate_moe(c) -> None:
   """The ``moe`` section: routing fields, loss weights, and a model that has FFNs to replace."""
   moe = c.get('moe')
   if moe is None or moe.num_experts == 0:
     return
-  _check(isinstance(moe.num_experts, int) and moe.num_experts > 0, 'moe.num_experts',
+  _check(_is_int(moe.num_experts) and moe.num_experts > 0, 'moe.num_experts',
          moe.num_experts, '0 (dense) or a positive number of experts')
   _check(c.model.name == 'bert', 'model.name', c.model.name, "'bert' with moe.num_experts > 0")
-  _check(isinstance(moe.every, int) and moe.every >= 1, 'moe.every', moe.every,
+  _check(_is_int(moe.every) and moe.every >= 1, 'moe.every', moe.every,
          'a positive layer interval')
-  _check(moe.balance_coef >= 0, 'moe.balance_coef', moe.balance_coef, '>= 0')
-  _check(moe.z_coef >= 0, 'moe.z_coef', moe.z_coef, '>= 0')
+  _num('moe.balance_coef', moe.balance_coef, lambda v: v >= 0, '>= 0')
+  _num('moe.z_coef', moe.z_coef, lambda v: v >= 0, '>= 0')
+  from peftjax.models.build import moe_settings  # pylint: disable=g-import-not-at-top
   try:
     cfg, _ = moe_settings(moe, 1)
     cfg.check()
@@ -155,3 +417,48 @@ def validate_mesh_batch(c, data_parallel: int) -> None:
     v = getattr(c.train, field)
     _check(v % data_parallel == 0, f'train.{field}', v,
            f"a multiple of the data-parallel size {data_parallel} (the mesh axes of 'batch')")
+
+
+# ---------------------------------------------------------------------------- data and model
+
+
+def validate_data(c, data) -> None:
+  """Checks that need the opened data set (``peftjax.data.Data``): the model reads what the
+  data holds, and a training batch fits in the train split."""
+  kind = data.info.kind
+  if MODEL_INPUTS.get(c.model.name, kind) != kind:
+    _mismatch(c.model.name, c.data.name, kind)
+  split = c.data.train_split
+  n = data.num_examples(split)
+  if c.train.batch_size > n:
+    limit = (f' (data.max_train_examples={c.data.max_train_examples})'
+             if c.data.max_train_examples != -1 else '')
+    raise ConfigError(f'config.train.batch_size={c.train.batch_size} is invalid: the train split '
+                      f'{split!r} of {data.info.name!r} gives {n} examples{limit}; valid: a '
+                      f'batch size of at most {n}')
+
+
+def validate_params(c, base_params, peft_params=None) -> None:
+  """Regexes that select parameters must select some: ``peft.head`` (over the base model's
+  paths; unused by ``full``) and each ``optim.lr_multipliers`` regex (over the trainable tree's
+  ``base/...`` and ``peft/...`` paths). Needs the model's parameters (or their shapes).
+
+  (``peft.targets``, the adapter/IA3 targets, ``quant.targets``, ``train.unfreeze`` and the
+  ``compress`` targets are checked where they are used, before the workdir is created too.)
+  """
+  from peftjax import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  base_paths = tree_lib.paths(base_params)
+  head = c.peft.head
+  if head and 'full' not in c.peft.method.split('+') and not tree_lib.select(base_params, head):
+    tops = sorted({path.split('/')[0] + '/' for path in base_paths})
+    raise ConfigError(f'config.peft.head={head!r} matches no parameter of the model; valid: a '
+                      f'regex over its parameter paths (under {", ".join(tops)}; closest: '
+                      f'{tree_lib.closest_paths(head, base_paths, n=3)}), or \'\' (no base '
+                      'leaf trains besides the method\'s own)')
+  tree = {'base': base_params, 'peft': peft_params or {}}
+  all_paths = tree_lib.paths(tree)
+  for regex, _ in check_lr_multipliers(c.optim.lr_multipliers):
+    if not tree_lib.select(tree, regex):
+      raise ConfigError(f'config.optim.lr_multipliers regex {regex!r} matches no parameter; '
+                        f'valid: a regex over the trainable paths, e.g. '
+                        f'{tree_lib.closest_paths(regex, all_paths, n=3)}')

@@ -40,7 +40,7 @@ METHODS = {
 
 
 def get_config(arg=None):
-  steps = int(arg.split('=')[1]) if arg else 120
+  steps = common.settings(arg, steps=120)['steps']
   c = common.get_config()
   c.train.steps = steps
   c.optim.warmup_steps = max(steps // 10, 1)
@@ -55,7 +55,7 @@ def get_config(arg=None):
 
 def sweep(add, arg=None):
   """Every method x seed; ``arg='seeds=1'`` keeps the first seed only (a pilot)."""
-  seeds = SEEDS[:int(arg.split('=')[1])] if arg else SEEDS
+  seeds = SEEDS[:common.settings(arg, seeds=len(SEEDS))['seeds']]
   for overrides in METHODS.values():
     for seed in seeds:
       add(**overrides, seed=seed)

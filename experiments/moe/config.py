@@ -10,6 +10,7 @@ with a small random router (sparse upcycling); capacity factor 1.25, balance-los
 z-loss weight 0.001. Learning rates: full fine-tuning 1e-4 and LoRA 4e-3, the method-comparison
 pilot's choices for the dense model, used unchanged for the MoE models.
 """
+from configs import common
 from experiments.method_comparison import config as method_comparison
 
 SEEDS = (0, 1, 2)
@@ -42,7 +43,7 @@ def get_config(arg=None):
 def sweep(add, arg=None):
   """Every run x seed, seed-major (a cut-short sweep still has every run once);
   ``arg='seeds=1'`` keeps the first seed only (a pilot)."""
-  seeds = SEEDS[:int(arg.split('=')[1])] if arg else SEEDS
+  seeds = SEEDS[:common.settings(arg, seeds=len(SEEDS))['seeds']]
   for seed in seeds:
     for overrides in RUNS.values():
       add(**overrides, seed=seed)

@@ -13,6 +13,7 @@ Two models, each with its own equal budget:
 The trained runs come from this sweep; PTQ variants are conversions of the float32 runs
 (:mod:`experiments.quantization.study`).
 """
+from configs import common
 from experiments.method_comparison import config as text_study
 
 SEEDS = (0, 1, 2)
@@ -40,7 +41,7 @@ def get_config(arg=None):
 
 def sweep(add, arg=None):
   """Every trained variant x seed; ``arg='seeds=1'`` keeps the first seed only (a pilot)."""
-  seeds = SEEDS[:int(arg.split('=')[1])] if arg else SEEDS
+  seeds = SEEDS[:common.settings(arg, seeds=len(SEEDS))['seeds']]
   for variants in MODELS.values():
     for overrides in variants.values():
       for seed in seeds:

@@ -26,6 +26,7 @@ from peftjax.data.builders import Digits
 from peftjax.data.builders import Mnist5k
 from peftjax.data.builders import RottenTomatoes
 from peftjax.data.tokenize import Tokenizer
+from peftjax.validate import check_data_dir
 
 KNOWN = {'rotten_tomatoes': RottenTomatoes, 'mnist5k': Mnist5k, 'digits': Digits}
 # Never look for prepared copies on GCS: there is no network, and these are built locally.
@@ -182,7 +183,7 @@ def _hosts(batch_size: int, process_index: int | None, process_count: int | None
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if batch_size < 1 or batch_size % count or (limit is not None and batch_size > limit):
-    raise ValueError(f'batch_size={batch_size} is invalid; valid: a positive multiple of the '
+    raise DataError(f'batch_size={batch_size} is invalid; valid: a positive multiple of the '
                      f'process count ({count})'
                      + (f', at most {limit} (the train examples)' if limit is not None else ''))
   return index, count
@@ -312,5 +313,6 @@ def build(data_cfg, *, tokenizer_path: str | None = None) -> Data:
   >>> data.info.splits
   {'train': 10202, 'validation': 1275, 'test': 1275}
   """
+  check_data_dir(data_cfg.data_dir)  # a file, or a directory that cannot be made: one line
   builder = _builder(data_cfg.name, data_cfg.data_dir or default_data_dir())
   return Data(builder, data_cfg, tokenizer_path)
