@@ -105,6 +105,7 @@ def build_task(config):
   pretrained = resolve_pretrained(config.model)
   tokenizer = str(pathlib.Path(pretrained) / 'tokenizer.json') if pretrained else None
   data = data_lib.build(config.data, tokenizer_path=tokenizer)
+  validate_lib.validate_data(config, data)  # the model reads this data; a batch fits the split
   info = data.info
   built = models.build(config.model, num_classes=info.num_classes, pretrained_dir=pretrained,
                        image_shape=info.image_shape, seed=config.seed,
@@ -118,6 +119,7 @@ def build_task(config):
   inputs = sample_inputs(built.input_keys, length=config.data.max_length,
                          image_shape=info.image_shape)
   peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
+  validate_lib.validate_params(config, built.params, peft_params)  # peft.head, lr_multipliers
   base = method.prepare_base(built.params, peft_params)
   if getattr(method, 'needs_calibration', False):
     # Static activation ranges / LSQ's first steps, from the first training batches.
@@ -322,6 +324,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   wall0 = time.time()
   # ------------------------------------------------------------------ config
   validate_lib.validate(config)
+  for warning in validate_lib.warnings(config):
+    _log(f'warning: {warning}')
   workdir = storage.path(workdir)
   _check_writable(workdir)
   t = config.train
