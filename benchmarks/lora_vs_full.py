@@ -9,8 +9,8 @@ the trainer's own jitted, donated step (``train.make_train_step``) with AdamW an
 
 Both steps are compiled first; FLOPs come from XLA's cost analysis and peak memory from its
 memory analysis of those executables. The steps (and a forward of the merged LoRA model) are
-then timed interleaved, A/B/C/A/B/C..., after a warm-up; the figures are medians. A large
-float32 matmul measured just before gives the FLOP/s against which the LoRA step's MFU is taken.
+then timed interleaved, A/B/C/D/A/B/C/D..., after a warm-up; the figures are medians. The fourth
+candidate, a large float32 matmul, gives the FLOP/s against which the LoRA step's MFU is taken.
 
   python benchmarks/lora_vs_full.py            # writes benchmarks/results/lora_vs_full.json
   python benchmarks/lora_vs_full.py --quick    # smoke test: 2 layers, 3 steps, prints JSON only
@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from peftjax import timing  # noqa: E402
 from configs import quickstart  # noqa: E402
@@ -126,11 +127,13 @@ def run(args) -> dict:
   lora['state'] = lora_run.state
   infer_run = merged_forward(built, lora, batch)
 
-  # ------------------------------------------------------------------ FLOP/s probe, then timing
-  matmul_flops = timing.matmul_flops_per_sec(args.matmul_n)
-  times = timing.interleaved({'lora': lora_run, 'full': full_run, 'infer': infer_run},
-                             steps=args.steps, warmup=args.warmup)
-  matmul_flops_after = timing.matmul_flops_per_sec(args.matmul_n)
+  # ------------------------------------------------------------------ timing, the FLOP/s probe included
+  # The matmul probe is one more candidate of the rotation: MFU is then a ratio of interleaved
+  # medians like the other figures (a probe timed before or after the steps sees another load).
+  probe, probe_flops = timing.matmul_probe(args.matmul_n)
+  times = timing.interleaved({'lora': lora_run, 'full': full_run, 'infer': infer_run,
+                              'matmul': probe}, steps=args.steps, warmup=args.warmup)
+  matmul_flops = probe_flops / float(np.median(times['matmul']))
 
   lora_ms, full_ms = timing.median_ms(times['lora']), timing.median_ms(times['full'])
   result = {
@@ -150,8 +153,8 @@ def run(args) -> dict:
       'lora_step': timing.spread(times['lora']),
       'full_step': timing.spread(times['full']),
       'infer': timing.spread(times['infer']),
-      'matmul_gflops_before': matmul_flops / 1e9,
-      'matmul_gflops_after': matmul_flops_after / 1e9,
+      'matmul_gflops': matmul_flops / 1e9,
+      'matmul': timing.spread(times['matmul']),
       'lora_gflops_per_step': lora['flops'] / 1e9,
       'full_gflops_per_step': full['flops'] / 1e9,
       'lora_opt_state_bytes': lora['opt_state_bytes'],
@@ -177,8 +180,8 @@ def run(args) -> dict:
       'dtype': lora_cfg.dtype,
       'timed_steps': args.steps,
       'timing_warmup_steps': args.warmup,
-      'order': 'interleaved lora/full/infer',
-      'matmul_probe': f'{args.matmul_n}x{args.matmul_n} float32, jitted',
+      'order': 'interleaved lora/full/infer/matmul',
+      'matmul_probe': f'{args.matmul_n}x{args.matmul_n} float32, jitted, interleaved',
       'quick': args.quick,
       'jax': jax.__version__,
       'backend': jax.default_backend(),
@@ -215,9 +218,8 @@ def report(r: dict) -> str:
       table,
       f"paired step-time ratio (median of per-round ratios): {d['paired_step_time_ratio']:.3f}",
       f"merged-model forward: {r['infer_ms']:.1f} ms",
-      f"matmul probe: {d['matmul_gflops_before']:.1f} GFLOP/s before, "
-      f"{d['matmul_gflops_after']:.1f} after; LoRA MFU {r['lora_mfu']:.3f} "
-      f"({_target('lora_mfu', r)})",
+      f"matmul probe (interleaved): {d['matmul_gflops']:.1f} GFLOP/s; LoRA MFU "
+      f"{r['lora_mfu']:.3f} ({_target('lora_mfu', r)})",
   ]
   return '\n'.join(lines)
 

@@ -79,24 +79,37 @@ def paired_ratio(a_seconds, b_seconds) -> float:
 # ----------------------------------------------------------------------------- the FLOP/s probe
 
 
-def matmul_flops_per_sec(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
-  """Median FLOP/s of a jitted ``(n, n) @ (n, n)`` matmul (``2 n^3`` FLOPs) on the default device.
+def matmul_probe(n: int = 2048, dtype=jnp.float32) -> tuple[Callable[[], Any], float]:
+  """``(run, flops)``: a zero-argument call of a compiled ``(n, n) @ (n, n)`` matmul on the
+  default device (inputs made once) and its FLOPs, ``2 n^3``.
 
   A large float32 matmul is the best sustained rate this device reaches on dense work, so a
-  step's FLOPs over (its time x this rate) is its model-FLOPs utilisation (MFU).
+  step's FLOPs over (its time x this rate) is its model-FLOPs utilisation (MFU). Time ``run``
+  among the candidates of :func:`interleaved`, so that the rate and the step times see the same
+  machine load:
+
+  >>> probe, probe_flops = matmul_probe(2048)                           # doctest: +SKIP
+  >>> times = interleaved({'step': run_step, 'matmul': probe}, steps=30)  # doctest: +SKIP
+  >>> rate = probe_flops / np.median(times['matmul'])                   # doctest: +SKIP
   """
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (n, n), dtype)
   b = jax.random.normal(kb, (n, n), dtype)
   matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  return (lambda: matmul(a, b)), 2.0 * n ** 3
+
+
+def matmul_flops_per_sec(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
+  """Median FLOP/s of :func:`matmul_probe` over ``repeats`` calls, timed on their own."""
+  run, flops = matmul_probe(n, dtype)
   for _ in range(2):
-    jax.block_until_ready(matmul(a, b))
+    jax.block_until_ready(run())
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(matmul(a, b))
+    jax.block_until_ready(run())
     times.append(time.perf_counter() - t0)
-  return 2.0 * n ** 3 / float(np.median(times))
+  return flops / float(np.median(times))
 
 
 # ----------------------------------------------------------------------------- compiled analyses
