@@ -11,8 +11,11 @@ this module reads and writes (checked against huggingface/peft: ``utils/save_and
   ``(r, num_embeddings)`` and ``.lora_embedding_B`` ``(embedding_dim, r)`` for ``nn.Embedding``
   (plain parameters, no ``.weight``). ``<module>`` is ``bert.encoder.layer.0.attention.self.query``
   for ``BertForSequenceClassification`` (task ``SEQ_CLS``), ``encoder.layer.0...`` for a bare
-  ``BertModel``. ``modules_to_save`` (the ``classifier`` of ``SEQ_CLS``) is stored under the
-  module's own name: ``base_model.model.classifier.weight`` ``(C, D)`` and ``.bias``.
+  ``BertModel``. ``modules_to_save`` (the ``classifier`` of ``SEQ_CLS``; a trained ``pooler``)
+  is stored under the module's own name: ``base_model.model.classifier.weight`` ``(C, D)`` and
+  ``.bias``, ``base_model.model.bert.pooler.dense.weight`` / ``.bias``.
+* ``target_modules='all-linear'`` adapts every linear layer but the classifier, BERT's pooler
+  (``bert.pooler.dense``) included; PEFT saves it as ``['dense', 'key', 'query', 'value']``.
 * The update is ``W + scaling * B @ A`` (torch layout), ``scaling = lora_alpha / r``, or
   ``lora_alpha / sqrt(r)`` with ``use_rslora``; an embedding looks up rows of ``A.T`` and
   multiplies by ``B.T``, i.e. the same update on the ``(num_embeddings, dim)`` table.
@@ -28,11 +31,22 @@ have different ranks (a rank_pattern): ``lora_scope`` and ``LoRA.merge`` take ea
 from its tensors, so such a tree computes correctly; only ``LoRA.init`` uses one rank.
 
 Supported sites: query/key/value, attention output, intermediate and output dense layers of
-every encoder layer, and the word/position/token-type embeddings. Not supported (clear
+every encoder layer, the word/position/token-type embeddings, and the pooler (our ``pooler``
+layer, present with ``model.pooling='cls_pooler'``). Not supported (clear
 :class:`PeftFormatError`): DoRA, LoRA biases (``bias != 'none'``, ``lora_bias``), adapters relative
 to a modified base (unconverted PiSSA/OLoRA/CorDA/LoftQ), layer replication, trainable tokens,
-aLoRA, ``.bin`` files. ``fan_in_fan_out=True`` is accepted: PEFT itself resets it to False for
-``nn.Linear`` and ignores it for ``nn.Embedding``, and the A/B shapes do not depend on it.
+aLoRA, ``.bin`` files, task types other than ``SEQ_CLS`` / ``FEATURE_EXTRACTION``.
+``fan_in_fan_out=True`` is accepted: PEFT itself resets it to False for ``nn.Linear`` and
+ignores it for ``nn.Embedding``, and the A/B shapes do not depend on it.
+
+Heads and pooling. A ``SEQ_CLS`` head (``modules_to_save`` classifier) reads
+``tanh(pooler.dense(h[CLS]))``, as ``BertForSequenceClassification`` computes it: it is served
+exactly with ``model.pooling='cls_pooler'`` and refused with any other pooling. Our heads that
+pool otherwise (``'mean'``, ``'cls'``) have no PEFT form: :func:`save_peft_adapter` writes them
+as a ``FEATURE_EXTRACTION`` adapter (exact for ``transformers.BertModel``) plus
+:data:`HEAD_NAME`, a small safetensors file with the head and its pooling, which PEFT ignores
+and :func:`load_peft_adapter` reads. A LoRA on the pooler matters only to a model that uses the
+pooler; with another pooling it is left out (``info['unused']``), unless a head needs it.
 
 >>> save_peft_adapter('/tmp/adapter', lora, rank=8, alpha=16.0, head=head)  # doctest: +SKIP
 >>> lora, head, info = load_peft_adapter('/tmp/adapter', bert_cfg)  # doctest: +SKIP
@@ -55,31 +69,40 @@ from peftjax import tree as tree_lib
 from peftjax.errors import UserInputError
 from peftjax.hf.bert_export import _safetensors_bytes
 from peftjax.hf.bert_export import write_dir_atomic
-from peftjax.models.bert import BertConfig
+from peftjax.models.bert import POOLINGS
 
 CONFIG_NAME = 'adapter_config.json'
 WEIGHTS_NAME = 'adapter_model.safetensors'
+HEAD_NAME = 'peftjax_head.safetensors'  # a head PEFT has no form for (pooling other than HF's)
 PREFIX = 'base_model.model.'
+TASK_TYPES = ('SEQ_CLS', 'FEATURE_EXTRACTION')
 
 # Our module path <-> HF module name (without the 'bert.' of BertForSequenceClassification).
 _ATTN = {'query': 'attention.self.query', 'key': 'attention.self.key',
          'value': 'attention.self.value', 'out': 'attention.output.dense'}
 _OUR_SITE = re.compile(
-    r'^encoder/(?:layer_(?P<layer>\d+)/(?:attention/(?P<attn>query|key|value|out)|'
-    r'(?P<ffn>intermediate|output))|embeddings/(?P<emb>word|position|token_type)_embeddings)$')
+    r'^(?:encoder/(?:layer_(?P<layer>\d+)/(?:attention/(?P<attn>query|key|value|out)|'
+    r'(?P<ffn>intermediate|output))|embeddings/(?P<emb>word|position|token_type)_embeddings)|'
+    r'(?P<pooler>pooler))$')
 _HF_SITE = re.compile(
     r'^(?:encoder\.layer\.(?P<layer>\d+)\.(?:attention\.self\.(?P<qkv>query|key|value)|'
     r'(?P<out>attention\.output\.dense)|(?P<ffn>intermediate|output)\.dense)|'
-    r'embeddings\.(?P<emb>word|position|token_type)_embeddings)$')
+    r'embeddings\.(?P<emb>word|position|token_type)_embeddings|(?P<pooler>pooler\.dense))$')
 VALID_KEYS = (
     PREFIX + '[bert.]encoder.layer.{i}.attention.self.{query,key,value}.lora_{A,B}.weight',
     PREFIX + '[bert.]encoder.layer.{i}.attention.output.dense.lora_{A,B}.weight',
     PREFIX + '[bert.]encoder.layer.{i}.{intermediate,output}.dense.lora_{A,B}.weight',
     PREFIX + '[bert.]embeddings.{word,position,token_type}_embeddings.lora_embedding_{A,B}',
+    PREFIX + '[bert.]pooler.dense.lora_{A,B}.weight',
     PREFIX + 'classifier.{weight,bias}',
+    PREFIX + 'bert.pooler.dense.{weight,bias}',
 )
+# Linear layers per encoder layer; with the pooler, what PEFT's 'all-linear' adapts in BERT.
+_DENSE_KINDS = ('attention.output.dense', 'intermediate.dense', 'output.dense', 'pooler.dense')
 # Adapters whose factors are relative to a modified base weight unless converted on save.
-_MODIFIED_BASE_INITS = ('pissa', 'olora', 'corda', 'loftq')
+_MODIFIED_BASE_INITS = ('pissa', 'olora', 'corda', 'loftq', 'lora_ga')
+_VARIANT_FIELDS = ('use_qalora', 'use_bdlora', 'kasa_config', 'monteclora_config',
+                   'velora_config', 'arrow_config', 'lora_ga_config')
 
 
 class PeftFormatError(UserInputError):
@@ -100,7 +123,9 @@ def hf_module(path: str) -> tuple[str, str]:
     raise PeftFormatError(
         f'LoRA site {path!r} has no HF PEFT equivalent; supported: encoder/layer_<i>/attention/'
         '{query,key,value,out}, encoder/layer_<i>/{intermediate,output}, '
-        'encoder/embeddings/{word,position,token_type}_embeddings')
+        'encoder/embeddings/{word,position,token_type}_embeddings, pooler')
+  if m['pooler']:
+    return 'pooler.dense', 'linear'
   if m['emb']:
     return f"embeddings.{m['emb']}_embeddings", 'embed'
   i = int(m['layer'])
@@ -119,6 +144,8 @@ def our_module(name: str) -> tuple[str, str, int | None]:
   m = _HF_SITE.match(name)
   if not m:
     return None
+  if m['pooler']:
+    return 'pooler', 'linear', None
   if m['emb']:
     return f"encoder/embeddings/{m['emb']}_embeddings", 'embed', None
   i = int(m['layer'])
@@ -131,10 +158,19 @@ def our_module(name: str) -> tuple[str, str, int | None]:
 
 def _target_name(name: str) -> str:
   """The suffix of a module name that PEFT's ``target_modules`` list uses for its kind."""
-  for suffix in ('attention.output.dense', 'intermediate.dense', 'output.dense'):
+  for suffix in _DENSE_KINDS:
     if name.endswith(suffix):
       return suffix
   return name.rsplit('.', 1)[-1]
+
+
+def _target_modules(names) -> list[str]:
+  """PEFT's ``target_modules`` for the adapted module ``names``: one suffix per kind, and
+  ``'dense'`` for all four dense kinds (as PEFT saves an ``'all-linear'`` adapter)."""
+  kinds = {_target_name(n) for n in names}
+  if set(_DENSE_KINDS) <= kinds:
+    kinds = (kinds - set(_DENSE_KINDS)) | {'dense'}
+  return sorted(kinds)
 
 
 def pattern_key(patterns: dict, name: str) -> str | None:
@@ -156,19 +192,49 @@ def _scale(alpha: float, r: int, rslora: bool) -> float:
 # ----------------------------------------------------------------------------- export
 
 
+def _portable_name(name: str) -> str | None:
+  """``base_model_name_or_path`` without this machine's paths: a hub id stays, a local directory
+  becomes its hub id when known (the bundled MiniLM's, one an export recorded), else its name."""
+  if not name:
+    return None
+  name = str(name)
+  if os.path.isabs(os.path.expanduser(name)) or os.path.exists(name):
+    from peftjax.models.hf_bert import hub_id  # pylint: disable=g-import-not-at-top
+    return hub_id(name)
+  return name
+
+
+def _dense_pair(value, what: str, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """``{'kernel': (D, C), 'bias': (C,)}`` -> float32 (kernel, bias), checked."""
+  kernel = np.asarray(jax.device_get(value['kernel']), np.float32)
+  bias = np.asarray(jax.device_get(value['bias']), np.float32)
+  if kernel.ndim != 2 or bias.shape != kernel.shape[1:] or (d is not None and
+                                                            kernel.shape != (d, d)):
+    want = f'({d}, {d})' if d is not None else '(D, C)'
+    raise PeftFormatError(f'{what} kernel {kernel.shape} / bias {bias.shape}; expected {want} '
+                          'and its bias')
+  return kernel, bias
+
+
 def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, head=None,
-            base_model_name_or_path: str = '', dropout: float = 0.0
-            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            pooler=None, pooling: str = 'cls_pooler', base_model_name_or_path: str = '',
+            dropout: float = 0.0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Our LoRA tree -> ``(adapter_config, tensors)`` in the HF PEFT format.
 
   ``rank``/``alpha``/``rslora`` are the run's ``peft.*`` values (our scale). With a ``head``
-  (``{'kernel': (D, C), 'bias': (C,)}``, the trainable classifier of the run) the adapter is for
-  ``BertForSequenceClassification`` (``task_type='SEQ_CLS'``, keys under ``bert.``, the head in
-  ``modules_to_save``); without, for a bare ``BertModel`` (``'FEATURE_EXTRACTION'``). Sites whose
-  rank differs from ``rank`` get ``rank_pattern``/``alpha_pattern`` entries that keep PEFT's
-  per-module scale equal to ours. ``target_modules`` lists the adapted kinds by their shortest
-  PEFT suffix (``'query'``, ``'intermediate.dense'``, ...); PEFT gives a matched module that has
-  no tensors in the file a zero update (B = 0 at init), so it loads to the same model.
+  (``{'kernel': (D, C), 'bias': (C,)}``, the trainable classifier of the run) and
+  ``pooling='cls_pooler'`` the adapter is for ``BertForSequenceClassification``
+  (``task_type='SEQ_CLS'``, keys under ``bert.``, the head in ``modules_to_save``, and the
+  ``pooler`` too when the run trained it); otherwise for a bare ``BertModel``
+  (``'FEATURE_EXTRACTION'``), and a head that pools another way is left to
+  :func:`head_file` (PEFT has no form for it). Sites whose rank differs from ``rank`` get
+  ``rank_pattern``/``alpha_pattern`` entries that keep PEFT's per-module scale equal to ours.
+  ``target_modules`` lists the adapted kinds by their shortest PEFT suffix (``'query'``,
+  ``'intermediate.dense'``, ``'pooler.dense'``; ``'dense'`` when all four dense kinds are
+  adapted, as PEFT saves ``'all-linear'``); PEFT gives a matched module that has no tensors in
+  the file a zero update (B = 0 at init), so it loads to the same model.
+  ``base_model_name_or_path`` is written portably (a local directory becomes its hub id or its
+  name; see :func:`peftjax.models.hf_bert.hub_id`).
 
   >>> config, tensors = to_peft(lora, rank=4, alpha=16.0, head=head)  # doctest: +SKIP
   >>> key = 'base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight'
@@ -177,6 +243,8 @@ def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, h
   """
   if int(rank) != rank or rank <= 0:
     raise PeftFormatError(f'rank={rank!r}; valid: a positive integer')
+  if pooling not in POOLINGS:
+    raise PeftFormatError(f'pooling={pooling!r}; valid: {", ".join(POOLINGS)}')
   scale = _scale(alpha, int(rank), rslora)
   flat = {p: np.asarray(jax.device_get(v), np.float32)
           for p, v in tree_lib.flatten(lora_tree).items()}
@@ -188,9 +256,13 @@ def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, h
     sites.setdefault(module, {})[leaf] = value
   if not sites:
     raise PeftFormatError('the LoRA tree is empty: nothing to export')
-  prefix = PREFIX + ('bert.' if head is not None else '')
+  if pooling != 'cls_pooler' and ('pooler' in sites or pooler is not None):
+    raise PeftFormatError(f"a LoRA or trained weights on 'pooler' with pooling={pooling!r}: only "
+                          "a model with pooling='cls_pooler' has BERT's pooler")
+  seq_cls = head is not None and pooling == 'cls_pooler'
+  prefix = PREFIX + ('bert.' if seq_cls else '')
   tensors: dict[str, np.ndarray] = {}
-  targets, rank_pattern, alpha_pattern = set(), {}, {}
+  names, rank_pattern, alpha_pattern = [], {}, {}
   for module, ab in sorted(sites.items()):
     if set(ab) != {'lora_a', 'lora_b'}:
       raise PeftFormatError(f'LoRA site {module!r} has {sorted(ab)}; expected lora_a and lora_b')
@@ -207,22 +279,25 @@ def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, h
     else:
       tensors[f'{prefix}{name}.lora_A.weight'] = a2.T
       tensors[f'{prefix}{name}.lora_B.weight'] = b2.T
-    targets.add(_target_name(name))
+    names.append(name)
     if r != rank:  # keep PEFT's alpha_m / r_m (or / sqrt(r_m)) equal to our single scale
       rank_pattern[name] = int(r)
       alpha_pattern[name] = scale * (math.sqrt(r) if rslora else r)
-  if head is not None:
-    kernel = np.asarray(jax.device_get(head['kernel']), np.float32)
-    bias = np.asarray(jax.device_get(head['bias']), np.float32)
-    if kernel.ndim != 2 or bias.shape != kernel.shape[1:]:
-      raise PeftFormatError(f"head kernel {kernel.shape} / bias {bias.shape}; expected (D, C) "
-                            'and (C,)')
+  to_save = []
+  if seq_cls:
+    kernel, bias = _dense_pair(head, 'head')
     tensors[PREFIX + 'classifier.weight'] = kernel.T
     tensors[PREFIX + 'classifier.bias'] = bias
+    to_save.append('classifier')
+  if pooler is not None:
+    kernel, bias = _dense_pair(pooler, 'pooler', d=next(iter(pooler.values())).shape[-1])
+    tensors[f'{prefix}pooler.dense.weight'] = kernel.T
+    tensors[f'{prefix}pooler.dense.bias'] = bias
+    to_save.append('pooler')
   config = {
       'peft_type': 'LORA',
-      'task_type': 'SEQ_CLS' if head is not None else 'FEATURE_EXTRACTION',
-      'base_model_name_or_path': base_model_name_or_path or None,
+      'task_type': 'SEQ_CLS' if seq_cls else 'FEATURE_EXTRACTION',
+      'base_model_name_or_path': _portable_name(base_model_name_or_path),
       'revision': None,
       'inference_mode': True,
       'auto_mapping': None,
@@ -230,8 +305,8 @@ def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, h
       'lora_alpha': alpha,
       'use_rslora': bool(rslora),
       'lora_dropout': float(dropout),
-      'target_modules': sorted(targets),
-      'modules_to_save': ['classifier'] if head is not None else None,
+      'target_modules': _target_modules(names),
+      'modules_to_save': to_save or None,
       'rank_pattern': rank_pattern,
       'alpha_pattern': alpha_pattern,
       'bias': 'none',
@@ -248,215 +323,40 @@ def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, h
   return config, {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
 
+def head_file(head, *, pooling: str, class_names=None) -> bytes:
+  """:data:`HEAD_NAME`'s bytes: a head that pools otherwise than ``BertForSequenceClassification``
+  (``classifier.weight`` ``(C, D)``, ``classifier.bias``; the pooling and class names in the
+  header). Its logits are ``pool(last_hidden_state) @ classifier.weight.T + classifier.bias``."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  if pooling not in POOLINGS or pooling == 'cls_pooler':
+    raise PeftFormatError(f"pooling={pooling!r} for {HEAD_NAME}; valid: 'mean', 'cls' (a "
+                          "'cls_pooler' head is PEFT's own SEQ_CLS classifier)")
+  kernel, bias = _dense_pair(head, 'head')
+  meta = {'format': 'pt', 'pooling': pooling,
+          'logits': 'pool(last_hidden_state) @ classifier.weight.T + classifier.bias'}
+  if class_names is not None:
+    meta['class_names'] = json.dumps([str(c) for c in class_names])
+  return safetensors.numpy.save({'classifier.weight': np.ascontiguousarray(kernel.T),
+                                 'classifier.bias': bias}, metadata=meta)
+
+
 def save_peft_adapter(out_dir: str | os.PathLike, lora_tree: dict, *, rank: int, alpha: float,
-                      rslora: bool = False, head=None, base_model_name_or_path: str = '',
+                      rslora: bool = False, head=None, pooler=None, pooling: str = 'cls_pooler',
+                      class_names=None, base_model_name_or_path: str = '',
                       dropout: float = 0.0, overwrite: bool = False) -> pathlib.Path:
   """Writes :func:`to_peft`'s result as a PEFT adapter directory (atomically); returns its path.
+
+  With a ``head`` and a ``pooling`` other than ``'cls_pooler'``, the head goes to
+  :data:`HEAD_NAME` beside the (``FEATURE_EXTRACTION``) adapter.
 
   >>> save_peft_adapter('/tmp/adapter', lora, rank=8, alpha=16.0)  # doctest: +SKIP
   PosixPath('/tmp/adapter')
   """
   config, tensors = to_peft(lora_tree, rank=rank, alpha=alpha, rslora=rslora, head=head,
+                            pooler=pooler, pooling=pooling,
                             base_model_name_or_path=base_model_name_or_path, dropout=dropout)
   files = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode() + b'\n',
            WEIGHTS_NAME: _safetensors_bytes(tensors)}
+  if head is not None and pooling != 'cls_pooler':
+    files[HEAD_NAME] = head_file(head, pooling=pooling, class_names=class_names)
   return write_dir_atomic(out_dir, files, overwrite=overwrite)
-
-
-# ----------------------------------------------------------------------------- import
-
-
-def _read_config(adapter_dir: pathlib.Path) -> dict:
-  path = adapter_dir / CONFIG_NAME
-  if not path.is_file():
-    raise PeftFormatError(f'adapter directory {str(adapter_dir)!r} has no {CONFIG_NAME} '
-                          '(expected a Hugging Face PEFT adapter directory)')
-  try:
-    config = json.loads(path.read_text())
-  except ValueError as e:
-    raise PeftFormatError(f'{path} is not valid JSON: {e}') from None
-  if config.get('peft_type') != 'LORA':
-    raise PeftFormatError(f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' is "
-                          'supported')
-  checks = [
-      ('use_dora', config.get('use_dora', False), 'false (DoRA adds a magnitude vector; '
-       'import it with a DoRA-aware tool)'),
-      ('bias', config.get('bias', 'none') != 'none' and config.get('bias'),
-       "'none' (trained base biases are not part of a LoRA tree)"),
-      ('lora_bias', config.get('lora_bias', False), 'false (lora_B has no bias in our LoRA)'),
-      ('layer_replication', config.get('layer_replication'), 'null (no layer replication)'),
-      ('trainable_token_indices', config.get('trainable_token_indices'), 'null'),
-      ('alora_invocation_tokens', config.get('alora_invocation_tokens'),
-       'null (aLoRA activates the adapter per token)'),
-      ('target_parameters', config.get('target_parameters'), 'null (LoRA on raw parameters)'),
-  ]
-  for field, bad, valid in checks:
-    if bad:
-      raise PeftFormatError(f'{path}: {field}={config.get(field)!r}; supported: {valid}')
-  init = str(config.get('init_lora_weights', True)).lower()
-  if init.startswith(_MODIFIED_BASE_INITS):
-    raise PeftFormatError(
-        f"{path}: init_lora_weights={config.get('init_lora_weights')!r}: this adapter is relative "
-        'to a modified base model; convert it to a plain LoRA first (PEFT: save_pretrained(..., '
-        'path_initial_model_for_weight_conversion=...)), which saves init_lora_weights=true')
-  r = config.get('r')
-  if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-    raise PeftFormatError(f'{path}: r={r!r}; valid: a positive integer')
-  alpha = config.get('lora_alpha', 8)
-  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-    raise PeftFormatError(f'{path}: lora_alpha={alpha!r}; valid: a number')
-  return config
-
-
-def _read_tensors(adapter_dir: pathlib.Path) -> dict[str, np.ndarray]:
-  path = adapter_dir / WEIGHTS_NAME
-  if not path.is_file():
-    bins = (adapter_dir / 'adapter_model.bin').is_file()
-    raise PeftFormatError(
-        f'adapter directory {str(adapter_dir)!r} has no {WEIGHTS_NAME}' +
-        (' (it has adapter_model.bin: only safetensors is supported; re-save the adapter with '
-         'safe_serialization=True)' if bins else ''))
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  try:
-    return load_file(str(path))
-  except Exception as e:  # corrupt or truncated file
-    raise PeftFormatError(f'cannot read {path}: {e}') from None
-
-
-def _expected_in_out(cfg: BertConfig, path: str) -> tuple[int, int]:
-  """(in_features, out_features) in torch terms (num_embeddings, dim for embeddings)."""
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  if path.endswith('/intermediate'):
-    return d, f
-  if path.endswith('/output'):
-    return f, d
-  if path.endswith('word_embeddings'):
-    return cfg.vocab_size, d
-  if path.endswith('position_embeddings'):
-    return cfg.max_position, d
-  if path.endswith('token_type_embeddings'):
-    return cfg.type_vocab_size, d
-  return d, d
-
-
-def _our_shapes(cfg: BertConfig, path: str) -> tuple[tuple, tuple]:
-  """The (in axes, out axes) of the kernel/embedding at our module ``path``."""
-  d_in, d_out = _expected_in_out(cfg, path)
-  if re.search(r'attention/(query|key|value)$', path):
-    return (d_in,), (cfg.num_heads, cfg.head_dim)
-  if path.endswith('attention/out'):
-    return (cfg.num_heads, cfg.head_dim), (d_out,)
-  return (d_in,), (d_out,)
-
-
-def load_peft_adapter(adapter_dir: str | os.PathLike, bert_cfg: BertConfig
-                      ) -> tuple[dict, dict | None, dict[str, Any]]:
-  """Reads a PEFT LoRA adapter for a BERT model: ``(lora_tree, head_or_None, info)``.
-
-  ``lora_tree`` mirrors our base tree (``encoder/layer_0/attention/query/{lora_a, lora_b}``);
-  ``head`` is ``{'kernel': (D, C), 'bias': (C,)}`` from ``modules_to_save`` (``None`` if the file
-  has none; a head trained by PEFT on ``BertForSequenceClassification`` expects that model's
-  tanh-pooled [CLS] state, ours pools without a tanh dense). ``info`` holds ``rank``, ``alpha``,
-  ``rslora`` (for ``peft.*``), ``targets`` (a regex over our weight paths matching exactly the
-  imported sites, for ``peft.targets``), ``ranks`` (per site), ``scales`` (PEFT's per-site
-  scaling), ``task_type``, ``base_model_name_or_path`` and ``dropout``.
-
-  >>> lora, head, info = load_peft_adapter('/tmp/adapter', cfg)  # doctest: +SKIP
-  >>> method = peft.build(ConfigDict(dict(method='lora', rank=info['rank'], alpha=info['alpha'],
-  ...     rslora=info['rslora'], targets=info['targets'], dropout=0.0)))  # doctest: +SKIP
-  """
-  adapter_dir = pathlib.Path(adapter_dir)
-  config = _read_config(adapter_dir)
-  raw = _read_tensors(adapter_dir)
-  weights_path = adapter_dir / WEIGHTS_NAME
-  r, alpha = config['r'], config.get('lora_alpha', 8)
-  rslora = bool(config.get('use_rslora', False))
-  rank_pattern = config.get('rank_pattern') or {}
-  alpha_pattern = config.get('alpha_pattern') or {}
-  global_scale = _scale(alpha, r, rslora)
-
-  key_re = re.compile(r'^base_model\.model\.(?P<name>.+)\.'
-                      r'(?P<which>lora_[AB]\.weight|lora_embedding_[AB])$')
-  factors: dict[str, dict] = {}  # our module path -> {'name', 'kind', 'A', 'B', keys}
-  head_raw: dict[str, np.ndarray] = {}
-  for key, value in raw.items():
-    if key in (PREFIX + 'classifier.weight', PREFIX + 'classifier.bias'):
-      head_raw[key.rsplit('.', 1)[-1]] = np.asarray(value, np.float32)
-      continue
-    m = key_re.match(key)
-    module = None
-    if m:
-      name = m['name']
-      bare = name[len('bert.'):] if name.startswith('bert.') else name
-      module = our_module(bare)
-    if module is None:
-      raise PeftFormatError(f'{weights_path}: unknown key {key!r}; valid keys: '
-                            f'{list(VALID_KEYS)}')
-    path, kind, layer = module
-    embed_key = m['which'].startswith('lora_embedding')
-    if embed_key != (kind == 'embed'):
-      want = 'lora_embedding_{A,B}' if kind == 'embed' else 'lora_{A,B}.weight'
-      raise PeftFormatError(f'{weights_path}: key {key!r}: {name} takes {want}')
-    if layer is not None and layer >= bert_cfg.num_layers:
-      raise PeftFormatError(f'{weights_path}: key {key!r} is for layer {layer}, but the model '
-                            f'has {bert_cfg.num_layers} layers (valid: 0..'
-                            f'{bert_cfg.num_layers - 1})')
-    entry = factors.setdefault(path, {'name': name, 'kind': kind})
-    which = 'A' if m['which'].endswith(('A.weight', 'A')) else 'B'
-    if which in entry:
-      raise PeftFormatError(f'{weights_path}: keys {entry[which][0]!r} and {key!r} both name '
-                            f'lora_{which} of {path!r} (mixed bert./BertModel prefixes?)')
-    entry[which] = (key, np.asarray(value))
-
-  flat, ranks, scales = {}, {}, {}
-  for path, e in sorted(factors.items()):
-    missing = [w for w in 'AB' if w not in e]
-    if missing:
-      have = e['A' if 'A' in e else 'B'][0]
-      raise PeftFormatError(f'{weights_path}: {have!r} has no lora_{missing[0]} partner')
-    (ka, a), (kb, b) = e['A'], e['B']
-    d_in, d_out = _expected_in_out(bert_cfg, path)
-    name = e['name']
-    rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
-    r_m = int(rank_pattern[rk]) if rk is not None else r
-    alpha_m = alpha_pattern[ak] if ak is not None else alpha
-    for key, got, want in ((ka, a.shape, (r_m, d_in)), (kb, b.shape, (d_out, r_m))):
-      if tuple(got) != want:
-        raise PeftFormatError(f'{weights_path}: key {key!r} has shape {tuple(got)}, expected '
-                              f'{want} (r={r_m} from {CONFIG_NAME}, sizes from the BertConfig)')
-    s_m = _scale(alpha_m, r_m, rslora)
-    factor = s_m / global_scale
-    in_axes, out_axes = _our_shapes(bert_cfg, path)
-    a_ours = np.ascontiguousarray(a.astype(np.float32).T).reshape(*in_axes, r_m)
-    b_ours = b.astype(np.float32).T
-    if abs(factor - 1.0) > 1e-12:  # fold this module's own scale into B
-      b_ours = b_ours * np.float32(factor)
-    flat[f'{path}/lora_a'] = a_ours
-    flat[f'{path}/lora_b'] = np.ascontiguousarray(b_ours).reshape(r_m, *out_axes)
-    ranks[path], scales[path] = r_m, s_m
-  if not flat:
-    raise PeftFormatError(f'{weights_path} holds no LoRA factors (keys: {sorted(raw)[:5]})')
-
-  head = None
-  if head_raw:
-    if set(head_raw) != {'weight', 'bias'}:
-      raise PeftFormatError(f'{weights_path}: classifier needs both weight and bias; found '
-                            f'{sorted(head_raw)}')
-    w, bias = head_raw['weight'], head_raw['bias']
-    if w.ndim != 2 or w.shape[1] != bert_cfg.hidden_size or bias.shape != w.shape[:1]:
-      raise PeftFormatError(f"{weights_path}: key {PREFIX + 'classifier.weight'!r} has shape "
-                            f'{w.shape} (bias {bias.shape}), expected (C, '
-                            f'{bert_cfg.hidden_size}) and (C,)')
-    head = {'kernel': np.ascontiguousarray(w.T), 'bias': bias}
-
-  weight_paths = [f"{p}/{'embedding' if factors[p]['kind'] == 'embed' else 'kernel'}"
-                  for p in sorted(factors)]
-  info = {
-      'rank': r, 'alpha': alpha, 'rslora': rslora,
-      'targets': '^(?:' + '|'.join(re.escape(p) for p in weight_paths) + ')$',
-      'ranks': ranks, 'scales': scales,
-      'task_type': config.get('task_type'),
-      'base_model_name_or_path': config.get('base_model_name_or_path'),
-      'dropout': float(config.get('lora_dropout', 0.0) or 0.0),
-  }
-  return tree_lib.unflatten(flat), head, info

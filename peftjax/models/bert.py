@@ -12,6 +12,7 @@ Parameter layout (per layer ``i``)::
   encoder/layer_i/output_norm/{scale,bias}
   encoder/layer_i/moe/...          instead of intermediate/output in ``cfg.moe_layers`` (see
                                    peftjax/moe/layer.py: router, experts with an 'expert' axis)
+  pooler/{kernel,bias}             only with pooling='cls_pooler'      ('embed', 'pooled')
   classifier/{kernel,bias}                                             ('embed', 'classes')
 
 Post-LayerNorm blocks with exact (erf) GELU, as in the original BERT and MiniLM.
@@ -261,6 +262,14 @@ class BertEncoder(nn.Module):
     return x
 
 
+# How the classifier reads the encoder's output:
+#   'mean'       -- the mean over real tokens (sentence-transformers' pooling)
+#   'cls'        -- the [CLS] state
+#   'cls_pooler' -- tanh(pooler([CLS])): BERT's pooler (HF ``BertModel.pooler.dense``), the input
+#                   of HF ``BertForSequenceClassification``'s classifier
+POOLINGS = ('mean', 'cls', 'cls_pooler')
+
+
 def mean_pool(hidden, attention_mask):
   """Mean of the hidden states over real (unmasked) tokens, as sentence-transformers pools."""
   m = attention_mask[..., None].astype(hidden.dtype)
@@ -268,7 +277,10 @@ def mean_pool(hidden, attention_mask):
 
 
 class BertClassifier(nn.Module):
-  """Encoder + pooling (``'mean'`` or ``'cls'``) + dropout + a linear head -> logits.
+  """Encoder + pooling (one of :data:`POOLINGS`) + dropout + a linear head -> logits.
+
+  With ``pooling='cls_pooler'`` this is HF's ``BertForSequenceClassification``: a ``pooler``
+  dense layer ``(D, D)`` and tanh on the [CLS] state, dropout, then the classifier.
 
   >>> model = BertClassifier(BertConfig(num_layers=1), num_classes=2)
   >>> ids = jnp.ones((2, 8), jnp.int32)
@@ -280,6 +292,8 @@ class BertClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    if self.pooling not in POOLINGS:
+      raise ValueError(f'model.pooling={self.pooling!r}; valid: {", ".join(POOLINGS)}')
     hidden = BertEncoder(self.cfg, name='encoder')(input_ids, attention_mask, token_type_ids,
                                                    deterministic)
     # With soft prompts (set on the encoder by a PEFT method) the encoder returns n + L
@@ -289,10 +303,13 @@ class BertClassifier(nn.Module):
     hidden = hidden[:, hidden.shape[1] - input_ids.shape[1]:]
     if self.pooling == 'mean':
       pooled = mean_pool(hidden, attention_mask)
-    elif self.pooling == 'cls':
-      pooled = hidden[:, 0]
     else:
-      raise ValueError(f"model.pooling={self.pooling!r}; valid: 'mean', 'cls'")
+      pooled = hidden[:, 0]
+    if self.pooling == 'cls_pooler':
+      pooled = nn.Dense(self.cfg.hidden_size, name='pooler', dtype=self.cfg.dtype,
+                        kernel_init=_init(0.02, ('embed', 'pooled')),
+                        bias_init=_zeros(('pooled',)))(pooled)
+      pooled = jnp.tanh(pooled)
     pooled = nn.Dropout(self.cfg.dropout_rate)(pooled, deterministic=deterministic)
     logits = nn.Dense(self.num_classes, name='classifier', dtype=jnp.float32,
                       kernel_init=_init(0.02, ('embed', 'classes')),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from peftjax.models.bert import BertClassifier
 from peftjax.models.bert import BertConfig
 from peftjax.models.hf_bert import load_bert
+from peftjax.models.hf_bert import load_pooler
 from peftjax.models.vision import CNN
 from peftjax.models.vision import MLP
 from peftjax.moe.layer import MoeConfig
@@ -76,7 +77,9 @@ def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
 
   For ``'bert'``: weights from ``pretrained_dir`` (a HF BERT directory) unless
   ``model_cfg.pretrained == 'random'``; ``model_cfg.num_layers > 0`` keeps only the first
-  layers; the classifier head is always freshly initialised. With ``moe_cfg.num_experts > 0``
+  layers; the classifier head is always freshly initialised. With ``model_cfg.pooling=
+  'cls_pooler'`` the model has BERT's pooler (``pooler/{kernel,bias}``), loaded from the
+  checkpoint's ``pooler.dense`` (random with ``pretrained='random'``). With ``moe_cfg.num_experts > 0``
   the FFN of every ``moe_cfg.every``-th layer is an MoE layer, upcycled from the pretrained FFN
   (every expert a copy, a small random router) or randomly initialised without pretrained
   weights. ``dtype`` is the compute dtype (the top-level ``config.dtype``); the parameters are
@@ -107,11 +110,16 @@ def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
                               rng=jax.random.fold_in(jax.random.key(seed), i),
                               shared_experts=moe.shared_experts, router_std=moe.router_init_std)
     module = BertClassifier(bert_cfg, num_classes=num_classes, pooling=model_cfg.pooling)
+    pooler = None
+    if encoder is not None and model_cfg.pooling == 'cls_pooler':
+      pooler = load_pooler(pretrained_dir, bert_cfg)
     keys = ('input_ids', 'attention_mask', 'token_type_ids')
     params, specs = _init_params(module, sample_inputs(keys), seed,
                                  only=None if encoder is None else 'classifier')
     if encoder is not None:
       params['encoder'] = jax.tree.map(jnp.asarray, encoder)
+    if pooler is not None:
+      params['pooler'] = jax.tree.map(jnp.asarray, pooler)
     return Built(module, params, keys, specs, source)
   if name in ('mlp', 'cnn'):
     if image_shape is None:

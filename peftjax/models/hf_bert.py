@@ -2,7 +2,12 @@
 
 The import is exact: every tensor the encoder needs must be present with the expected shape,
 and the result matches sentence-transformers' outputs to 1e-4 (tests/test_models.py). Reading
-uses ``safetensors.numpy``, so no torch is needed.
+uses ``safetensors.numpy``, so no torch is needed. BERT's pooler (``pooler.dense``, the tanh
+layer on [CLS] that ``BertForSequenceClassification`` feeds its classifier) is read separately
+by :func:`load_pooler`, for ``model.pooling='cls_pooler'``.
+
+A directory used as ``model.pretrained`` must hold :data:`REQUIRED_FILES`;
+:func:`check_model_dir` says which one is missing before anything else happens.
 """
 from __future__ import annotations
 
@@ -18,8 +23,18 @@ from peftjax.errors import UserInputError
 from peftjax.models.bert import BertConfig
 from peftjax.tree import unflatten
 
-# Tensors a BERT checkpoint carries that the encoder does not use.
-_IGNORED = re.compile(r'(^|\.)(position_ids|pooler\..*)$')
+# What a directory given as model.pretrained must hold: the architecture, the weights, and the
+# tokenizer the data pipeline reads (ids must be the ones the embeddings were trained on).
+REQUIRED_FILES = ('config.json', 'model.safetensors', 'tokenizer.json')
+# The tokenizer files an HF directory may carry (tokenizer.json is the one peftjax reads; the
+# others let transformers' AutoTokenizer load the directory as it loaded the source).
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt',
+                   'special_tokens_map.json')
+POOLER_TENSORS = ('pooler.dense.weight', 'pooler.dense.bias')
+# The bundled encoder's name on the Hugging Face hub (its config.json names the checkpoint it was
+# distilled from instead).
+BUNDLED_HUB_ID = 'sentence-transformers/all-MiniLM-L6-v2'
+_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
 
 class CheckpointError(UserInputError):
@@ -137,6 +152,98 @@ def convert(cfg: BertConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
     flat[dst + 'output_norm/scale'] = f32(t[src + 'output.LayerNorm.weight'])
     flat[dst + 'output_norm/bias'] = f32(t[src + 'output.LayerNorm.bias'])
   return unflatten(flat)
+
+
+def check_model_dir(model_dir: str | pathlib.Path, *, field: str = 'model.pretrained',
+                    pooling: str | None = None) -> None:
+  """Raises :class:`CheckpointError` (one line naming ``field``, the directory and the missing
+  file) unless ``model_dir`` is a directory with :data:`REQUIRED_FILES` and a readable
+  ``model.safetensors`` header; with ``pooling='cls_pooler'`` the weights must include the
+  pooler. Reads only the safetensors header, so it is cheap enough to run before a run starts.
+
+  >>> check_model_dir('/tmp/merged')  # doctest: +SKIP
+  """
+  path = pathlib.Path(model_dir).expanduser()
+  what = 'a Hugging Face BERT directory with ' + ', '.join(REQUIRED_FILES)
+  if not path.is_dir():
+    state = 'is a file' if path.exists() else 'does not exist'
+    raise CheckpointError(f'{field}={str(model_dir)!r} {state}; valid: {what}')
+  missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+  if missing:
+    hint = (' (a merged export from an older peftjax has none: export it again)'
+            if missing == ['tokenizer.json'] else '')
+    raise CheckpointError(f'{field}={str(model_dir)!r}: the directory has no {missing[0]}; '
+                          f'valid: {what}{hint}')
+  keys = tensor_names(path / 'model.safetensors')
+  if pooling == 'cls_pooler':
+    missing = [k for k in POOLER_TENSORS if k not in keys and f'bert.{k}' not in keys]
+    if missing:
+      raise CheckpointError(
+          f"{field}={str(model_dir)!r}: model.safetensors has no {missing[0]!r}, which "
+          "model.pooling='cls_pooler' uses (BERT's tanh pooler on [CLS]); valid: a checkpoint "
+          "with the pooler, or model.pooling='mean' / 'cls'")
+
+
+def tensor_names(path: str | pathlib.Path) -> set[str]:
+  """The tensor names in a safetensors file (its header only); CheckpointError if unreadable."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  try:
+    with safe_open(str(path), 'np') as f:
+      return set(f.keys())
+  except Exception as e:  # pylint: disable=broad-except  (corrupt or truncated header)
+    raise CheckpointError(f'cannot read {path}: {" ".join(str(e).split())}') from None
+
+
+def load_pooler(model_dir: str | pathlib.Path, cfg: BertConfig) -> dict[str, np.ndarray]:
+  """BERT's pooler from a HF directory: ``{'kernel': (D, D), 'bias': (D,)}`` (flax layout).
+
+  >>> pooler = load_pooler(minilm_dir(), cfg)  # doctest: +SKIP
+  """
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  st = pathlib.Path(model_dir) / 'model.safetensors'
+  keys = tensor_names(st)
+  found = {}
+  for k in POOLER_TENSORS:
+    name = k if k in keys else f'bert.{k}'
+    if name not in keys:
+      raise CheckpointError(f"{st} has no {k!r}: model.pooling='cls_pooler' uses BERT's pooler; "
+                            "valid: a checkpoint with it, or model.pooling='mean' / 'cls'")
+    found[k] = name
+  with safe_open(str(st), 'np') as f:
+    w = np.asarray(f.get_tensor(found['pooler.dense.weight']), np.float32)
+    b = np.asarray(f.get_tensor(found['pooler.dense.bias']), np.float32)
+  d = cfg.hidden_size
+  if w.shape != (d, d) or b.shape != (d,):
+    raise CheckpointError(f"{st}: 'pooler.dense.weight' {w.shape} / 'pooler.dense.bias' "
+                          f'{b.shape}; expected ({d}, {d}) and ({d},) from config.json')
+  return {'kernel': np.ascontiguousarray(w.T), 'bias': b}
+
+
+def hub_id(model_dir: str | pathlib.Path) -> str:
+  """A portable name for the model in ``model_dir``: its Hugging Face hub id when known (the
+  bundled MiniLM's, or the one an export recorded), else the directory's name. Never an
+  absolute path of this machine.
+
+  >>> hub_id(minilm_dir())  # doctest: +SKIP
+  'sentence-transformers/all-MiniLM-L6-v2'
+  """
+  path = pathlib.Path(str(model_dir)).expanduser()
+  try:
+    from peftjax.data import minilm_dir  # pylint: disable=g-import-not-at-top
+    if path.resolve() == minilm_dir().resolve():
+      return BUNDLED_HUB_ID
+  except Exception:  # pylint: disable=broad-except  (the bundled asset is not installed)
+    pass
+  try:
+    hf = json.loads((path / 'config.json').read_text())
+  except (OSError, ValueError):
+    hf = {}
+  if not isinstance(hf, dict):
+    hf = {}
+  for name in ((hf.get('peftjax') or {}).get('base_model'), hf.get('_name_or_path')):
+    if isinstance(name, str) and _HUB_ID.match(name) and not pathlib.Path(name).exists():
+      return name
+  return path.name or str(model_dir)
 
 
 def load_bert(model_dir: str | pathlib.Path, **overrides) -> tuple[BertConfig, dict]:
