@@ -437,11 +437,11 @@ def test_plan_local_and_gs_roots():
       '.venv/bin/python', '-m', 'peftjax.main', f'--config={TINY}', f'--workdir=/data/sw/{RUNS[0]}',
       '--config.peft.method=lora', '--config.peft.rank=2', '--config.seed=0',
       '--config.train.progress=False', '--multihost=true']
-  gs = pod_sweep.plan(TINY, 'gs://bkt/sweeps/tiny', ['tpu-a'], arg='x', extra=['--fresh'],
+  gs = pod_sweep.plan(TINY, 'gs://bkt/sweeps/tiny', ['tpu-a'], extra=['--fresh'],
                       python='python3')
   assert [p['workdir'] for p in gs] == [f'gs://bkt/sweeps/tiny/{n}' for n in RUNS]
   assert {p['slice'] for p in gs} == {'tpu-a'}
-  assert gs[3]['command'][:5] == ['python3', '-m', 'peftjax.main', f'--config={TINY}:x',
+  assert gs[3]['command'][:5] == ['python3', '-m', 'peftjax.main', f'--config={TINY}',
                                   f'--workdir=gs://bkt/sweeps/tiny/{RUNS[3]}']
   assert gs[3]['command'][-1] == '--fresh'
   assert pod_sweep.join('gs://bkt/', 'r') == 'gs://bkt/r' and pod_sweep.join('/', 'r') == '/r'
@@ -542,7 +542,6 @@ def bare(name, *args, env):
     ('fetch.sh', ['--workdir=gs://bkt/sweeps/tiny', '--dest=results/tiny']),
     ('fetch.sh', ['--name=tpu-a', '--workdir=/w/s', '--dest=results/tiny']),
     ('delete.sh', ['--name=tpu-a', '--queued']),
-    ('sweep.sh', ['--names=tpu-a,tpu-b', f'--config={TINY}', '--workdir=/data/sweeps/tiny']),
 ])
 def test_every_dry_run_needs_no_gcloud_and_no_account(no_gcloud, name, args):
   r = bare(name, *BASE, *args, '--dry-run', env=no_gcloud)
@@ -556,6 +555,7 @@ def test_sweep_dry_run_on_a_bucket_without_gcloud_plans_every_run(no_gcloud):
   r = bare('sweep.sh', *BASE, '--names=tpu-a,tpu-b', f'--config={TINY}',
            '--workdir=gs://bkt/sweeps/tiny', '--dry-run', env=no_gcloud)
   assert r.returncode == 0, r.stderr
+  assert not os.listdir(no_gcloud['TMPDIR'])  # the planner's notes file is gone
   assigned = dict(slice_runs(c) for c in commands(r))
   assert assigned == {'tpu-a': [f'gs://bkt/sweeps/tiny/{RUNS[0]}', f'gs://bkt/sweeps/tiny/{RUNS[2]}'],
                       'tpu-b': [f'gs://bkt/sweeps/tiny/{RUNS[1]}', f'gs://bkt/sweeps/tiny/{RUNS[3]}']}
