@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
@@ -641,7 +642,26 @@ def test_without_gcloud_a_real_run_stops_in_one_line(no_gcloud, name, args):
      ['--slices=tpu-a,tpu-a names a slice twice']),
     ('sweep.sh', ['--names=tpu-a', '--config=configs/nope.py', '--workdir=/data/sw'],
      ['--config=configs/nope.py: no such file']),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=/w', '--config.peft.rank'],
+     ['--config.peft.rank needs a value: --config.peft.rank=VALUE']),
+    ('delete.sh', ['--name=tpu-a', '--config.peft.rank=8'], ["unknown option '--config.peft.rank=8'"]),
 ])
 def test_a_bad_flag_is_one_line_and_exit_1(name, args, words):
   r = script(name, *BASE, *args, '--dry-run', check=False)
   assert_refused(r, name, *words)
+
+
+def test_setup_outside_a_git_checkout_names_the_project_repository(tmp_path):
+  """A copy of the repository without .git (an unpacked archive): no 'origin' to clone from."""
+  (tmp_path / 'tpu').mkdir()
+  for f in ('setup.sh', 'common.sh'):
+    (tmp_path / 'tpu' / f).write_text((ROOT / 'tpu' / f).read_text())
+  (tmp_path / 'pyproject.toml').write_text((ROOT / 'pyproject.toml').read_text())
+  with open(ROOT / 'pyproject.toml', 'rb') as f:
+    repository = tomllib.load(f)['project']['urls']['Repository']
+  r = subprocess.run(['bash', str(tmp_path / 'tpu' / 'setup.sh'), *BASE, '--name=tpu-a',
+                      '--dry-run'], capture_output=True, text=True, cwd=tmp_path, check=False,
+                     env={'PATH': os.environ['PATH'], 'HOME': str(tmp_path),
+                          'GIT_CEILING_DIRECTORIES': str(tmp_path.parent)})
+  assert_refused(r, 'setup.sh', "missing --source: this checkout has no 'origin' remote",
+                 '--source=local', f"the project's {repository}")

@@ -85,6 +85,9 @@ parse_args() {
         [[ $spec == *" $key= "* ]] || die "unknown option '--$key'; valid: $(_valid_opts "$spec")"
         [[ -n $value ]] || die "--$key is empty; give --$key=VALUE"
         printf -v "$(_opt_var "$key")" '%s' "$value" ;;
+      --config.*)
+        [[ $spec == *" overrides "* ]] || die "unknown option '$1'; valid: $(_valid_opts "$spec")"
+        die "$1 needs a value: $1=VALUE" ;;
       --*)
         key=${1#--}
         if [[ $spec == *" $key "* ]]; then

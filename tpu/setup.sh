@@ -33,7 +33,7 @@ require_name
 remote_dir
 if [[ -z $OPT_source ]]; then
   OPT_source=$(git -C "$ROOT" remote get-url origin 2>/dev/null) ||
-    die "missing --source: this checkout has no 'origin' remote; give --source=GIT_URL or --source=local"
+    die "missing --source: this checkout has no 'origin' remote; give --source=local (this working tree) or --source=GIT_URL, e.g. the project's $(sed -n 's/^Repository = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml")"
 fi
 [[ $OPT_source != local || -z $OPT_ref ]] || die "--ref applies to a git --source, not to --source=local"
 
