@@ -25,9 +25,13 @@ import re
 import sys
 import tempfile
 import time
-import tomllib
 
 import nbformat
+
+try:
+  import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # pragma: no cover
+  tomllib = None
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,8 +50,10 @@ _REPOSITORY_LINE = re.compile(r"^REPOSITORY = '[^']*'", re.M)
 
 def repository() -> str:
   """The repository URL: ``[project.urls] Repository`` of pyproject.toml."""
-  with open(ROOT / 'pyproject.toml', 'rb') as f:
-    return tomllib.load(f)['project']['urls']['Repository']
+  text = (ROOT / 'pyproject.toml').read_text()
+  if tomllib is not None:
+    return tomllib.loads(text)['project']['urls']['Repository']
+  return re.search(r'^Repository = "([^"]+)"', text, re.M)[1]  # the one line tpu/setup.sh reads
 
 
 def colab_url(repo: str, name: str, branch: str = 'main') -> str:
