@@ -3,8 +3,11 @@
   python -m peftjax.main --config=configs/quickstart.py --config.peft.rank=16 --workdir=/tmp/run
 
 The config is locked after overrides are applied, so a misspelled ``--config.x.y`` fails with
-its name; values are validated before any compute starts. A run resumes from the latest
-checkpoint in ``--workdir`` unless ``--fresh`` is given.
+its name; values are validated before any compute starts. A run resumes from the latest intact
+checkpoint in ``--workdir`` unless ``--fresh`` is given (see ``train.train_and_evaluate``: the
+workdir is locked for one run at a time; a damaged checkpoint is moved aside and the previous
+one resumed; checkpoints of another config are refused). Ctrl-C or SIGTERM stops after the
+current step with a checkpoint of it (exit 130); rerunning the same command resumes there.
 """
 from __future__ import annotations
 
@@ -44,26 +47,6 @@ _CACHE = flags.DEFINE_string(
     'differ only in seed or data compile once). Default $PEFTJAX_COMPILATION_CACHE; empty = off.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_RUN_FILES = ('checkpoints', 'tensorboard', 'metrics.jsonl', 'summary.json', 'run_state.json',
-              'adapter.safetensors')
-
-
-def _clear_workdir(workdir):
-  """Removes a previous run's files; refuses a directory that holds other things."""
-  if not workdir.exists():
-    return
-  others = [p.name for p in workdir.iterdir() if p.name not in _RUN_FILES]
-  if others:
-    raise SystemExit(f'--fresh: {workdir} holds files that are not a peftjax run ({others[:3]}); '
-                     'refusing to clear it. Choose another --workdir.')
-  for name in _RUN_FILES:
-    p = workdir / name
-    if p.is_dir():
-      p.rmtree()
-    elif p.exists():
-      p.unlink()
-
-
 def _maybe_init_distributed():
   """Multi-process JAX when flags or the environment ask for it (see peftjax/distributed.py)."""
   from peftjax import distributed
@@ -88,10 +71,8 @@ def main(argv):
     raise SystemExit(f'error: {e}') from None
   from peftjax import storage
   workdir = storage.path(_WORKDIR.value)
-  if _FRESH.value:
-    _clear_workdir(workdir)
   try:
-    s = train.train_and_evaluate(config, str(workdir))
+    s = train.train_and_evaluate(config, str(workdir), fresh=_FRESH.value)
   except (UserInputError, AssetNotFoundError, train.NonFiniteLossError) as e:
     raise SystemExit(f'error: {e}') from None
   import jax  # pylint: disable=g-import-not-at-top

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -25,6 +28,7 @@ from peftjax.compress import plan as compress_lib
 from peftjax.compress import prune as prune_lib
 from peftjax import data as data_lib
 from peftjax import delta
+from peftjax import errors as errors_lib
 from peftjax import evaluate as eval_lib
 from peftjax import models
 from peftjax import moe as moe_lib
@@ -36,6 +40,7 @@ from peftjax import storage
 from peftjax import tree as tree_lib
 from peftjax import unfreeze
 from peftjax import validate as validate_lib
+from peftjax import workdir_lock
 from peftjax import xla_cpu
 from peftjax.errors import ConfigError
 from peftjax.models.build import sample_inputs
@@ -59,11 +64,13 @@ class MetricWriter:
   be appended to); a resumed run continues the bucket's ``metrics.jsonl``.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, *, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter  # imported lazily: a heavy import
       self._stage = storage.Staging(workdir, resume=('metrics.jsonl',))
+      if resume_step is not None:
+        _drop_records_after(self._stage.local / 'metrics.jsonl', resume_step)
       self._jsonl = open(self._stage.local / 'metrics.jsonl', 'a')
       self._tb = SummaryWriter(str(self._stage.local / 'tensorboard'))
 
@@ -87,6 +94,25 @@ class MetricWriter:
       self._jsonl.close()
       self._tb.close()
       self._stage.close()
+
+
+def _drop_records_after(path: pathlib.Path, step: int) -> None:
+  """Removes the records of steps after ``step`` from a ``metrics.jsonl`` a resumed run
+  continues (a run killed, interrupted or resumed from an earlier checkpoint logged them before
+  its checkpoint), so that the log reads as one uninterrupted run's."""
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get('step', 0) > step:
+        continue
+    except ValueError:
+      continue  # a line cut short by a kill mid-write
+    keep.append(line if line.endswith('\n') else line + '\n')
+  if keep != lines:
+    storage.write_bytes_atomic(path, ''.join(keep).encode())
 
 
 def resolve_pretrained(model_cfg) -> str | None:
@@ -174,19 +200,33 @@ def initial_state(config, built, trainable) -> tuple[optax.GradientTransformatio
 def restore_trained(config, workdir: str) -> tuple[dict, dict]:
   """``(task, trained params {'base', 'peft'})`` of the finished run in ``workdir``.
 
-  The base is the full base tree (frozen + trained leaves). Raises a UserInputError when the
-  directory holds no checkpoint.
+  The base is the full base tree (frozen + trained leaves). Raises a UserInputError, creating
+  nothing, when the directory holds no checkpoint, when a run is writing it, when its final
+  checkpoint is damaged (a tool wants the run's result, so an older checkpoint is not silently
+  used instead: rerunning the training resumes from the newest intact one and redoes the rest)
+  and when ``config`` does not fit its checkpoints (naming the config fields that differ).
 
   >>> task, params = restore_trained(config, '/tmp/run')  # doctest: +SKIP
   """
   from peftjax.errors import UserInputError
-  task = build_task(config)
+  workdir_lock.check(workdir, reading=True)
   ckpt_dir = storage.path(workdir) / 'checkpoints'
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=0)
-  if ckpt.latest_step() is None:
-    ckpt.close()
+  found = ckpt_lib.survey(ckpt_dir, max_steps=1)  # the final checkpoint: the run's result
+  if not found.steps:
     raise UserInputError(f'{ckpt_dir} holds no checkpoint; train with this config first '
                          '(python -m peftjax.main --config=... --workdir=...)')
+
+  def damaged(step, why):
+    older = [s for s in found.steps if s < step]
+    redo = (f'rerun its training (python -m peftjax.main with its config and --workdir={workdir})'
+            f' to resume from checkpoint step {older[0]} and redo the rest' if older else
+            'retrain it (python -m peftjax.main ... --fresh)')
+    return ckpt_lib.CheckpointError(
+        f'the final checkpoint of {workdir} (step {step}) is damaged: {why}; {redo}')
+
+  if found.good is None:
+    raise damaged(*found.damaged[0])
+  task = build_task(config)
   unfreeze.check_targets(config.train.unfreeze, task['built'].params)
   # Gradual unfreezing: the final split holds every leaf the schedule ever unfroze.
   sel = unfreeze.selector(task['method'].trainable_base, config.train.unfreeze,
@@ -196,8 +236,17 @@ def restore_trained(config, workdir: str) -> tuple[dict, dict]:
   _, state = initial_state(config, task['built'], {'base': base_train,
                                                    'peft': task['trainable']['peft']})
   state, _ = _add_masks(config, task['plan'], state, config.optim.grad_accum_steps)
-  state = ckpt.restore_latest(ckpt_lib.abstract(state))
-  ckpt.close()
+  target = ckpt_lib.abstract(state)
+  ckpt_lib.check_fits(found, target, ckpt_lib.saved_config(workdir), config, this='this config',
+                      hint='pass the config the run was trained with (its '
+                           f'{ckpt_lib.CONFIG} or summary.json in {workdir})')
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=0, read_only=True)
+  try:
+    state = ckpt.restore(found.good, target)
+  except ckpt_lib.CheckpointError as e:
+    raise damaged(found.good, str(e).split(': ', 1)[-1]) from None
+  finally:
+    ckpt.close()
   params = state['params']
   return task, {'base': tree_lib.combine(frozen, params['base']), 'peft': params['peft']}
 
@@ -316,11 +365,174 @@ def _put_batch(batch: dict, bsh) -> dict:
   return {k: jax.make_array_from_process_local_data(bsh, np.asarray(v)) for k, v in batch.items()}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, fresh: bool = False) -> dict:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the summary.
+
+  ``fresh``: delete a previous run's files in ``workdir`` first (only peftjax run files; a
+  directory holding anything else is refused) and start from step 0.
+
+  The workdir is locked for the run (:mod:`peftjax.workdir_lock`; a second run is refused),
+  checkpoints are verified before they are resumed (:mod:`peftjax.checkpoint`: a damaged one is
+  moved aside and the previous one used; checkpoints of another config are refused, naming the
+  fields that differ), and Ctrl-C or SIGTERM stops the loop after the current step, writes a
+  checkpoint of it and raises :class:`peftjax.errors.Interrupted` saying where it stopped
+  (rerunning resumes there). Whatever ends the run, its files and the lock are closed first.
 
   >>> summary = train_and_evaluate(configs.quickstart.get_config(), '/tmp/run')  # doctest: +SKIP
   """
+  run = _RunState()
+  try:
+    return _train_and_evaluate(config, workdir, fresh, run)
+  except errors_lib.Interrupted:
+    run.close(failed=True)
+    raise
+  except KeyboardInterrupt:
+    run.close(failed=True)
+    raise errors_lib.Interrupted(run.where()) from None
+  except BaseException:
+    run.close(failed=True)
+    raise
+  finally:
+    run.close(failed=False)
+
+
+class _RunState:
+  """Where a run is (for the message when it is interrupted) and what it must close however it
+  ends, newest first. After a failure, errors while closing are dropped: the failure is what
+  gets reported."""
+
+  def __init__(self):
+    self.phase, self.step, self.steps, self.accum = 'while setting up', 0, None, 1
+    self.ckpt = None
+    self.ckpt_dir = None
+    self.known_last = None  # the newest intact checkpoint found before the manager existed
+    self._closers: list = []
+
+  def add(self, fn):
+    """Registers ``fn`` to run at the end; returns a function that runs it now (once)."""
+    self._closers.append(fn)
+
+    def now():
+      if fn in self._closers:
+        self._closers.remove(fn)
+        fn()
+    return now
+
+  def close(self, failed: bool):
+    while self._closers:
+      fn = self._closers.pop()
+      if failed:
+        try:
+          fn()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      else:
+        fn()
+
+  def where(self) -> str:
+    steps = f' of {self.steps}' if self.steps else ''
+    last = self.known_last
+    if self.ckpt is not None:
+      try:
+        last = self.ckpt.latest_step()
+      except Exception:  # pylint: disable=broad-except
+        last = None
+    if last is not None:
+      resume = (f'last checkpoint: step {last // self.accum} in {self.ckpt_dir}; rerun the same '
+                'command to resume from it')
+    else:
+      resume = 'no checkpoint was written; rerunning the same command starts from step 0'
+    return f'stopped {self.phase} (at step {self.step}{steps}); {resume}'
+
+
+class _StopSignals:
+  """Ctrl-C (SIGINT) and SIGTERM (a preempted TPU VM) during the loop: the first asks it to stop
+  after the current step, a second one stops at once (KeyboardInterrupt). Installed only in
+  the main thread; the previous handlers come back when the loop ends."""
+
+  def __init__(self):
+    self.signal: str | None = None
+    self._saved: dict = {}
+
+  def install(self) -> '_StopSignals':
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._saved[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:
+      raise KeyboardInterrupt(f'{signal.Signals(signum).name} again')
+    self.signal = signal.Signals(signum).name
+    if jax.process_index() == 0:
+      try:  # a raw write: the interrupted code may be inside a buffered print
+        os.write(sys.stdout.fileno(), f'\n{self.signal}: stopping after this step and writing '
+                 'a checkpoint (send it again to stop at once)\n'.encode())
+      except (OSError, ValueError, AttributeError):
+        pass
+
+  def requested(self) -> bool:
+    """Whether to stop now; every process of a multi-process run agrees (any one was told)."""
+    flag = self.signal is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+      self.signal = self.signal or ('a signal on another process' if flag else None)
+    return flag
+
+  def restore(self):
+    for sig, handler in self._saved.items():
+      signal.signal(sig, handler)
+    self._saved = {}
+
+
+def _on_process_0(fn, what: str):
+  """``fn()`` on process 0 only; in a multi-process run every process learns whether it raised
+  (and raises too), instead of waiting for process 0 at the next collective."""
+  err = result = None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      err = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(err is not None)))
+    if failed and err is None:
+      raise errors_lib.UserInputError(f'process 0 failed to {what}; see its error')
+  if err is not None:
+    raise err
+  return result
+
+
+_RUN_FILES = ('checkpoints', 'tensorboard', 'metrics.jsonl', 'summary.json', 'run_state.json',
+              'adapter.safetensors', ckpt_lib.CONFIG, workdir_lock.LOCK_NAME)
+
+
+def _check_fresh(workdir) -> None:
+  """--fresh clears only a peftjax run directory (a ConfigError for one holding other files)."""
+  if not workdir.exists():
+    return
+  others = [p.name for p in workdir.iterdir() if p.name not in _RUN_FILES]
+  if others:
+    raise ConfigError(f'--fresh: {workdir} holds files that are not a peftjax run '
+                      f'({sorted(others)[:3]}); refusing to clear it. Choose another --workdir.')
+
+
+def _clear_run_files(workdir) -> None:
+  """Removes a previous run's files (the lock file, held by this run, stays)."""
+  for name in _RUN_FILES:
+    p = workdir / name
+    if name == workdir_lock.LOCK_NAME:
+      continue
+    if p.is_dir():
+      p.rmtree()
+    elif p.exists():
+      p.unlink()
+
+
+def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> dict:
   wall0 = time.time()
   # ------------------------------------------------------------------ config
   validate_lib.validate(config)
@@ -329,6 +541,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   workdir = storage.path(workdir)
   _check_writable(workdir)
   t = config.train
+  if fresh:
+    _check_fresh(workdir)
+  # Another run on this workdir is refused now, before any work (the lock is taken below).
+  _on_process_0(lambda: workdir_lock.check(workdir), 'check the workdir lock')
 
   # ------------------------------------------------------------------ mesh and rules
   mesh = sharding.make_mesh(config.mesh)
@@ -345,7 +561,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data, built, method = task['data'], task['built'], task['method']
   unfreeze.check_targets(t.unfreeze, built.params)
   accum = config.optim.grad_accum_steps
-  latest = ckpt_lib.latest_step(workdir / 'checkpoints') or 0  # creates nothing yet
+  run.steps, run.accum = t.steps, accum
+  # The checkpoints, checked newest first until one is intact (this reads, it writes nothing).
+  ckpt_dir = workdir / 'checkpoints'
+  found = ckpt_lib.Survey(ckpt_dir, []) if fresh else ckpt_lib.survey(ckpt_dir)
+  if found.good is None and found.damaged:
+    raise ckpt_lib.CheckpointError(
+        f'no intact checkpoint in {ckpt_dir}: {found.damage()}; nothing was changed; move them '
+        'away or rerun with --fresh to start over from step 0 (it deletes them)')
+  latest = found.good or 0
+  run.known_last, run.ckpt_dir = found.good, ckpt_dir
 
   def partition(base_params, peft_params, update: int):
     """The trainable/frozen split in force at ``update`` (gradual unfreezing), on the mesh."""
@@ -365,21 +590,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
       tree_lib.combine(task['frozen'], task['trainable']['base']), task['trainable']['peft'],
       max(latest // accum - 1, 0))
   _check_replication(config.mesh, trainable, frozen)
-  # The report names the method's own parameters after it: 'lora/encoder/...'.
-  workdir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
-  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', every=t.checkpoint_every * accum,
-                               keep=t.keep_checkpoints)
-  report = tree_lib.size_report({**trainable['base'], method.name: trainable['peft']}, frozen)
-  _log(f'data: {data.info.name} {dict(data.info.splits)}; model: {config.model.name} '
-       f'({built.source}); method: {method.name}; mesh: {dict(mesh.shape)}')
-  _log(tree_lib.format_report(report))
 
   # ------------------------------------------------------------------ optimizer and state
   tx, state = initial_state(config, built, trainable)
   plan = task['plan']
   state, mask_update = _add_masks(config, plan, state, accum)
+  # Checkpoints of another config are refused here, before anything is written.
+  changed = ckpt_lib.check_fits(
+      found, ckpt_lib.abstract(state), ckpt_lib.saved_config(workdir) if latest else None,
+      config, this='this run', hint='use another --workdir, or --fresh to delete them and start '
+      'over')
   if t.init_adapter and not latest:
     state = _start_from_adapter(t.init_adapter, state, frozen)
+
+  # ------------------------------------------------------------------ the workdir
+  # The first writes, under the lock (only now: bad input above leaves nothing behind).
+  lock = workdir_lock.WorkdirLock(workdir, purpose='training')
+  _on_process_0(lock.acquire, 'lock the workdir')
+  run.add(lock.release)
+  if fresh:
+    _on_process_0(lambda: _clear_run_files(workdir), 'clear the workdir (--fresh)')
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=t.checkpoint_every * accum,
+                               keep=t.keep_checkpoints)
+  run.ckpt, run.ckpt_dir = ckpt, ckpt_dir
+  close_ckpt = run.add(ckpt.close)
+  if found.damaged:
+    moved = _on_process_0(lambda: [ckpt.set_aside(s) for s, _ in found.damaged],
+                          'move damaged checkpoints aside')
+    ckpt.reload()
+    for (step, why), to in zip(found.damaged, moved or []):
+      _log(f'warning: checkpoint step {step // accum} is damaged ({why}); moved it to {to}; '
+           f'resuming from checkpoint step {latest // accum}')
+  if changed and latest:
+    _log(f'note: resuming with config changes since the checkpoints were written: '
+         f'{ckpt_lib.format_diff(changed, limit=5)}')
+  if jax.process_index() == 0:
+    ckpt_lib.write_config(workdir, config)
+  # The report names the method's own parameters after it: 'lora/encoder/...'.
+  report = tree_lib.size_report({**trainable['base'], method.name: trainable['peft']}, frozen)
+  _log(f'data: {data.info.name} {dict(data.info.splits)}; model: {config.model.name} '
+       f'({built.source}); method: {method.name}; mesh: {dict(mesh.shape)}')
+  _log(tree_lib.format_report(report))
 
   # ------------------------------------------------------------------ jitted functions
   forward = make_forward(built, method, factored=plan.factored)
@@ -414,19 +666,44 @@ def train_and_evaluate(config, workdir: str) -> dict:
       return eval_lib.evaluate(lambda b: eval_stats(state['params'], frozen, b), batches)
 
   # ------------------------------------------------------------------ resume
-  restored = ckpt.restore_latest(ckpt_lib.abstract(state))
+  restored = None
+  while latest and restored is None:
+    try:
+      restored = ckpt.restore(latest, ckpt_lib.abstract(state))
+    except ckpt_lib.CheckpointError as e:
+      # Damage that only the read found (a step saved without a manifest): set it aside too.
+      moved = _on_process_0(lambda: ckpt.set_aside(latest), 'move a damaged checkpoint aside')
+      ckpt.reload()
+      found = ckpt_lib.survey(ckpt_dir)
+      nxt = found.good
+      _log(f'warning: checkpoint step {latest // accum} is damaged ({e}); moved it to {moved}' +
+           (f'; resuming from checkpoint step {nxt // accum}' if nxt else ''))
+      if nxt is None:
+        raise ckpt_lib.CheckpointError(
+            f'no intact checkpoint left in {ckpt_dir} (step {latest // accum}: {e}; moved to '
+            f'{moved}{"; " + found.damage() if found.damaged else ""}); rerun with --fresh to '
+            'start over from step 0') from None
+      if found.saved != ckpt_lib.signature(ckpt_lib.abstract(state)):
+        raise ckpt_lib.CheckpointError(
+            f'checkpoint step {latest // accum} was damaged ({e}) and moved to {moved}; the '
+            f'previous one (step {nxt // accum}) has another partition (gradual unfreezing): '
+            'rerun the same command to resume from it') from None
+      latest = nxt
   if restored is not None:
     state = restored
   start = int(state['step'])
   total_micro = t.steps * accum
+  run.step = start // accum
   run_file = workdir / 'run_state.json'
   run_info = json.loads(run_file.read_text()) if (restored is not None and run_file.exists()) else {}
   if start:
     _log(f'resumed from checkpoint at step {start // accum}')
 
   # ------------------------------------------------------------------ before training
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start // accum)
+  close_writer = run.add(writer.close)
   if 'accuracy_before' not in run_info and t.eval_before:
+    run.phase = 'before training, in its first evaluation'
     before = run_eval(config.data.test_split)
     run_info['accuracy_before'] = before['accuracy']
     _log(f"test accuracy before training: {before['accuracy']:.4f}")
@@ -439,12 +716,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   disable=not t.progress or jax.process_index() != 0, file=sys.stdout,
                   # A log file (no terminal) gets a line every 30 s, not every step.
                   mininterval=1.0 if sys.stdout.isatty() else 30.0, dynamic_ncols=True)
+  close_bar = run.add(bar.close)
   train_t0, train_seconds = time.time(), run_info.get('train_seconds', 0.0)
   last_eval: dict = {}
   # Every step metric but the gradient norm (loss, accuracy, MoE routing reports) is averaged
   # over the logging window; the gradient norm is the last step's.
   window = {'t0': time.time(), 'examples': 0, 'values': {}}
   unfreeze_at = unfreeze.boundaries(t.unfreeze)  # once, not per step
+  stop = _StopSignals().install()
+  restore_signals = run.add(stop.restore)
+  stopping = False
+  run.phase = 'during training'
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for micro in range(start, total_micro):
       if micro % accum == 0 and micro // accum in unfreeze_at:
@@ -460,7 +742,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       m = jax.device_get(metrics)
       step = (micro + 1) // accum
       if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-        bar.close()
         raise NonFiniteLossError(
             f"non-finite training loss at step {step} (loss={float(m['loss'])}, grad_norm="
             f"{float(m['grad_norm'])}); stopped without checkpointing this state. Lower "
@@ -472,6 +753,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       window['examples'] += t.batch_size
       if (micro + 1) % accum:
         continue
+      run.step = step
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps:
         secs = max(time.time() - window['t0'], 1e-9)
@@ -488,19 +770,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.sync()
         _log(f"step {step}: {config.data.eval_split} accuracy {last_eval['accuracy']:.4f} "
                   f"loss {last_eval['loss']:.4f}")
-      if ckpt.save(micro + 1, state, force=(step == t.steps and t.checkpoint_every > 0)):
+      # A stop request (Ctrl-C, SIGTERM) ends the loop here, with a checkpoint of this step.
+      stopping = stop.requested()
+      if ckpt.save(micro + 1, state,
+                   force=(step == t.steps or stopping) and t.checkpoint_every > 0):
         run_info['train_seconds'] = train_seconds + time.time() - train_t0
         if jax.process_index() == 0:
           storage.write_json_atomic(run_file, run_info)
         writer.sync()  # logs reach a bucket workdir with each checkpoint
-  bar.close()
+      if stopping:
+        break
+  restore_signals()
+  close_bar()
+  # A signal after the last step's check (one process: nobody else to agree with).
+  stopping = stopping or (jax.process_count() == 1 and stop.signal is not None)
+  if stopping:
+    last = ckpt.latest_step()
+    resume = (f'checkpoint step {last // accum} is in {ckpt_dir}; rerun the same command to '
+              'resume from it' if last is not None else
+              'no checkpoint was written (train.checkpoint_every=0), so rerunning the same '
+              'command starts over from step 0')
+    raise errors_lib.Interrupted(f'{stop.signal}: stopped at step {run.step} of {t.steps}; '
+                                 f'{resume}')
   train_seconds += time.time() - train_t0
 
   # ------------------------------------------------------------------ after training
+  run.phase = 'after training, in its final evaluation'
   test = run_eval(config.data.test_split)
   writer.write(t.steps, 'test', test)
-  writer.close()
-  ckpt.close()
+  close_writer()
+  close_ckpt()
   summary = {
       'accuracy_before': run_info.get('accuracy_before'),
       'accuracy_after': test['accuracy'],

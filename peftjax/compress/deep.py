@@ -159,6 +159,16 @@ def huffman_roundtrip(shared: dict, gap_bits: int) -> tuple[dict, int]:
 
 
 def run(config, workdir: str) -> dict:
+  """:func:`run_stages` under the workdir's lock (``peftjax.workdir_lock``: a second run on
+  ``workdir`` is refused in one line naming the first; process 0 takes it)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from peftjax import workdir_lock  # pylint: disable=g-import-not-at-top
+  with (workdir_lock.WorkdirLock(workdir, purpose='compress.deep')
+        if jax.process_index() == 0 else contextlib.nullcontext()):
+    return run_stages(config, workdir)
+
+
+def run_stages(config, workdir: str) -> dict:
   """The four stages (see the module docstring); returns and writes the report.
 
   >>> report = run(configs.deep_compression.get_config(), '/tmp/dc')  # doctest: +SKIP
