@@ -96,8 +96,13 @@ def plan(config_path: str, workdir_root: str, slices: list[str], arg: str | None
     raise SystemExit('error: --workdir is empty; give a directory or a gs://bucket/prefix')
   rel = repo_config(config_path)
   config_arg = f'{rel}:{arg}' if arg else rel
+  runs = sweep.expand(config_path, arg)
+  # Every run's overrides and the flags passed to all of them, checked here once (as
+  # experiments.sweep does) rather than failing on every worker.
+  local = str(sweep.ROOT / rel)
+  sweep.check_runs(f'{local}:{arg}' if arg else local, runs, ('--multihost=true', *extra))
   out = []
-  for i, overrides in enumerate(sweep.expand(config_path, arg)):
+  for i, overrides in enumerate(runs):
     name = sweep.run_name(overrides)
     workdir = join(workdir_root, name)
     # --multihost=true: the slice's workers form one jax.distributed program.

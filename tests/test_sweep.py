@@ -28,7 +28,7 @@ def test_command_line_of_a_run(tmp_path):
 
 
 def test_config_without_sweep_is_an_error():
-  with pytest.raises(SystemExit, match='defines no sweep'):
+  with pytest.raises(sweep.SweepError, match='defines no sweep'):
     sweep.expand(str(ROOT / 'configs' / 'bitfit.py'))
 
 

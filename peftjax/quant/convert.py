@@ -32,13 +32,110 @@ _TIMING_STEPS = flags.DEFINE_integer('timing_steps', 10, 'Interleaved forward ca
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+# The run's own directories: an int8 model written inside one of them would be taken for (or
+# clash with) the run's files.
+_RUN_DIRS = ('checkpoints', 'tensorboard')
+
+
+def check_inputs(config, workdir: str, out: str | None = None, *, timing_steps: int = 10):
+  """Everything ``ptq`` needs, checked before any file is created; returns the output path.
+
+  Refused, each in one line naming the flag or field: ``--timing_steps`` < 1; ``--workdir``
+  missing, not a directory, without checkpoints or not finished (no ``summary.json``); ``--out``
+  that exists, lies inside the run's ``checkpoints/`` or ``tensorboard/``, is remote, or sits
+  where nothing can be created (:func:`check_paths`, which imports nothing heavy); invalid
+  ``quant`` settings (bits, activations, observer, percentile, ``calibration_batches``). A config
+  other than the run's is refused by the restore (naming the fields that differ), still before
+  anything is written.
+  """
+  path = check_paths(workdir, out, timing_steps=timing_steps)
+  check_quant(config)
+  return path
+
+
+def check_paths(workdir: str, out: str | None = None, *, timing_steps: int = 10):
+  """The ``--workdir``, ``--out`` and ``--timing_steps`` part of :func:`check_inputs`."""
+  from peftjax import storage  # pylint: disable=g-import-not-at-top
+  from peftjax.errors import UserInputError  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(timing_steps, int) or timing_steps < 1:
+    raise UserInputError(f'--timing_steps={timing_steps} is invalid; valid: a positive number '
+                         'of timed forward calls')
+  if not workdir:
+    raise UserInputError('--workdir is empty; valid: the directory of a finished training run')
+  run = storage.path(workdir)
+  if not run.exists():
+    raise UserInputError(f'--workdir={workdir!r} does not exist, so it holds no checkpoint; '
+                         'train with this config first (python -m peftjax.main --config=... '
+                         '--workdir=...)')
+  if not run.is_dir():
+    raise UserInputError(f'--workdir={workdir!r} is a file; valid: the directory of a finished '
+                         'training run')
+  ckpts = run / 'checkpoints'
+  steps = [p.name for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+  if not steps:
+    raise UserInputError(f'{ckpts} holds no checkpoint; train with this config first '
+                         '(python -m peftjax.main --config=... --workdir=...)')
+  if not (run / 'summary.json').exists():
+    raise UserInputError(f'--workdir={workdir!r} has checkpoints but no summary.json: the run '
+                         'has not finished; rerun its training command to finish it (it resumes '
+                         'from the last checkpoint), then convert')
+
+  if out is not None and not str(out).strip():
+    raise UserInputError("--out='' is empty; valid: a new directory for the int8 model "
+                         '(default <workdir>/int8)')
+  target = out or str(run / 'int8')
+  if storage.is_remote(target):
+    raise UserInputError(f'--out={target!r}: the int8 model is written to a local directory; '
+                         'give a local --out and copy it to the bucket afterwards')
+  path = pathlib.Path(target).expanduser().absolute()
+  if path.exists():
+    what = '' if path.is_dir() else ' (it is a file)'
+    raise UserInputError(f'--out={str(path)} exists; choose a new directory for the int8 '
+                         f'model{what}')
+  if not storage.is_remote(run):
+    for name in _RUN_DIRS:
+      inner = pathlib.Path(run) / name
+      if path == inner or inner in path.parents:
+        raise UserInputError(f'--out={str(path)} is inside the run\'s {name}/ directory; valid: '
+                             f'a new directory outside it, e.g. {str(pathlib.Path(run) / "int8")}')
+  try:
+    storage.probe_writable(path.parent)
+  except OSError as e:
+    raise UserInputError(f'--out={str(path)} cannot be created: '
+                         f'{e.strerror + " (" + str(path.parent) + ")" if e.strerror else e}') from None
+  return path
+
+
+def check_quant(config) -> None:
+  """The ``quant`` settings PTQ uses (imports the quantization modules, and so jax)."""
+  from peftjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from peftjax.quant import qat  # pylint: disable=g-import-not-at-top
+  q = config.quant
+  if q.calibration_batches < 1 and q.activations == 'static':
+    raise ConfigError(f'quant.calibration_batches={q.calibration_batches} is invalid; valid: '
+                      '>= 1 (or quant.activations=dynamic)')
+  qat.check_config(q)
+  if q.activations == 'lsq' and not q.qat:
+    raise ConfigError("quant.activations='lsq' is invalid for PTQ of a run trained without "
+                      "quant.qat=True (there are no learned steps); valid: 'static' or 'dynamic'")
+
+
 def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
         log=print) -> dict:
   """Converts the run in ``workdir`` to int8; returns the summary (also written to ``out``).
 
+  Every input is checked first (:func:`check_inputs`); the int8 model and its summary are
+  written to a temporary sibling of ``out`` and renamed into place together, so ``out`` is
+  either complete or absent.
+
   >>> s = ptq(config, '/tmp/run')   # doctest: +SKIP
   >>> s['int8']['accuracy'], s['bytes_ratio']  # doctest: +SKIP
   """
+  import os
+  import shutil
+  import tempfile
+
   import jax
 
   from peftjax import storage
@@ -46,19 +143,13 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   from peftjax import timing
   from peftjax import train
   from peftjax import tree as tree_lib
-  from peftjax.errors import UserInputError
   from peftjax.models.build import sample_inputs
   from peftjax.quant import int8
   from peftjax.quant import ops
   from peftjax.quant import qat
 
-  out = pathlib.Path(out or pathlib.Path(workdir) / 'int8').expanduser().absolute()
-  if out.exists():
-    raise UserInputError(f'--out={out} exists; choose a new directory for the int8 model')
+  out = check_inputs(config, workdir, out, timing_steps=timing_steps)
   q = config.quant
-  if q.calibration_batches < 1 and q.activations == 'static':
-    raise UserInputError(f'quant.calibration_batches={q.calibration_batches} is invalid; valid: '
-                         '>= 1 (or quant.activations=dynamic)')
   task, params = train.restore_trained(config, workdir)
   data, built, method = task['data'], task['built'], task['method']
   inner = method.inner if isinstance(method, qat.Quantized) else method
@@ -101,17 +192,24 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   x = {k: batch[k] for k in keys}
   times = timing.interleaved({'float': lambda: f_fwd(merged, x), 'int8': lambda: i_fwd(x)},
                              steps=timing_steps)
-  size = int8.save(model, out)
-  s = {
-      **int8.summary(model, merged),
-      'method': inner.name, 'activations': how, 'observer': q.observer,
-      'float': float_eval, 'int8': int8_eval,
-      'accuracy_drop': float_eval['accuracy'] - int8_eval['accuracy'],
-      'int8_disk_bytes': size,
-      'infer_time_ratio': timing.median_ms(times['int8']) / timing.median_ms(times['float']),
-      'int8_dir': str(out),
-  }
-  storage.write_json_atomic(out / 'ptq_summary.json', s)
+  # The model and its summary go to a temporary sibling, renamed to ``out`` when both exist.
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
+  try:
+    size = int8.save(model, staging / 'model')
+    s = {
+        **int8.summary(model, merged),
+        'method': inner.name, 'activations': how, 'observer': q.observer,
+        'float': float_eval, 'int8': int8_eval,
+        'accuracy_drop': float_eval['accuracy'] - int8_eval['accuracy'],
+        'int8_disk_bytes': size,
+        'infer_time_ratio': timing.median_ms(times['int8']) / timing.median_ms(times['float']),
+        'int8_dir': str(out),
+    }
+    storage.write_json_atomic(staging / 'model' / 'ptq_summary.json', s)
+    os.rename(staging / 'model', out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   log(f"test accuracy float {float_eval['accuracy']:.4f} -> int8 {int8_eval['accuracy']:.4f}; "
       f"weights {s['float_bytes'] / 2**20:.1f} -> {s['int8_bytes'] / 2**20:.1f} MiB "
       f"(ratio {s['bytes_ratio']:.3f}, {size / 2**20:.1f} MiB on disk); "
@@ -121,13 +219,14 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
 
 def main(argv):
   from peftjax import cli
-  from peftjax.errors import UserInputError
   config = _CONFIG.value
+  cli.quiet(argv)
+  # The run and the output first (a missing run or an existing output fails at once, before the
+  # config's validation imports the model code); then the config; nothing is written before.
+  # Known failures are one line via errors.run.
+  check_paths(_WORKDIR.value, _OUT.value, timing_steps=_TIMING_STEPS.value)
   cli.begin(argv, config)
-  try:
-    ptq(config, _WORKDIR.value, _OUT.value, timing_steps=_TIMING_STEPS.value)
-  except (UserInputError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
+  ptq(config, _WORKDIR.value, _OUT.value, timing_steps=_TIMING_STEPS.value)
 
 
 if __name__ == '__main__':

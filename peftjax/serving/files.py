@@ -1,36 +1,78 @@
 """A library from adapter files: the base rebuilt from the first manifest, every adapter verified.
 
+:func:`read_manifests` and :func:`base_dir` read only file headers and JSON, so a tool can check
+its inputs with them before any model is built; :func:`library_from_files` builds the library.
+
 >>> lib, class_names, manifest = library_from_files({'a': 'run_a/adapter.safetensors'})  # doctest: +SKIP
 """
 from __future__ import annotations
+
+import json
+import pathlib
 
 import ml_collections
 
 from peftjax import delta
 from peftjax import models
 from peftjax.serving.adapter import AdapterError
-from peftjax.serving.library import AdapterLibrary
 
 
-def library_from_files(adapters: dict[str, str], *, base: str = '', max_rank: int = 0):
+def read_manifests(adapters: dict[str, str]) -> dict[str, dict]:
+  """``name -> manifest`` of every adapter file, in order; the first must be able to rebuild the
+  base (its model config and class names). Reads the headers only, never the tensors."""
+  manifests = {n: delta.read_manifest(p) for n, p in adapters.items()}
+  first_name, first = next(iter(manifests.items()))
+  if not first['base'].get('model_config') or not first.get('class_names'):
+    raise AdapterError(f'adapter {first_name!r}: its manifest has no base.model_config or '
+                       'class_names (written by an older peftjax); re-save it with train.save_adapter')
+  return manifests
+
+
+def base_dir(model_cfg: dict, base: str = '') -> pathlib.Path | None:
+  """The HF directory the base is loaded from (``base`` if given, else the manifest's model
+  config: its ``pretrained`` directory or the bundled MiniLM), or None for a random init.
+
+  A ``base`` that is not a BERT directory (config, weights and tokenizer) is refused naming
+  ``--base``.
+  """
+  if base:
+    from peftjax.models.hf_bert import check_model_dir  # pylint: disable=g-import-not-at-top
+    check_model_dir(base, field='--base')  # a directory with config, weights and tokenizer
+    return pathlib.Path(base).expanduser()
+  from peftjax import train  # pylint: disable=g-import-not-at-top  (train imports serving's peers)
+  found = train.resolve_pretrained(ml_collections.ConfigDict(dict(model_cfg)))
+  return pathlib.Path(found) if found else None
+
+
+def max_positions(directory: pathlib.Path | None) -> int | None:
+  """``max_position_embeddings`` of an HF directory's ``config.json`` (None if it has none)."""
+  if directory is None or not (directory / 'config.json').is_file():
+    return None
+  try:
+    value = json.loads((directory / 'config.json').read_text()).get('max_position_embeddings')
+  except (OSError, ValueError):
+    return None
+  return int(value) if isinstance(value, int) else None
+
+
+def library_from_files(adapters: dict[str, str], *, base: str = '', max_rank: int = 0,
+                       manifests: dict[str, dict] | None = None):
   """``(AdapterLibrary, class names per adapter, first manifest)`` for ``name -> path``.
 
   The base is rebuilt from the first manifest's model config; every adapter is verified against
-  it (hash, shapes) as it is loaded.
+  it (hash, shapes) as it is loaded. ``manifests`` are those of :func:`read_manifests`, when the
+  caller has read them already.
   """
-  from peftjax import train  # pylint: disable=g-import-not-at-top  (train imports serving's peers)
-  manifests = {n: delta.read_manifest(p) for n, p in adapters.items()}
-  first_name, first = next(iter(manifests.items()))
-  model_cfg = first['base'].get('model_config')
-  classes = first.get('class_names')
-  if not model_cfg or not classes:
-    raise AdapterError(f'adapter {first_name!r}: its manifest has no base.model_config or '
-                       'class_names (written by an older peftjax); re-save it with train.save_adapter')
-  model_cfg = ml_collections.ConfigDict(model_cfg)
+  from peftjax.serving.library import AdapterLibrary  # pylint: disable=g-import-not-at-top
+  manifests = manifests or read_manifests(adapters)
+  first = next(iter(manifests.values()))
+  classes = first['class_names']
+  model_cfg = ml_collections.ConfigDict(first['base']['model_config'])
+  pretrained = base_dir(model_cfg, base)
   if base:
     model_cfg.pretrained = base
   built = models.build(model_cfg, num_classes=len(classes),
-                       pretrained_dir=train.resolve_pretrained(model_cfg))
+                       pretrained_dir=str(pretrained) if pretrained else None)
   ranks = [int(m['peft_config'].get('rank', 1)) for m in manifests.values()
            if 'lora' in m['method']]
   lib = AdapterLibrary(built.module, built.params, input_keys=built.input_keys,
