@@ -264,6 +264,12 @@ def test_convert_bad_calibration_settings_create_nothing(run_dir, flags, fragmen
   assert _files(run_dir) == before  # in particular no <run>/int8
 
 
+def test_convert_with_another_config_than_the_run_names_the_fields(run_dir):
+  before = _files(run_dir)
+  _error(_convert(run_dir, '--config.peft.method=ia3'), 'peft.method', "'lora'", "'ia3'")
+  assert _files(run_dir) == before
+
+
 # ================================================================= peftjax.export
 
 def _export(*flags):
@@ -288,6 +294,12 @@ def test_export_an_existing_output_is_left_intact(run_dir, tmp_path):
          'exists and is not empty', 'pass --overwrite')
   _error(_export(f'--adapter={adapter}', '--out='), "--out='' is empty")
   assert _files(tmp_path) == before
+
+
+def test_export_unknown_format(run_dir, tmp_path):
+  _error(_export(f'--adapter={run_dir / "adapter.safetensors"}', f'--out={tmp_path / "hf"}',
+                 '--format=onnx'), '--format=onnx', 'merged|peft')
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_export_overwrite_of_the_directory_holding_the_adapter_is_refused(run_dir, tmp_path):
@@ -335,6 +347,12 @@ def test_sweep_config_with_a_syntax_error(tmp_path):
 def test_sweep_bad_arguments_are_refused_before_any_run(tmp_path, flags, fragments):
   _error(_sweep(f'--config={TINY}', f'--workdir={tmp_path / "sw"}', *flags), *fragments)
   assert list(tmp_path.iterdir()) == []  # no sweep directory, no run directory
+
+
+def test_sweep_unknown_config_variant(tmp_path):
+  _error(_sweep(f'--config={TINY}:nosuch', f'--workdir={tmp_path / "sw"}'),
+         f"--config={TINY}:nosuch", "unknown variant 'nosuch'")
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_sweep_argument_its_sweep_cannot_read(tmp_path):
