@@ -3,6 +3,7 @@
   python -m experiments.pod_sweep plan --config=configs/tiny.py --workdir=gs://bucket/sweeps/tiny \\
       --slices=tpu-a,tpu-b [--format=shell|json] [-- extra peftjax.main flags]
   python -m experiments.pod_sweep collect --config=configs/tiny.py --workdir=gs://bucket/sweeps/tiny
+  python -m experiments.pod_sweep check --config=configs/tiny.py -- --config.peft.rank=8  # run.sh
 
 ``tpu/sweep.sh`` consumes ``plan --format=shell``: one line per slice, ``<slice><TAB><script>``,
 where ``<script>`` is a one-line shell script that runs that slice's runs one after the other
@@ -110,6 +111,13 @@ def plan(config_path: str, workdir_root: str, slices: list[str], arg: str | None
     out.append({'slice': slices[i % len(slices)], 'run': name, 'workdir': workdir,
                 'overrides': overrides, 'command': [python, *cmd[1:]]})
   return out
+
+
+def check(config_spec: str, flags=()) -> None:
+  """One run's ``--config`` and flags (what ``tpu/run.sh`` sends to every worker), parsed and
+  validated here as ``peftjax.main`` will parse them; a problem is one line naming the flag."""
+  from peftjax import validate  # pylint: disable=g-import-not-at-top
+  validate.validate(sweep.parse_run(sweep.load_config(config_spec), list(flags)))
 
 
 # ---------------------------------------------------------------- reading local and gs:// runs
@@ -245,6 +253,9 @@ def main(argv=None):
                   help='when the workdir cannot be read here (no gs:// reader, no credentials): '
                   'fail, or plan every run with a note (tpu/sweep.sh --dry-run; each worker '
                   'still skips a finished run)')
+  pk = sub.add_parser('check', help="one run's config and flags, checked as peftjax.main will "
+                      '(tpu/run.sh, before starting it on every worker)')
+  pk.add_argument('--config', required=True, help='config file, optionally path:arg')
   pc = sub.add_parser('collect', help='the results table of all runs')
   pc.add_argument('--config', required=True)
   pc.add_argument('--workdir', required=True)
@@ -253,6 +264,10 @@ def main(argv=None):
   args, extra = p.parse_known_args(argv)
   extra = [a for a in extra if a != '--']
   path, arg = _parse_config(args.config)
+
+  if args.cmd == 'check':
+    check(args.config, extra)
+    return None
 
   if args.cmd == 'collect':
     if extra:

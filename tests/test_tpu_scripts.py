@@ -283,21 +283,23 @@ def test_setup_installs_on_every_worker():
 
 def test_run_starts_the_same_command_on_every_worker():
   r = script('run.sh', *BASE, '--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/runs/r8/',
-             '--config.peft.rank=8', "--config.peft.method=it's lora", '--dry-run', '--', '--fresh')
+             '--config.peft.rank=8', "--config.peft.prompt_init_text=it's lora", '--dry-run', '--',
+             '--fresh')
   [ssh] = commands(r)
   assert ssh[:9] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'tpu-a', '--project=proj',
                      '--zone=us-central2-b', '--worker=all']
   remote = flag(ssh, 'command')
   assert detached_job(remote) == [
       '.venv/bin/python', '-m', 'peftjax.main', f'--config={TINY}', '--workdir=gs://b/runs/r8',
-      '--multihost=true', '--config.peft.rank=8', "--config.peft.method=it's lora", '--fresh']
+      '--multihost=true', '--config.peft.rank=8', "--config.peft.prompt_init_text=it's lora",
+      '--fresh']
   assert remote.startswith('cd peftjax && ') and '> logs/r8.log 2>&1 < /dev/null &' in remote
   assert 'note:' not in r.stderr  # gs:// workdirs need no warning
-  local = script('run.sh', *BASE, '--name=tpu-a', f'--config={ROOT / TINY}:x', '--workdir=/w/a',
+  local = script('run.sh', *BASE, '--name=tpu-a', f'--config={ROOT / TINY}', '--workdir=/w/a',
                  '--job=smoke', '--dry-run')
   assert 'multi-host slices need a gs:// workdir' in local.stderr
   job = detached_job(flag(commands(local)[0], 'command'))
-  assert job[3:5] == [f'--config={TINY}:x', '--workdir=/w/a']  # repository-relative config
+  assert job[3:5] == [f'--config={TINY}', '--workdir=/w/a']  # repository-relative config
   r = script('run.sh', *BASE, '--name=tpu-a', '--config=/etc/hostname', '--workdir=/w',
              '--dry-run', check=False)
   assert r.returncode != 0 and 'outside the repository' in r.stderr
@@ -305,7 +307,7 @@ def test_run_starts_the_same_command_on_every_worker():
 
 def test_run_remote_command_runs_once_detached_and_refuses_a_busy_slice(worker):
   home = worker()
-  overrides = ['--config.peft.rank=8', "--config.peft.method=it's lora"]
+  overrides = ['--config.peft.rank=8', "--config.peft.prompt_init_text=it's lora"]
   [ssh] = commands(script('run.sh', *BASE, '--name=tpu-a', f'--config={TINY}',
                           f'--workdir={home}/run', *overrides, '--dry-run'))
   r = run_remote(flag(ssh, 'command'), home)
@@ -645,10 +647,25 @@ def test_without_gcloud_a_real_run_stops_in_one_line(no_gcloud, name, args):
     ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=/w', '--config.peft.rank'],
      ['--config.peft.rank needs a value: --config.peft.rank=VALUE']),
     ('delete.sh', ['--name=tpu-a', '--config.peft.rank=8'], ["unknown option '--config.peft.rank=8'"]),
+    # run.sh checks the config and the overrides here, as peftjax.main on the workers would.
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/r', '--config.peft.rnak=8'],
+     ["--config.peft.rnak: unknown field 'rnak' in section 'peft' (did you mean 'rank'?)"]),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}:big', '--workdir=gs://b/r'],
+     [f"--config={TINY}:big: unknown variant 'big'"]),
 ])
 def test_a_bad_flag_is_one_line_and_exit_1(name, args, words):
   r = script(name, *BASE, *args, '--dry-run', check=False)
   assert_refused(r, name, *words)
+
+
+def test_run_checks_the_flags_for_peftjax_main_here_and_without_a_venv_leaves_it_to_workers():
+  args = [*BASE, '--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/r', '--dry-run']
+  r = script('run.sh', *args, '--', '--fersh', check=False)
+  assert_refused(r, 'run.sh', "Unknown command line flag 'fersh'")
+  r = script('run.sh', *args, '--', '--fersh', env={'PYTHON': '/nonexistent/python'})
+  assert detached_job(flag(commands(r)[0], 'command'))[-1] == '--fersh'
+  assert r.stderr == ("note: no /nonexistent/python here to check the config and overrides "
+                      "(run 'make setup'); the workers will\n")
 
 
 def test_setup_outside_a_git_checkout_names_the_project_repository(tmp_path):

@@ -9,7 +9,8 @@
 #   --config      a config file of this repository (path relative to it, or to here inside it)
 #   --workdir     the run's directory: gs://bucket/prefix (needed on multi-host slices, survives
 #                 the slice) or a path on each worker (relative to the remote checkout)
-#   --config.K=V  config overrides, passed on unchanged
+#   --config.K=V  config overrides, passed on unchanged (checked here first, with the config and
+#                 the flags after --, as peftjax.main will parse them)
 #   --job         the log's name: logs/JOB.log in the remote checkout (default: the workdir's
 #                 last path component)
 #   --stop        stop the job started by tpu/run.sh or tpu/sweep.sh on every worker (SIGTERM to
@@ -20,6 +21,9 @@
 #   .venv/bin/python -m peftjax.main --config=... --workdir=... <overrides> > logs/JOB.log 2>&1
 # JAX finds the other workers of the slice by itself. Restarting the same command resumes the
 # run from the checkpoints in --workdir. Follow it with tpu/logs.sh.
+#
+# Environment: PYTHON, the local python that checks the config (default .venv/bin/python of
+# this checkout; without one the check is left to the workers, with a note).
 #
 # Example:
 #   tpu/run.sh --project=my-proj --zone=us-central2-b --name=tpu-a --config=configs/tiny.py \
@@ -54,6 +58,18 @@ check_workdir "$OPT_workdir"
 warn_local_workdir "$workdir"
 
 # --multihost=true: every worker joins one jax.distributed program (the slice auto-detects).
-cmd=(.venv/bin/python -m peftjax.main --config="$config" --workdir="$workdir" --multihost=true
-     ${OVERRIDES[@]+"${OVERRIDES[@]}"} ${EXTRA[@]+"${EXTRA[@]}"})
+flags=(--multihost=true ${OVERRIDES[@]+"${OVERRIDES[@]}"} ${EXTRA[@]+"${EXTRA[@]}"})
+cmd=(.venv/bin/python -m peftjax.main --config="$config" --workdir="$workdir" "${flags[@]}")
+
+# The config, its variant, the overrides and flags, checked here once (also with --dry-run)
+# rather than failing in every worker's log.
+python=${PYTHON:-$ROOT/.venv/bin/python}
+if [[ -x $python ]] || command -v "$python" >/dev/null; then
+  if ! out=$(cd "$ROOT" && "$python" -m experiments.pod_sweep check --config="$config" -- "${flags[@]}" 2>&1); then
+    reason=$(printf '%s\n' "$out" | sed -n 's/^.*error: //p' | tail -n 1)
+    die "${reason:-checking --config=$config here failed: $(printf '%s\n' "$out" | tail -n 1)}"
+  fi
+else
+  echo "note: no $python here to check the config and overrides (run 'make setup'); the workers will" >&2
+fi
 ssh_all "$OPT_name" "$(detached "$(quote "${cmd[@]}")" "logs/$job.log")"
