@@ -483,16 +483,16 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Checkpoint ``step`` restored into ``abstract_state``; a failed read raises
-    :class:`CheckpointError` naming the step (the caller decides what to do with it)."""
+    :class:`CheckpointError` saying what failed (the caller decides what to do with it)."""
     try:
       with quiet_orbax():
         return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except (OSError, MemoryError) as e:
       if isinstance(e, FileNotFoundError):
-        raise CheckpointError(f'step {step}: {short_error(e)}') from None
+        raise CheckpointError(f'restoring it failed: {short_error(e)}') from None
       raise  # storage trouble that is not damage: reported as it is
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'step {step}: restoring it failed: {short_error(e)}') from None
+      raise CheckpointError(f'restoring it failed: {short_error(e)}') from None
 
   def set_aside(self, step: int) -> str:
     """Renames damaged step ``step`` to ``<step>.damaged-<UTC time>`` (orbax no longer sees it,
@@ -544,4 +544,4 @@ def check_fits(survey_: Survey, abstract_state: Any, saved_cfg: dict | None, con
   raise CheckpointError(
       f'the checkpoints in {survey_.directory} were written by a different config{named}; '
       f'their train state does not fit {this}\'s '
-      f'({"; ".join(signature_diff(survey_.saved, wanted))}); {hint}')
+      f'({"; ".join(signature_diff(survey_.saved, wanted, limit=1))}); {hint}')

@@ -244,7 +244,7 @@ def restore_trained(config, workdir: str) -> tuple[dict, dict]:
   try:
     state = ckpt.restore(found.good, target)
   except ckpt_lib.CheckpointError as e:
-    raise damaged(found.good, str(e).split(': ', 1)[-1]) from None
+    raise damaged(found.good, str(e)) from None
   finally:
     ckpt.close()
   params = state['params']
@@ -671,22 +671,30 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
     try:
       restored = ckpt.restore(latest, ckpt_lib.abstract(state))
     except ckpt_lib.CheckpointError as e:
-      # Damage that only the read found (a step saved without a manifest): set it aside too.
-      moved = _on_process_0(lambda: ckpt.set_aside(latest), 'move a damaged checkpoint aside')
+      # Damage that only the read found (a step saved without a manifest): set it aside too,
+      # with any damaged step below it, and go on from the newest intact one.
+      bad = [(latest, str(e))]
+      moved = [_on_process_0(lambda: ckpt.set_aside(latest), 'move a damaged checkpoint aside')]
       ckpt.reload()
       found = ckpt_lib.survey(ckpt_dir)
+      if found.damaged:
+        bad += found.damaged
+        moved += _on_process_0(lambda: [ckpt.set_aside(s) for s, _ in found.damaged],
+                               'move damaged checkpoints aside') or []
+        ckpt.reload()
       nxt = found.good
-      _log(f'warning: checkpoint step {latest // accum} is damaged ({e}); moved it to {moved}' +
-           (f'; resuming from checkpoint step {nxt // accum}' if nxt else ''))
+      for (step, why), to in zip(bad, moved):
+        _log(f'warning: checkpoint step {step // accum} is damaged ({why}); moved it to {to}' +
+             (f'; resuming from checkpoint step {nxt // accum}' if nxt else ''))
       if nxt is None:
         raise ckpt_lib.CheckpointError(
-            f'no intact checkpoint left in {ckpt_dir} (step {latest // accum}: {e}; moved to '
-            f'{moved}{"; " + found.damage() if found.damaged else ""}); rerun with --fresh to '
-            'start over from step 0') from None
+            f'no intact checkpoint left in {ckpt_dir}: '
+            f'{"; ".join(f"step {s // accum}: {why}" for s, why in bad)}; they were moved '
+            'aside (*.damaged-*); rerun with --fresh to start over from step 0') from None
       if found.saved != ckpt_lib.signature(ckpt_lib.abstract(state)):
         raise ckpt_lib.CheckpointError(
-            f'checkpoint step {latest // accum} was damaged ({e}) and moved to {moved}; the '
-            f'previous one (step {nxt // accum}) has another partition (gradual unfreezing): '
+            f'checkpoint step {latest // accum} was damaged ({e}) and moved aside; the newest '
+            f'intact one (step {nxt // accum}) has another partition (gradual unfreezing): '
             'rerun the same command to resume from it') from None
       latest = nxt
   if restored is not None:

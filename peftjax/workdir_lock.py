@@ -38,8 +38,8 @@ from peftjax import storage
 from peftjax.errors import UserInputError
 
 LOCK_NAME = 'run.lock'
-LEASE_SECONDS = 600.0
-HEARTBEAT_SECONDS = 60.0
+LEASE_SECONDS = 300.0
+HEARTBEAT_SECONDS = 30.0
 
 
 class WorkdirBusyError(UserInputError):
