@@ -507,25 +507,26 @@ def _on_process_0(fn, what: str):
 
 
 _RUN_FILES = ('checkpoints', 'tensorboard', 'metrics.jsonl', 'summary.json', 'run_state.json',
-              'adapter.safetensors', ckpt_lib.CONFIG, workdir_lock.LOCK_NAME)
+              'adapter.safetensors', ckpt_lib.CONFIG)
+# Also part of a run directory, and kept by --fresh: the lock this run holds, and the log a
+# sweep (experiments/sweep.py) is writing the run's output to.
+_KEPT_BY_FRESH = (workdir_lock.LOCK_NAME, 'sweep.log')
 
 
 def _check_fresh(workdir) -> None:
   """--fresh clears only a peftjax run directory (a ConfigError for one holding other files)."""
   if not workdir.exists():
     return
-  others = [p.name for p in workdir.iterdir() if p.name not in _RUN_FILES]
+  others = [p.name for p in workdir.iterdir() if p.name not in _RUN_FILES + _KEPT_BY_FRESH]
   if others:
     raise ConfigError(f'--fresh: {workdir} holds files that are not a peftjax run '
                       f'({sorted(others)[:3]}); refusing to clear it. Choose another --workdir.')
 
 
 def _clear_run_files(workdir) -> None:
-  """Removes a previous run's files (the lock file, held by this run, stays)."""
+  """Removes a previous run's files (not ``_KEPT_BY_FRESH``)."""
   for name in _RUN_FILES:
     p = workdir / name
-    if name == workdir_lock.LOCK_NAME:
-      continue
     if p.is_dir():
       p.rmtree()
     elif p.exists():

@@ -197,6 +197,23 @@ def test_checkpoints_of_another_config_are_refused_naming_the_fields(copy, overr
   assert _snapshot(copy) == before  # config.json, checkpoints, metrics: untouched
 
 
+def test_fresh_starts_over_in_a_workdir_of_another_config(copy):
+  """What the refusal suggests: --fresh clears the run's files (a sweep's log stays) and
+  starts from step 0 with this config."""
+  (copy / 'checkpoints/8.damaged-20250101T000000Z').mkdir()
+  (copy / 'sweep.log').write_text('the sweep writes here\n')
+  code, out, err = _run([*TINY, '--config.peft.rank=16', '--config.train.steps=2',
+                         '--config.optim.warmup_steps=1',
+                         '--config.train.eval_before=False', '--fresh', f'--workdir={copy}'])
+  assert code == 0, err[-3000:]
+  assert 'resumed' not in out
+  assert sorted(p.name for p in (copy / 'checkpoints').iterdir()) == ['2']
+  assert json.loads((copy / 'config.json').read_text())['peft']['rank'] == 16
+  assert (copy / 'sweep.log').read_text() == 'the sweep writes here\n'
+  records = [json.loads(l) for l in (copy / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if r['split'] == 'train'] == [2]
+
+
 def test_training_longer_resumes_with_a_note(copy):
   code, out, err = _run([*TINY, '--config.train.steps=10', f'--workdir={copy}'])
   assert code == 0, err[-3000:]
