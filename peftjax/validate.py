@@ -157,16 +157,23 @@ def check_mesh_rules(rules, field: str = 'mesh.rules') -> tuple:
   return tuple((str(k), v if v is None or isinstance(v, str) else tuple(v)) for k, v in rules)
 
 
-def _multiplier_problem(entry) -> str | None:
-  if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-    return 'not a (regex, factor) pair'
-  regex, factor = entry
+def _regex_problem(regex) -> str | None:
+  """Why ``regex`` is not a usable parameter-path selector, or None."""
   if not isinstance(regex, str):
     return f'the regex {regex!r} is not a string'
   try:
     re.compile(regex)
   except re.error as e:
     return f'invalid selector regex {regex!r}: {e}'
+  return None
+
+
+def _multiplier_problem(entry) -> str | None:
+  if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+    return 'not a (regex, factor) pair'
+  regex, factor = entry
+  if _regex_problem(regex):
+    return _regex_problem(regex)
   if not _is_num(factor) or factor <= 0:
     return f'the factor {factor!r} is not a positive number'
   return None
@@ -188,13 +195,7 @@ def _unfreeze_problem(entry) -> str | None:
   step, regex = entry
   if not _is_int(step) or step < 0:
     return f'the step {step!r} is not an integer >= 0'
-  if not isinstance(regex, str):
-    return f'the regex {regex!r} is not a string'
-  try:
-    re.compile(regex)
-  except re.error as e:
-    return f'invalid selector regex {regex!r}: {e}'
-  return None
+  return _regex_problem(regex)
 
 
 def check_unfreeze(schedule, steps: int) -> None:
