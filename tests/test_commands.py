@@ -351,14 +351,24 @@ def _readme_shell_commands() -> list[list[str]]:
   return out
 
 
+PLACEHOLDER = 'PLACEHOLDER'
+
+
 def _readme_inline_commands() -> list[list[str]]:
-  """Commands quoted inline in the prose: `make ...`, `python -m ...`, `python x/y.py ...`."""
+  """Commands quoted inline in the prose: `make ...`, `python -m ...`, `python x/y.py ...`.
+
+  Table rows are left out: the catalogue's rows quote inputs that must fail. In a template such
+  as ``--adapter=<HF PEFT dir> [--base=DIR]`` each ``<...>`` becomes :data:`PLACEHOLDER` and
+  the brackets of an optional part go.
+  """
   text = re.sub(r'^```.*?^```', '', README.read_text(), flags=re.M | re.S)
+  text = '\n'.join(l for l in text.splitlines() if not l.lstrip().startswith('|'))
   out = []
   for span in re.findall(r'`([^`]+)`', text):
-    words = span.split()
+    words = re.sub(r'[\[\]]', ' ', re.sub(r'<[^>]*>', PLACEHOLDER, span)).split()
     if words and (words[0] == 'make' or re.fullmatch(r'(\.venv/bin/)?python3?', words[0])):
-      out.append(words)
+      if words not in out:
+        out.append(words)
   return out
 
 
@@ -419,32 +429,50 @@ def _paths_named(args: list[str]) -> list[pathlib.Path]:
           if (v := _flag_value(args, n)) and not v.startswith('gs://') and v != '...']
 
 
+def _flag_names(args: list[str]) -> list[str]:
+  # `--config.*` overrides are checked against the loaded config instead.
+  return [a.split('=', 1)[0][2:] for a in args
+          if a.startswith('--') and not a.startswith('--config.')]
+
+
+def _check_argparse_command(cmd: list[str], args: list[str]) -> None:
+  """argparse's ``--help`` (after the positional words: a subcommand's) exits 0 and lists every
+  flag the command uses."""
+  p = _run([*cmd, *[a for a in args if not a.startswith('-') and a != PLACEHOLDER], '--help'],
+           timeout=300)
+  assert p.returncode == 0, _explain(p)
+  for name in _flag_names(args):
+    assert re.search(rf'--{re.escape(name)}\b', p.stdout), f'{cmd}: --{name} is not a flag'
+
+
 def _check_module_command(module: str, args: list[str], inline: bool = False) -> None:
   path = _module_file(module)
   assert path is not None, f'python -m {module}: no module {module} in the repository'
   if inline and not args:
     return  # prose naming the entry point, not a full command
-  _check_config_flags(args)
+  template = PLACEHOLDER in ' '.join(args)
+  if not template:
+    _check_config_flags(args)
   created = [p for p in _paths_named(args) if not p.exists()]
-  if _is_absl(path):
+  if not _is_absl(path):
+    _check_argparse_command([sys.executable, '-m', module], args)
+  elif template:
+    # A template's values are not values: its flags must be ones the entry point defines.
+    p = _run([sys.executable, '-m', module, '--helpshort'], timeout=300)
+    for name in _flag_names(args):
+      assert re.search(rf'^\s+--(\[no\])?{re.escape(name)}:', p.stdout, re.M), (
+          f'python -m {module}: --{name} is not a flag\n{_explain(p)}')
+  else:
     # absl parses every flag (loading the config and applying its overrides), then stops.
     p = _run([sys.executable, '-m', module, *args, '--only_check_args'], timeout=300)
     assert p.returncode == 0, _explain(p)
     assert not re.search(r'^error:', p.stderr, re.M), p.stderr
-  else:
-    p = _run([sys.executable, '-m', module, *[a for a in args if not a.startswith('-')],
-              '--help'], timeout=300)
-    assert p.returncode == 0, _explain(p)
-    for a in args:
-      if a.startswith('--') and not a.startswith('--config.'):  # overrides: checked above
-        flag = a.split('=', 1)[0]
-        assert re.search(rf'{re.escape(flag)}\b', p.stdout), f'{module}: {flag} is not a flag'
   assert [p for p in created if p.exists()] == [], 'checking the flags created files'
 
 
 def _check_make_command(args: list[str]) -> None:
-  targets = [a for a in args if '=' not in a]
-  assert targets and set(targets) <= _make_targets(), (args, sorted(_make_targets()))
+  targets = [a for a in args if '=' not in a and not a.startswith('-')]
+  assert set(targets) <= _make_targets(), (args, sorted(_make_targets()))
   if shutil.which('make'):
     p = _run(['make', '-n', *args], timeout=60)
     assert p.returncode == 0 and p.stdout.strip(), _explain(p)
@@ -464,8 +492,7 @@ def _check(words: list[str], inline: bool = False) -> None:
     return _check_module_command(rest[1], rest[2:], inline)
   script = ROOT / rest[0]
   assert script.is_file(), f'python {rest[0]}: no such file'
-  p = _run([sys.executable, rest[0], '--help'], timeout=300)
-  assert p.returncode == 0, _explain(p)
+  _check_argparse_command([sys.executable, rest[0]], rest[1:])
 
 
 def _id(words: list[str]) -> str:
