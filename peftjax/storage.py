@@ -70,10 +70,19 @@ def write_bytes_atomic(p: str | os.PathLike, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp makes the file 0600; give it the mode an ordinary write would (0666 & ~umask),
+    # so results and adapters stay readable by the rest of a team.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, local)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_json_atomic(p: str | os.PathLike, obj: Any) -> None:

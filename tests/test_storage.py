@@ -1,6 +1,8 @@
 """Run directories in a bucket: a tiny run with a gs:// workdir writes, resumes and reloads there."""
 import json
+import os
 import pathlib
+import stat
 
 import numpy as np
 import pytest
@@ -56,3 +58,17 @@ def test_tiny_run_in_a_bucket_resumes_and_its_adapter_loads(tmp_path):
   assert json.loads((run / 'run_state.json').read_text())['train_seconds'] > 0
   assert manifest['params']['sha256'] == summary['trainable_sha256'] != first['trainable_sha256']
   assert all(np.isfinite(v).all() for v in delta.tree_lib.flatten(params).values())
+
+
+def test_atomic_writes_get_the_mode_of_an_ordinary_write(tmp_path):
+  # mkstemp's 0600 must not leak into results and adapters that a team reads.
+  old = os.umask(0o022)
+  try:
+    storage.write_json_atomic(tmp_path / 'summary.json', {'a': 1})
+    with open(tmp_path / 'plain.json', 'w') as f:
+      f.write('{}')
+  finally:
+    os.umask(old)
+  mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+  assert mode(tmp_path / 'summary.json') == mode(tmp_path / 'plain.json') == 0o644
+  assert [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')] == []
