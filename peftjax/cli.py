@@ -335,7 +335,7 @@ def quiet(argv) -> None:
   """No stray arguments; absl logs at WARNING unless ``--verbosity`` is given (orbax and the
   backend probe log at INFO)."""
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f'stray arguments {argv[1:]}; valid: flags only, each as --name=value')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
 

@@ -52,7 +52,7 @@ def describe(e: BaseException) -> str | None:
   unreadable files, a full disk, files that are not text. The message never spans lines.
   """
   msg = None
-  if isinstance(e, (UserInputError, FloatingPointError)):
+  if isinstance(e, (UserInputError, FloatingPointError)) or _is_usage_error(e):
     msg = str(e)
   elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
     where = f' writing {e.filename}' if e.filename else ''
@@ -67,6 +67,13 @@ def describe(e: BaseException) -> str | None:
   if msg is None:
     return None
   return ' '.join(str(msg).split()) or type(e).__name__
+
+
+def _is_usage_error(e: BaseException) -> bool:
+  """absl's ``app.UsageError`` (stray arguments, a missing required flag), without importing
+  absl here."""
+  return any(c.__name__ == 'UsageError' and c.__module__.startswith('absl')
+             for c in type(e).__mro__)
 
 
 def guard(fn):

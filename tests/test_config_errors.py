@@ -391,3 +391,12 @@ def test_variant_helpers():
     common.settings('steps=x', steps=120)
   with pytest.raises(ConfigError, match=r"'steps' \(not key=value\)"):
     common.settings('steps', steps=120)
+
+
+@pytest.mark.parametrize('args,words', [
+    ([TINY, 'extra'], ["stray arguments ['extra']", 'valid: flags only, each as --name=value']),
+    ([], ['--config', 'must have a value']),
+])
+def test_stray_arguments_and_a_missing_config_are_one_line(tmp_path, args, words):
+  p, wd = _run('peftjax.main', args, tmp_path)
+  _assert_refused(p, wd, words)
