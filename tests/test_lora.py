@@ -211,3 +211,27 @@ def test_rslora_scale_is_alpha_over_sqrt_rank(setup):
   np.testing.assert_allclose(peft.apply(model, rs, params, lora, inputs) - base,
                              2.0 * (peft.apply(model, plain, params, lora, inputs) - base),
                              rtol=1e-5, atol=1e-6)
+
+
+class NoModeArg(nn.Module):
+  """A model whose __call__ takes no `deterministic` (as many models written elsewhere)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name='out')(jnp.tanh(nn.Dense(8, name='hidden')(x)))
+
+
+def test_apply_runs_a_model_without_a_deterministic_argument():
+  model = NoModeArg()
+  x = jax.random.normal(jax.random.key(3), (2, 5))
+  params = model.init(jax.random.key(0), x)['params']
+  assert not peft.takes_deterministic(model) and peft.takes_deterministic(Foreign())
+  method = peft.build(_cfg(targets=r'(hidden|out)/kernel$', dropout=0.0))
+  lora = method.init(jax.random.key(1), model, params, {'x': x})
+  lora = jax.tree.map(lambda v: v + 0.1, lora)  # B != 0, so the adapter changes the output
+  want = model.apply({'params': method.merge(params, lora)}, x)
+  for deterministic in (True, False):
+    got = peft.apply(model, method, params, lora, {'x': x}, rng=jax.random.key(2),
+                     deterministic=deterministic)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(want, model.apply({'params': params}, x), atol=1e-3)

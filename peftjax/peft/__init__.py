@@ -9,6 +9,7 @@ from peftjax.peft import lora_variants  # registers 'pissa', 'dora'
 from peftjax.peft.base import Compose
 from peftjax.peft.base import Method
 from peftjax.peft.base import apply
+from peftjax.peft.base import takes_deterministic
 from peftjax.peft.base import build
 from peftjax.peft.base import method_names
 from peftjax.peft.base import register

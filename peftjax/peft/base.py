@@ -18,6 +18,7 @@ A method is a functional transform over the parameter pytree:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -153,17 +154,34 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
       raise ValueError('a training forward (deterministic=False) needs an rng for dropout')
     rngs['dropout'], method_rng = jax.random.split(rng)
   base_params = method.forward_base(base_params, peft_params)
+  # Models whose __call__ has no `deterministic` argument (many models written elsewhere) run
+  # without it; their dropout, if any, still draws from the 'dropout' rng.
+  mode = {'deterministic': deterministic} if takes_deterministic(module) else {}
   with method.intercept(peft_params, rng=method_rng, deterministic=deterministic):
     if capture is not None:
-      out, state = module.apply({'params': base_params}, **inputs, deterministic=deterministic,
-                                rngs=rngs, mutable=['moe', 'intermediates'],
+      out, state = module.apply({'params': base_params}, **inputs, **mode, rngs=rngs,
+                                mutable=['moe', 'intermediates'],
                                 capture_intermediates=capture)
       return out, state.get('moe', {}), state.get('intermediates', {})
     if with_aux:
-      out, state = module.apply({'params': base_params}, **inputs, deterministic=deterministic,
-                                rngs=rngs, mutable=['moe'])
+      out, state = module.apply({'params': base_params}, **inputs, **mode, rngs=rngs,
+                                mutable=['moe'])
       return out, state.get('moe', {})
-    return module.apply({'params': base_params}, **inputs, deterministic=deterministic, rngs=rngs)
+    return module.apply({'params': base_params}, **inputs, **mode, rngs=rngs)
+
+
+def takes_deterministic(module) -> bool:
+  """Whether ``module.__call__`` accepts a ``deterministic`` keyword (or any keyword).
+
+  >>> takes_deterministic(nn.Dense(3))
+  False
+  """
+  try:
+    params = inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return True
+  return 'deterministic' in params or any(
+      p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class Compose(Method):
