@@ -25,6 +25,7 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -42,6 +43,12 @@ TIMEOUT = 900
 
 
 def _run(cmd, timeout=TIMEOUT, **kwargs) -> subprocess.CompletedProcess:
+  if cmd[0] == 'make':
+    # Under `make test` the parent make's variables would make this one print "Entering
+    # directory" lines and inherit its flags: run it as a user would, from a shell.
+    env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MAKELEVEL', 'MFLAGS')}
+    kwargs = {'env': env, **kwargs}
+    cmd = ['make', '--no-print-directory', *cmd[1:]]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                         **kwargs)
 
