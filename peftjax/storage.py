@@ -16,6 +16,7 @@ Two differences between a disk and a bucket matter here:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -83,6 +84,37 @@ def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, *, replace: bool = False):
+  """Yields an empty local directory beside ``out``; on success it becomes ``out`` in one rename.
+
+  A failure removes it, so ``out`` is complete or absent (with ``replace``, an existing ``out``
+  is swapped out only after the new one is whole, and restored if the swap fails).
+
+  >>> with atomic_dir('/tmp/int8_model') as tmp:   # doctest: +SKIP
+  ...   (tmp / 'manifest.json').write_text('{}')
+  """
+  out = pathlib.Path(out).absolute()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
+  try:
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, like mkstemp's 0600, would leak out
+    yield tmp
+    if replace and out.exists():
+      old = out.with_name(f'.{out.name}.old-{uuid.uuid4().hex[:8]}')
+      os.rename(out, old)
+      try:
+        os.rename(tmp, out)
+      except BaseException:
+        os.rename(old, out)
+        raise
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
 def write_json_atomic(p: str | os.PathLike, obj: Any) -> None:

@@ -72,3 +72,22 @@ def test_atomic_writes_get_the_mode_of_an_ordinary_write(tmp_path):
   mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
   assert mode(tmp_path / 'summary.json') == mode(tmp_path / 'plain.json') == 0o644
   assert [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')] == []
+
+
+def test_atomic_dir_is_complete_or_absent(tmp_path):
+  out = tmp_path / 'model'
+  with pytest.raises(RuntimeError):
+    with storage.atomic_dir(out) as tmp:
+      (tmp / 'a').write_text('half')
+      raise RuntimeError('fails mid-write')
+  assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
+  with storage.atomic_dir(out) as tmp:
+    (tmp / 'a').write_text('one')
+  with pytest.raises(RuntimeError):
+    with storage.atomic_dir(out, replace=True) as tmp:
+      (tmp / 'a').write_text('two')
+      raise RuntimeError('fails before the swap')
+  assert (out / 'a').read_text() == 'one' and [p.name for p in tmp_path.iterdir()] == ['model']
+  with storage.atomic_dir(out, replace=True) as tmp:
+    (tmp / 'a').write_text('two')
+  assert (out / 'a').read_text() == 'two' and [p.name for p in tmp_path.iterdir()] == ['model']

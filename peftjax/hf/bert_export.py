@@ -39,14 +39,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
-import uuid
 from typing import Any
 
 import jax
 import numpy as np
 
+from peftjax import storage
 from peftjax import tree as tree_lib
 from peftjax.errors import UserInputError
 from peftjax.models.bert import POOLINGS
@@ -83,29 +81,12 @@ def write_dir_atomic(out_dir: str | os.PathLike, files: dict[str, bytes], *,
     if any(out.iterdir()) and not overwrite:
       raise ExportError(f'output directory {str(out)!r} exists and is not empty; pass '
                         'overwrite=True to replace it, or choose a new directory')
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
-  try:
-    tmp.chmod(0o755)
+  with storage.atomic_dir(out, replace=True) as tmp:
     for name, data in files.items():
       with open(tmp / name, 'wb') as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    if out.exists():
-      old = out.with_name(f'.{out.name}.old-{uuid.uuid4().hex[:8]}')
-      os.rename(out, old)
-      try:
-        os.rename(tmp, out)
-      except BaseException:
-        os.rename(old, out)
-        raise
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 

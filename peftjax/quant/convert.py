@@ -132,10 +132,6 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   >>> s = ptq(config, '/tmp/run')   # doctest: +SKIP
   >>> s['int8']['accuracy'], s['bytes_ratio']  # doctest: +SKIP
   """
-  import os
-  import shutil
-  import tempfile
-
   import jax
 
   from peftjax import storage
@@ -192,11 +188,9 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   x = {k: batch[k] for k in keys}
   times = timing.interleaved({'float': lambda: f_fwd(merged, x), 'int8': lambda: i_fwd(x)},
                              steps=timing_steps)
-  # The model and its summary go to a temporary sibling, renamed to ``out`` when both exist.
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
-  try:
-    size = int8.save(model, staging / 'model')
+  # The model and its summary are written together: ``out`` appears only when both are whole.
+  with storage.atomic_dir(out) as model_dir:
+    size = int8.write(model, model_dir)
     s = {
         **int8.summary(model, merged),
         'method': inner.name, 'activations': how, 'observer': q.observer,
@@ -206,10 +200,7 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
         'infer_time_ratio': timing.median_ms(times['int8']) / timing.median_ms(times['float']),
         'int8_dir': str(out),
     }
-    storage.write_json_atomic(staging / 'model' / 'ptq_summary.json', s)
-    os.rename(staging / 'model', out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.write_json_atomic(model_dir / 'ptq_summary.json', s)
   log(f"test accuracy float {float_eval['accuracy']:.4f} -> int8 {int8_eval['accuracy']:.4f}; "
       f"weights {s['float_bytes'] / 2**20:.1f} -> {s['int8_bytes'] / 2**20:.1f} MiB "
       f"(ratio {s['bytes_ratio']:.3f}, {size / 2**20:.1f} MiB on disk); "

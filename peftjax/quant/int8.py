@@ -23,8 +23,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from peftjax import storage
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.errors import UserInputError
@@ -205,18 +204,19 @@ def save(model: Int8Model, directory: str | os.PathLike) -> int:
   directory = pathlib.Path(directory).absolute()
   if directory.exists():
     raise UserInputError(f'{directory} exists; refusing to overwrite an int8 model')
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f'.{directory.name}.'))
-  try:
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(tmp / 'arrays', {'params': model.params, 'qparams': model.qparams})
-    meta = {'format': 'peftjax-int8/1', 'settings': model.settings,
-            'sites': [dataclasses.asdict(s) for s in model.sites]}
-    (tmp / _META).write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with storage.atomic_dir(directory) as tmp:
+    write(model, tmp)
+  return disk_bytes(directory)
+
+
+def write(model, directory: pathlib.Path) -> int:
+  """Writes the int8 model into the existing empty ``directory`` (see :func:`save`, which makes
+  it atomic); returns its size on disk in bytes."""
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(directory / 'arrays', {'params': model.params, 'qparams': model.qparams})
+  meta = {'format': 'peftjax-int8/1', 'settings': model.settings,
+          'sites': [dataclasses.asdict(s) for s in model.sites]}
+  (directory / _META).write_text(json.dumps(meta, indent=2))
   return disk_bytes(directory)
 
 
