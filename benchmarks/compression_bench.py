@@ -17,7 +17,7 @@ LeNet-300-100 / MNIST-5k in a temporary directory: final bytes / float32 bytes, 
 Huffman round trip rebuilt the model exactly (``huffman_roundtrip_exact``, which also requires
 a 1e6-symbol random round trip of :mod:`peftjax.compress.huffman`).
 
-  python benchmarks/compression_bench.py            # writes benchmarks/results/compression.json
+  python benchmarks/compression_bench.py            # writes benchmarks/results/compression_bench.json
   python benchmarks/compression_bench.py --quick    # smoke test: 2 layers, few steps, prints JSON only
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from peftjax.compress import lowrank  # noqa: E402
 from peftjax.compress import structured  # noqa: E402
 from peftjax.models.bert import BertClassifier  # noqa: E402
 
-RESULTS = ROOT / 'benchmarks' / 'results' / 'compression.json'
+RESULTS = ROOT / 'benchmarks' / 'results' / 'compression_bench.json'
 FFN = r'encoder/.*/(intermediate|output)/kernel$'
 TARGETS = {'student_infer_time_ratio': ('<=', 0.6), 'deep_compression_size_ratio': ('<=', 0.05),
            'huffman_roundtrip_exact': ('==', True)}

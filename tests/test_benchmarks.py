@@ -99,7 +99,7 @@ def test_committed_compression_results_have_the_keys():
 
 
 @pytest.mark.parametrize('name', ['lora_vs_full', 'quant', 'moe', 'multi_adapter', 'precision',
-                                  'compression'])
+                                  'compression_bench'])
 def test_committed_results_name_the_cpu(name):
   # Ratios from a CPU without AVX512-BF16 or AMX say nothing of bf16 on one that has them.
   s = json.loads((RESULTS / f'{name}.json').read_text())['settings']

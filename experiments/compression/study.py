@@ -197,7 +197,7 @@ def markdown(table: list[dict], mnist: dict, minilm: dict, bench: dict | None) -
           f"exact: {minilm['huffman_roundtrip_exact']}):", '', deep.format_table(minilm)]
   out.append(NOTES)
   if bench:
-    out += ['', '## Inference speed (benchmarks/results/compression.json)', '',
+    out += ['', '## Inference speed (benchmarks/results/compression_bench.json)', '',
             '| key | value |', '|---|---|']
     out += [f'| `{k}` | {v} |' for k, v in bench.items() if not isinstance(v, dict)]
   return '\n'.join(out) + '\n'
@@ -214,7 +214,7 @@ def main(argv=None):
   table = rows(root)
   mnist = json.loads((root / 'deep_mnist' / 'deep_compression.json').read_text())
   minilm = json.loads((root / 'deep_minilm' / 'deep_compression.json').read_text())
-  bench_file = ROOT / 'benchmarks' / 'results' / 'compression.json'
+  bench_file = ROOT / 'benchmarks' / 'results' / 'compression_bench.json'
   bench = json.loads(bench_file.read_text()) if bench_file.exists() else None
   plot(table, mnist, HERE / 'accuracy_vs_bytes.png')
   (HERE / 'results.md').write_text(markdown(table, mnist, minilm, bench))
