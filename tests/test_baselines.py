@@ -43,5 +43,5 @@ def test_jitted_step_moves_only_trainable(name):
   assert tinybert.moved(before, after) == sorted(
       p for p in tree.flatten(before) if not p.endswith('lora_a'))
   # The optimizer keeps exactly two moments per trainable scalar and nothing for frozen leaves.
-  float_state = sum(x.size for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0)
+  float_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
   assert float_state == 2 * tree.count(before)

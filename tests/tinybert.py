@@ -8,11 +8,14 @@ import jax.numpy as jnp
 from configs import common
 from peftjax import optim
 from peftjax import peft
-from peftjax import train
+from peftjax.peft import sections
+from peftjax import run
+from peftjax import step as step_lib
 from peftjax import tree
 from peftjax.models import BertClassifier
 from peftjax.models import BertConfig
 from peftjax.models.build import Built
+from peftjax.tasks.classification import Classification
 
 D, F, L, H = 16, 32, 2, 2  # hidden, FFN, layers, heads
 BERT = BertConfig(vocab_size=100, hidden_size=D, num_layers=L, num_heads=H, intermediate_size=F,
@@ -40,12 +43,20 @@ def inputs() -> dict:
   return {k: v for k, v in batch().items() if k in built().input_keys}
 
 
-def method(name: str, **peft_overrides):
-  """``(method, config)`` for ``peft.method=name`` with the given ``peft.*`` overrides."""
+def method(name: str, **overrides):
+  """``(method, config)`` for ``peft.method=name``; ``overrides`` set fields of the methods'
+  sections (``kind='parallel'`` is ``peft.adapter.kind`` for 'adapter'; for 'lora+ia3' the first
+  section holding the field), ``head`` the shared one."""
   c = common.get_config()
   c.peft.method = name
-  for k, v in peft_overrides.items():
-    c.peft[k] = v
+  used = [sections.SECTION_OF[n] for n in name.split('+') if n in sections.SECTION_OF]
+  for k, v in overrides.items():
+    if k == 'head':
+      c.peft.head = v
+      continue
+    (section,) = [s for s in used if k in c.peft[s]][:1] or [None]
+    assert section is not None, f'no section of {name!r} has a field {k!r}'
+    c.peft[section][k] = v
   return peft.build(c.peft), c
 
 
@@ -68,14 +79,13 @@ def steps(m, peft_params, c, n: int = 1, *, weight_decay: float | None = None, b
   base_tr, frozen = tree.partition(b.params if base is None else base, m.trainable_base)
   trainable = {'base': base_tr, 'peft': peft_params}
   tx = optim.make_optimizer(c.optim, 10)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable),
-           'rng': jax.random.key_data(jax.random.key(2))}
-  step = jax.jit(train.make_train_step(train.make_forward(b, m), tx, b.input_keys))
+  state = run.TrainState.create(tx, trainable, seed=0)
+  step = jax.jit(step_lib.make_train_step(run.make_forward(b, m), tx, Classification(None)))
   history = [trainable]
   for _ in range(n):
     state, metrics = step(state, frozen, batch())
     assert jnp.isfinite(metrics['loss'])
-    history.append(state['params'])
+    history.append(state.params)
   return history, state
 
 
