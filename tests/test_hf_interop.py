@@ -36,10 +36,10 @@ TARGETS = (r'(attention/(query|value|out)/kernel|intermediate/kernel|'
 P = 'base_model.model.'
 
 
-def _lora_cfg(**kw):
-  base = dict(method='lora', rank=R, alpha=ALPHA, dropout=0.0, targets=TARGETS, head='',
-              rslora=False)
-  return ml_collections.ConfigDict({**base, **kw})
+def _lora_cfg(**lora):
+  """A ``peft`` section for LoRA; ``lora`` sets fields of ``peft.lora``."""
+  base = dict(rank=R, alpha=ALPHA, dropout=0.0, targets=TARGETS, rslora=False)
+  return ml_collections.ConfigDict({'method': 'lora', 'head': '', 'lora': {**base, **lora}})
 
 
 @pytest.fixture(scope='module')
@@ -234,8 +234,8 @@ def test_peft_round_trip_is_exact(tmp_path, small, rslora):
   assert sorted(p.rsplit('/', 1)[0] for p in tree.select(params, info['targets'])) == sites
   method = peft.build(_lora_cfg(targets=info['targets'], rank=info['rank'],
                                 alpha=info['alpha'], rslora=info['rslora']))
-  method.init(jax.random.key(0), model, params, inputs)
-  assert sorted(s.path for s in method.sites) == sites
+  fresh = method.init(jax.random.key(0), model, params, inputs)
+  assert sorted(s.path for s in method.sites(params, fresh)) == sites
 
 
 def test_mixed_ranks_round_trip_through_rank_and_alpha_patterns(tmp_path, small):
@@ -724,8 +724,8 @@ def test_full_depth_cls_pooler_run_exports_to_peft_and_merged(tmp_path):
   c = tiny.get_config()
   c.model.num_layers = 0
   c.model.pooling = 'cls_pooler'
-  c.peft.rank = 2
-  c.peft.targets = r'(query|key|value|out|intermediate|output|pooler)/kernel$'
+  c.peft.lora.rank = 2
+  c.peft.lora.targets = r'(query|key|value|out|intermediate|output|pooler)/kernel$'
   task = train.build_task(c)
   assert 'pooler' in task['trainable']['peft']
   rng = np.random.default_rng(0)
@@ -886,7 +886,7 @@ def hf_run(tmp_path_factory):
   code, _, err = _cli('peftjax.main', '--config=configs/tiny.py', f'--workdir={tmp / "run"}',
                       f'--config.model.pretrained={tmp / "merged"}',
                       '--config.model.pooling=cls_pooler',
-                      '--config.peft.targets=(attention/(query|value)|pooler)/kernel$',
+                      '--config.peft.lora.targets=(attention/(query|value)|pooler)/kernel$',
                       '--config.train.steps=2', '--config.optim.warmup_steps=0',
                       '--config.train.eval_before=False',
                       '--config.train.checkpoint_every=0', '--config.train.save_adapter=True')

@@ -32,9 +32,10 @@ ALL = r'(tok/embedding|proj/kernel|merge/kernel|nobias/kernel|head/kernel)$'
 LORA_COUNT = 3 * ((50 + 16) + (16 + 32) + (32 + 16) + (16 + 16) + (16 + 5))
 
 
-def _cfg(method, **kw):
-  base = dict(method=method, rank=3, alpha=6.0, dropout=0.0, targets=ALL, head='')
-  return ml_collections.ConfigDict({**base, **kw})
+def _cfg(method, **lora):
+  """A ``peft`` section for ``method``; ``lora`` sets fields of ``peft.lora``."""
+  base = dict(rank=3, alpha=6.0, rslora=False, dropout=0.0, targets=ALL)
+  return ml_collections.ConfigDict({'method': method, 'head': '', 'lora': {**base, **lora}})
 
 
 @pytest.fixture(scope='module')
@@ -99,7 +100,7 @@ def test_pissa_update_is_rank_r_svd_truncation(setup):
   for alpha in (6.0, 12.0):  # the principal part does not depend on the LoRA scale
     method, pissa = _init(setup, 'pissa', alpha=alpha)
     flat, lp = tree.flatten(params), tree.flatten(pissa)
-    for site in method.sites:
+    for site in method.sites(params, pissa):
       w = np.asarray(flat[site.weight_path], np.float64).reshape(site.d_in, site.d_out)
       u, s, vt = np.linalg.svd(w, full_matrices=False)
       truncated = (u[:, :3] * s[:3]) @ vt[:3]
@@ -179,7 +180,7 @@ def test_dora_factored_norm_equals_explicit(setup):
   method, dora = _init(setup, 'dora', targets=DENSE)
   dora = _randomize(dora)
   flat, lp = tree.flatten(params), tree.flatten(dora)
-  for s in method.sites:
+  for s in method.sites(params, dora):
     w = flat[s.weight_path]
     a, b = lp[f'{s.path}/lora_a'], lp[f'{s.path}/lora_b']
     v = np.asarray(w).reshape(s.d_in, s.d_out) + method.scale * (
@@ -205,7 +206,7 @@ def test_dora_gradient_treats_norm_as_constant(setup):
   model, params, inputs = setup
   method, dora = _init(setup, 'dora', targets=r'(proj|head)/kernel$')
   dora = _randomize(dora)
-  sites = {s.path: s for s in method.sites}
+  sites = {s.path: s for s in method.sites(params, dora)}
 
   def implicit(p):
     return (peft.apply(model, method, params, p, inputs) ** 2).sum()
@@ -232,7 +233,7 @@ def test_dora_never_forms_a_weight_sized_array(setup):
 
   produced = _shapes_produced(jax.make_jaxpr(jax.grad(loss))(_randomize(dora)).jaxpr)
   for path in ('proj/kernel', 'merge/kernel', 'head/kernel'):
-    s = next(s for s in method.sites if s.weight_path == path)
+    s = next(s for s in method.sites(params, dora) if s.weight_path == path)
     for shape in (tree.flatten(params)[path].shape, (s.d_in, s.d_out)):
       assert shape not in produced, f'a {shape} array (the size of {path}) was computed'
 
@@ -266,7 +267,7 @@ def test_dora_jitted_step_on_tiny_bert():
   moved = tinybert.moved(before, after)
   assert moved == sorted(p for p in tree.flatten(before) if not p.endswith('lora_a'))
   assert any(p.endswith('magnitude') for p in moved)
-  float_state = sum(x.size for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0)
+  float_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
   assert float_state == 2 * tree.count(before)
 
 

@@ -730,7 +730,7 @@ def lora_setup():
   """(method, its initial params, config), LoRA rank 2 on the router and the expert kernels."""
   b = tiny()
   c = common.get_config()
-  c.peft.method, c.peft.rank, c.peft.alpha, c.peft.targets = 'lora', R, 4.0, EXPERT_TARGETS
+  c.peft.method, c.peft.lora.rank, c.peft.lora.alpha, c.peft.lora.targets = 'lora', R, 4.0, EXPERT_TARGETS
   m = peft.build(c.peft)
   return m, m.init(jax.random.key(1), b.module, b.params, _inputs()), c
 
@@ -786,7 +786,7 @@ def test_expert_lora_count_identity_and_specs():
   assert tree.count(lora) == (TD * R + R * TE) + TE * (TD * R + R * TF) + TE * (TF * R + R * TD)
   assert all(np.all(np.asarray(v) == 0) for p, v in flat.items() if p.endswith('lora_b'))
   assert all(np.abs(np.asarray(v)).max() > 0 for p, v in flat.items() if p.endswith('lora_a'))
-  assert {s.path: s.kind for s in m.sites} == {f'{PRE}/router': 'dense',
+  assert {s.path: s.kind for s in m.sites(b.params, lora)} == {f'{PRE}/router': 'dense',
                                               f'{PRE}/intermediate': 'expert',
                                               f'{PRE}/output': 'expert'}
   np.testing.assert_array_equal(lora_forward()(b.params, lora), plain_forward()(b.params))

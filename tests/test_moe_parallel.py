@@ -119,8 +119,8 @@ BERT_SCRIPT = textwrap.dedent('''
     c = common.get_config()
     c.optim.warmup_steps = 0
     c.peft.method = 'lora'
-    c.peft.rank = 2
-    c.peft.targets = r'moe/(intermediate|output|router)/kernel$'
+    c.peft.lora.rank = 2
+    c.peft.lora.targets = r'moe/(intermediate|output|router)/kernel$'
     bert = BertConfig(vocab_size=100, hidden_size=16, num_layers=2, num_heads=2,
                       intermediate_size=32, max_position=16,
                       moe=MoeConfig(num_experts=E, top_k=2, capacity_factor=1.0),
@@ -137,7 +137,8 @@ BERT_SCRIPT = textwrap.dedent('''
     method = peft.build(c.peft)
     lora = method.init(jax.random.key(1), module, built.params,
                        {'input_ids': ids, 'attention_mask': ids})
-    assert sorted(s.kind for s in method.sites) == ['dense', 'expert', 'expert'], method.sites
+    sites = method.sites(built.params, lora)
+    assert sorted(s.kind for s in sites) == ['dense', 'expert', 'expert'], sites
     base_tr, frozen = tree.partition(built.params, method.trainable_base)
     base_tr_specs, frozen_specs = tree.partition(
         method.base_logical_specs(built.logical_specs), method.trainable_base)

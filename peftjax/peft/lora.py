@@ -1,7 +1,7 @@
 """LoRA as a functional transform (Hu et al., 2021).
 
 For every ``nn.Dense``, ``nn.DenseGeneral`` or ``nn.Embed`` whose weight path matches
-``peft.targets``, LoRA adds a rank-r update. In training it is applied *implicitly*::
+``peft.lora.targets``, LoRA adds a rank-r update. In training it is applied *implicitly*::
 
     y = x·W + s·(x·A)·B          s = alpha / r,  A: (in..., r),  B: (r, out...),  B = 0 at init
 
@@ -90,7 +90,7 @@ def _record_modules(module, base_params, inputs, types: tuple = _RECORDED
 
 
 def find_sites(module, base_params, inputs, targets: str | list[str], *,
-               field: str = 'peft.targets', user: str = 'LoRA', conv: bool = False,
+               field: str = 'peft.lora.targets', user: str = 'LoRA', conv: bool = False,
                experts: bool = False) -> list[Site]:
   """The layers LoRA adapts: supported modules whose weight path matches ``targets``.
 
@@ -146,9 +146,9 @@ def find_sites(module, base_params, inputs, targets: str | list[str], *,
 
 
 def _scale(cfg) -> float:
-  """alpha / r, or alpha / sqrt(r) with ``peft.rslora`` (keeps the update's scale stable in r)."""
-  rank = float(cfg.rank)
-  return float(cfg.alpha) / (np.sqrt(rank) if cfg.get('rslora', False) else rank)
+  """alpha / r, or alpha / sqrt(r) with ``peft.lora.rslora`` (keeps the update's scale stable in r)."""
+  rank = float(cfg.lora.rank)
+  return float(cfg.lora.alpha) / (np.sqrt(rank) if cfg.lora.rslora else rank)
 
 
 def init_sites(rng, sites: list[Site], rank: int) -> dict:
@@ -157,7 +157,7 @@ def init_sites(rng, sites: list[Site], rank: int) -> dict:
   for site in sites:
     if rank <= 0 or rank > min(site.d_in, site.d_out):
       raise ConfigError(
-          f'peft.rank={rank} is invalid for {site.weight_path} (in {site.d_in}, out '
+          f'peft.lora.rank={rank} is invalid for {site.weight_path} (in {site.d_in}, out '
           f'{site.d_out}); valid: 1 <= rank <= {min(site.d_in, site.d_out)}')
     key = jax.random.fold_in(rng, zlib.crc32(site.path.encode()))
     lead = (site.experts,) if site.kind == 'expert' else ()
@@ -195,52 +195,123 @@ def branch_dropout(x, rate: float, rng, path: str, deterministic: bool):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def factor_paths(lora_params) -> list[str]:
+  """The module paths that hold a LoRA pair (``<path>/lora_a``, ``<path>/lora_b``), sorted.
+
+  >>> factor_paths({'enc': {'query': {'lora_a': 0, 'lora_b': 0}}})
+  ['enc/query']
+  """
+  return sorted(p[:-len('/lora_a')] for p in tree_lib.flatten(lora_params)
+                if p.endswith('/lora_a'))
+
+
+def contracted_axes(module) -> tuple:
+  """The input axes (possibly negative) a ``nn.Dense`` / ``nn.DenseGeneral`` contracts."""
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      raise ConfigError(f"{'/'.join(module.path)}: DenseGeneral with batch_dims is not supported")
+    return (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+  return (-1,)
+
+
+def call_site(path: str, module, x, a, b) -> Site:
+  """The :class:`Site` of the layer being called, from the bound module, its input and its factors.
+
+  What :func:`find_sites` recorded at init, recovered where a forward needs it (the contracted
+  input axes are the layer's own), so a method stores nothing between ``init`` and ``apply``.
+  """
+  in_shape, out_shape = tuple(a.shape[:-1]), tuple(b.shape[1:])
+  if isinstance(module, nn.Embed):
+    return Site(path, 'embed', in_shape, out_shape, ())
+  x_axes = tuple(ax % np.ndim(x) for ax in contracted_axes(module))
+  return Site(path, 'dense', in_shape, out_shape, x_axes)
+
+
+def site_of(path: str, base_flat: dict, a_shape: tuple, b_shape: tuple) -> Site:
+  """The site of the factors at ``path`` (shapes ``a_shape``, ``b_shape``) over a flat base.
+
+  The kind follows from the base weight: an ``embedding`` leaf is an embedding, a kernel shaped
+  ``in + out`` a dense layer, a kernel ``(E, in, out)`` with factors ``(E, in, r)`` /
+  ``(E, r, out)`` a MoE layer's stacked experts (the two shape rules never both hold).
+  ``x_axes`` stays empty: only a call knows its input (:func:`call_site`).
+  """
+  a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+  if f'{path}/embedding' in base_flat:
+    return Site(path, 'embed', a_shape[:-1], b_shape[1:], ())
+  w = base_flat.get(f'{path}/kernel')
+  w_shape = None if w is None else tuple(w.shape)
+  if w_shape == a_shape[:-1] + b_shape[1:]:
+    return Site(path, 'dense', a_shape[:-1], b_shape[1:], ())
+  if len(a_shape) == len(b_shape) == 3 and w_shape == (a_shape[0], a_shape[1], b_shape[2]):
+    return Site(path, 'expert', a_shape[1:2], b_shape[2:], (), experts=a_shape[0])
+  raise ValueError(f'LoRA factors at {path} ({a_shape}, {b_shape}) fit no base weight: '
+                   f'{path}/kernel is {w_shape}')
+
+
+def sites_of(base_params, lora_params) -> list[Site]:
+  """The sites a LoRA tree adapts over ``base_params`` (arrays or shapes): what ``init`` found,
+  recovered from the two trees by a pure function (see :func:`site_of`).
+
+  >>> [s.weight_path for s in sites_of(params, lora)]  # doctest: +SKIP
+  ['encoder/layer_0/attention/query/kernel', ...]
+  """
+  base, lp = tree_lib.flatten(base_params), tree_lib.flatten(lora_params)
+  return [site_of(p, base, lp[f'{p}/lora_a'].shape, lp[f'{p}/lora_b'].shape)
+          for p in factor_paths(lora_params)]
+
+
+def _is_moe_kernel(mod, name: str) -> bool:
+  return name in getattr(type(mod), 'EXPERT_KERNELS', ())
+
+
 @contextlib.contextmanager
-def expert_scope(sites: list[Site], lora_params, scale: float):
-  """Context under which every MoE layer with ``'expert'`` sites gets their factors through
-  its ``expert_lora`` hook (``x·W_e + s·(x·A_e)·B_e`` inside the batched expert matmul)."""
+def expert_scope(lora_params, scale: float):
+  """Context under which every MoE layer whose expert kernels have factors in ``lora_params``
+  gets them through its ``expert_lora`` hook (``x·W_e + s·(x·A_e)·B_e`` inside the batched
+  expert matmul). Which paths are expert kernels is read off the called layer."""
   flat = tree_lib.flatten(lora_params)
   by_layer: dict[str, dict] = {}
-  for site in sites:
-    layer, name = site.path.rsplit('/', 1)
-    by_layer.setdefault(layer, {})[name] = (flat[f'{site.path}/lora_a'],
-                                            flat[f'{site.path}/lora_b'])
+  for path in factor_paths(lora_params):
+    layer, _, name = path.rpartition('/')
+    by_layer.setdefault(layer, {})[name] = (flat[f'{path}/lora_a'], flat[f'{path}/lora_b'])
 
   def interceptor(next_fun, args, kwargs, context):
-    path = '/'.join(context.module.path)
-    if context.method_name != '__call__' or path not in by_layer:
+    mod = context.module
+    if context.method_name != '__call__' or not _is_moe(mod):
       return next_fun(*args, **kwargs)
-    return next_fun(*args, **kwargs, expert_lora=by_layer[path], expert_lora_scale=scale)
+    mine = {n: f for n, f in by_layer.get('/'.join(mod.path), {}).items()
+            if _is_moe_kernel(mod, n)}
+    if not mine:
+      return next_fun(*args, **kwargs)
+    return next_fun(*args, **kwargs, expert_lora=mine, expert_lora_scale=scale)
 
-  if not by_layer:
-    yield
-    return
   with nn.intercept_methods(interceptor):
     yield
 
 
 @contextlib.contextmanager
-def lora_scope(sites: list[Site], lora_params, scale: float, *, dropout: float = 0.0,
-               rng=None, deterministic: bool = True):
-  """Context under which every ``site`` computes ``y = layer(x) + s·(drop(x)·A)·B``.
+def lora_scope(lora_params, scale: float, *, dropout: float = 0.0, rng=None,
+               deterministic: bool = True):
+  """Context under which every layer with factors in ``lora_params`` computes
+  ``y = layer(x) + s·(drop(x)·A)·B``.
 
-  Branch dropout applies to dense sites; expert sites take the MoE layer's routed inputs as they
-  are.
+  Each site is read off the called layer (:func:`call_site`). Branch dropout applies to dense
+  sites; expert sites take the MoE layer's routed inputs as they are.
+
+  >>> with lora_scope(lora, 2.0):                    # doctest: +SKIP
+  ...   logits = model.apply({'params': params}, **inputs)
   """
-  experts = [s for s in sites if s.kind == 'expert']
-  by_path = {s.path: s for s in sites if s.kind != 'expert'}
   flat = tree_lib.flatten(lora_params)
 
   def wrap(path, module, call, x):
-    del module
-    site = by_path[path]
+    a, b = flat[f'{path}/lora_a'], flat[f'{path}/lora_b']
+    site = call_site(path, module, x, a, b)
     y = call(x)
     if site.kind == 'dense':
       x = branch_dropout(x, dropout, rng, path, deterministic)
-    return y + _lora_delta(site, x, flat[f'{path}/lora_a'], flat[f'{path}/lora_b'], scale,
-                           y.dtype)
+    return y + _lora_delta(site, x, a, b, scale, y.dtype)
 
-  with expert_scope(experts, lora_params, scale), layer_scope(_SUPPORTED, by_path, wrap):
+  with expert_scope(lora_params, scale), layer_scope(_SUPPORTED, factor_paths(lora_params), wrap):
     yield
 
 
@@ -267,52 +338,64 @@ def fold(base_params, sites, lora_params, scale, sign: float = 1.0):
 class LoRA(Method):
   """LoRA from config: ``rank``, ``alpha``, ``rslora``, ``dropout``, ``targets`` (regex over weight paths).
 
+  The method object holds only its config: the layers it adapts are found by :meth:`find`
+  during ``init`` and recovered afterwards from the returned tree (:meth:`sites`), so one object
+  serves any number of models.
+
   >>> method = LoRA(config.peft)                            # doctest: +SKIP
   >>> lora = method.init(rng, model, params, inputs)        # doctest: +SKIP
   >>> logits = peft.apply(model, method, params, lora, inputs)  # doctest: +SKIP
+  >>> [s.path for s in method.sites(params, lora)]          # doctest: +SKIP
   """
-
-  def __init__(self, peft_cfg):
-    super().__init__(peft_cfg)
-    self.sites: list[Site] | None = None
 
   @property
   def scale(self) -> float:
     return _scale(self.cfg)
 
-  def init(self, rng, module, base_params, inputs) -> dict:
-    if self.cfg.rank <= 0:
-      raise ConfigError(f'peft.rank={self.cfg.rank}; valid: a positive integer')
-    self.sites = find_sites(module, base_params, inputs, self.cfg.targets, experts=True)
-    return init_sites(rng, self.sites, self.cfg.rank)
+  def find(self, module, base_params, inputs) -> list[Site]:
+    """The layers ``peft.lora.targets`` selects in this model (a ConfigError if none)."""
+    if self.cfg.lora.rank <= 0:
+      raise ConfigError(f'peft.lora.rank={self.cfg.lora.rank}; valid: a positive integer')
+    return find_sites(module, base_params, inputs, self.cfg.lora.targets, experts=True)
 
-  def _need_sites(self):
-    if self.sites is None:
-      raise RuntimeError('LoRA.init must run before the method is applied')
-    return self.sites
+  def sites(self, base_params, peft_params) -> list[Site]:
+    """The sites ``peft_params`` adapts over ``base_params``: derived, not stored."""
+    return sites_of(base_params, peft_params)
+
+  def init(self, rng, module, base_params, inputs) -> dict:
+    return self.init_factors(rng, self.find(module, base_params, inputs), base_params)
+
+  def init_factors(self, rng, sites: list[Site], base_params) -> dict:
+    """The method's tree for ``sites`` (LoRA: random A, zero B); variants override it."""
+    del base_params
+    return init_sites(rng, sites, self.cfg.lora.rank)
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
-    return lora_scope(self._need_sites(), peft_params, self.scale, dropout=self.cfg.dropout,
-                      rng=rng, deterministic=deterministic)
+    return lora_scope(peft_params, self.scale, dropout=self.cfg.lora.dropout, rng=rng,
+                      deterministic=deterministic)
 
   def merge(self, base_params, peft_params) -> dict:
     """``W <- W + s·A·B`` for every site; the merged model equals the implicit one."""
-    return fold(base_params, self._need_sites(), peft_params, self.scale, +1.0)
+    return fold(base_params, self.sites(base_params, peft_params), peft_params, self.scale, +1.0)
 
   def unmerge(self, merged_params, peft_params) -> dict:
     """Inverse of :meth:`merge`: ``W <- W - s·A·B``."""
-    return fold(merged_params, self._need_sites(), peft_params, self.scale, -1.0)
+    return fold(merged_params, self.sites(merged_params, peft_params), peft_params, self.scale,
+                -1.0)
 
   def logical_specs(self, base_specs, peft_params) -> Any:
     """A takes the kernel's input axes (rank unsharded); B takes its output axes."""
     specs = tree_lib.flatten(base_specs)
+    lp = tree_lib.flatten(peft_params)
     out = {}
-    for s in self._need_sites():
-      w = specs.get(s.weight_path)
-      ndim = len(s.in_shape) + len(s.out_shape) + (s.kind == 'expert')
-      axes = tuple(w) if w is not None else (None,) * ndim
-      lead, axes = (axes[:1], axes[1:]) if s.kind == 'expert' else ((), axes)
-      n_in = len(s.in_shape)
-      out[f'{s.path}/lora_a'] = P(*lead, *axes[:n_in], None)
-      out[f'{s.path}/lora_b'] = P(*lead, None, *axes[n_in:])
+    for path in factor_paths(peft_params):
+      a, b = lp[f'{path}/lora_a'], lp[f'{path}/lora_b']
+      w = specs.get(f'{path}/kernel', specs.get(f'{path}/embedding'))
+      axes = tuple(w) if w is not None else (None,) * (a.ndim + b.ndim - 2)
+      # A weight with one axis fewer than its factors' in + out axes is a stack of experts.
+      expert = len(axes) != a.ndim + b.ndim - 2
+      lead, axes = (axes[:1], axes[1:]) if expert else ((), axes)
+      n_in = a.ndim - 1 - len(lead)
+      out[f'{path}/lora_a'] = P(*lead, *axes[:n_in], None)
+      out[f'{path}/lora_b'] = P(*lead, None, *axes[n_in:])
     return tree_lib.unflatten(out)

@@ -64,13 +64,13 @@ class PiSSA(lora_lib.LoRA):
   >>> logits = peft.apply(model, method, residual, pissa, inputs)  # == model(params) at init
   """
 
-  def init(self, rng, module, base_params, inputs) -> dict:
-    # LoRA's init finds the sites and validates rank (abstractly: its random A is discarded).
-    jax.eval_shape(lambda: super(PiSSA, self).init(rng, module, base_params, inputs))
+  def init_factors(self, rng, sites, base_params) -> dict:
+    # LoRA's init validates the rank at each site (abstractly: its random A is discarded).
+    jax.eval_shape(lambda: super(PiSSA, self).init_factors(rng, sites, base_params))
     flat = tree_lib.flatten(base_params)
     out = {}
-    for site in self.sites:
-      a, b = pissa_factors(flat[site.weight_path], site, self.cfg.rank, self.scale)
+    for site in sites:
+      a, b = pissa_factors(flat[site.weight_path], site, self.cfg.lora.rank, self.scale)
       out[f'{site.path}/lora_a'], out[f'{site.path}/lora_b'] = a, b
     return tree_lib.unflatten(out)
 
@@ -120,8 +120,8 @@ def _explicit_column_norm(site: lora_lib.Site, w):
                           axis=tuple(range(len(site.in_shape)))))
 
 
-def dora_scope(sites: list[lora_lib.Site], dora_params, scale: float, *, dropout: float = 0.0,
-               rng=None, deterministic: bool = True):
+def dora_scope(dora_params, scale: float, *, dropout: float = 0.0, rng=None,
+               deterministic: bool = True):
   """Context under which every site computes ``y = (m / ||W+sAB||_c) ⊙ (x·W + s·(x·A)·B) + bias``.
 
   The layer's own call gives ``x·W + bias``; the base kernel and bias are read from the bound
@@ -130,14 +130,13 @@ def dora_scope(sites: list[lora_lib.Site], dora_params, scale: float, *, dropout
   in the backward pass, which saves memory and (per the paper) barely changes accuracy.
   Dropout, if set, applies to the LoRA branch input only (as in :func:`lora.lora_scope`).
   """
-  by_path = {s.path: s for s in sites}
   flat = tree_lib.flatten(dora_params)
 
   def wrap(path, module, call, x):
-    site = by_path[path]
+    a, b, m = (flat[f'{path}/{k}'] for k in ('lora_a', 'lora_b', 'magnitude'))
+    site = lora_lib.call_site(path, module, x, a, b)
     y = call(x)
     weights = nn.meta.unbox(module.variables['params'])
-    a, b, m = (flat[f'{path}/{k}'] for k in ('lora_a', 'lora_b', 'magnitude'))
     norm = jax.lax.stop_gradient(column_norm(site, weights['kernel'], a, b, scale))
     x = lora_lib.branch_dropout(x, dropout, rng, path, deterministic)
     delta = lora_lib._lora_delta(site, x, a, b, scale, y.dtype)
@@ -148,7 +147,7 @@ def dora_scope(sites: list[lora_lib.Site], dora_params, scale: float, *, dropout
     bias = bias.astype(y.dtype)
     return ratio * (y - bias + delta) + bias  # the magnitude scales x·W, not the bias
 
-  return layer_scope((nn.Dense, nn.DenseGeneral), by_path, wrap)
+  return layer_scope((nn.Dense, nn.DenseGeneral), lora_lib.factor_paths(dora_params), wrap)
 
 
 @register('dora')
@@ -170,26 +169,25 @@ class DoRA(lora_lib.LoRA):
   >>> merged = method.merge(params, dora)  # model(merged) == logits
   """
 
-  def init(self, rng, module, base_params, inputs) -> dict:
-    lora = super().init(rng, module, base_params, inputs)
-    embeds = [s.weight_path for s in self.sites if s.kind != 'dense']
+  def init_factors(self, rng, sites, base_params) -> dict:
+    embeds = [s.weight_path for s in sites if s.kind != 'dense']
     if embeds:
       raise ConfigError(
-          f'peft.targets={self.cfg.targets!r} matches {embeds[:3]}; DoRA adapts nn.Dense / '
+          f'peft.lora.targets={self.cfg.lora.targets!r} matches {embeds[:3]}; DoRA adapts nn.Dense / '
           'nn.DenseGeneral kernels only, not embeddings (use peft.method=lora for those)')
-    flat = tree_lib.flatten(lora)
+    flat = tree_lib.flatten(super().init_factors(rng, sites, base_params))
     base = tree_lib.flatten(base_params)
-    for s in self.sites:
+    for s in sites:
       flat[f'{s.path}/magnitude'] = _explicit_column_norm(s, base[s.weight_path])
     return tree_lib.unflatten(flat)
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
-    return dora_scope(self._need_sites(), peft_params, self.scale, dropout=self.cfg.dropout,
-                      rng=rng, deterministic=deterministic)
+    return dora_scope(peft_params, self.scale, dropout=self.cfg.lora.dropout, rng=rng,
+                      deterministic=deterministic)
 
   def merge(self, base_params, peft_params) -> dict:
     """``W <- m ⊙ (W + s·A·B) / ||W + s·A·B||_c``; the merged model equals the implicit one."""
-    sites = self._need_sites()
+    sites = self.sites(base_params, peft_params)
     updated = lora_lib.fold(base_params, sites, peft_params, self.scale, +1.0)
     flat, lp = tree_lib.flatten(updated), tree_lib.flatten(peft_params)
     for s in sites:
@@ -206,8 +204,10 @@ class DoRA(lora_lib.LoRA):
     """LoRA's specs, plus ``magnitude`` sharded like the kernel's output axes."""
     out = tree_lib.flatten(super().logical_specs(base_specs, peft_params))
     specs = tree_lib.flatten(base_specs)
-    for s in self._need_sites():
-      w = specs.get(s.weight_path)
-      axes = tuple(w) if w is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
-      out[f'{s.path}/magnitude'] = P(*axes[len(s.in_shape):])
+    lp = tree_lib.flatten(peft_params)
+    for path in lora_lib.factor_paths(peft_params):
+      n_out = lp[f'{path}/magnitude'].ndim  # the magnitude has the kernel's output axes
+      w = specs.get(f'{path}/kernel')
+      out[f'{path}/magnitude'] = P(*(tuple(w)[len(w) - n_out:] if w is not None else
+                                     (None,) * n_out))
     return tree_lib.unflatten(out)
