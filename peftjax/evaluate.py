@@ -38,17 +38,21 @@ def expected_calibration_error(confidence, correct, weight, bins: int = 15) -> f
   return float(ece)
 
 
-def evaluate(stats_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
-  """Runs ``stats_fn`` (a jitted ``batch -> batch_stats``) over ``batches``; exact over padding.
-
-  Returns ``{'accuracy', 'loss', 'ece', 'examples'}``.
-  """
-  parts = {'loss': [], 'confidence': [], 'correct': [], 'weight': []}
+def collect(stats_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
+  """Runs ``stats_fn`` (a jitted ``batch -> per-example stats``) over ``batches`` and returns
+  each statistic concatenated over the split (every process's shard, on the host)."""
+  parts: dict = {}
   for batch in batches:
-    out = to_host(stats_fn(batch))  # per-example stats of every process's shard
-    for k in parts:
-      parts[k].append(np.asarray(out[k]))
-  cat = {k: np.concatenate(v) for k, v in parts.items()}
+    for k, v in to_host(stats_fn(batch)).items():
+      parts.setdefault(k, []).append(np.asarray(v))
+  if not parts:
+    raise ValueError('evaluation split is empty')
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def reduce_stats(cat: dict) -> dict:
+  """``{'accuracy', 'loss', 'ece', 'examples'}`` from concatenated :func:`batch_stats`; exact
+  over padding (rows of weight 0 count nowhere)."""
   n = cat['weight'].sum()
   if n == 0:
     raise ValueError('evaluation split is empty')
@@ -58,3 +62,15 @@ def evaluate(stats_fn: Callable[[dict], dict], batches: Iterable[dict]) -> dict:
       'ece': expected_calibration_error(cat['confidence'], cat['correct'], cat['weight']),
       'examples': int(n),
   }
+
+
+def evaluate(stats_fn: Callable[[dict], dict], batches: Iterable[dict],
+             reduce: Callable[[dict], dict] = reduce_stats) -> dict:
+  """Runs ``stats_fn`` (a jitted ``batch -> batch_stats``) over ``batches``; exact over padding.
+
+  Returns ``reduce`` of the concatenated statistics: by default ``{'accuracy', 'loss', 'ece',
+  'examples'}`` (a task passes its own ``eval_reduce``).
+
+  >>> evaluate(lambda b: batch_stats(model(b), b['label'], b['weight']), batches)  # doctest: +SKIP
+  """
+  return reduce(collect(stats_fn, batches))

@@ -1,10 +1,12 @@
-"""The training loop: mesh -> data -> model -> partition -> optimizer -> jitted step -> eval -> checkpoint.
+"""The training loop: mesh -> setup -> partition -> optimizer -> jitted step -> eval -> checkpoint.
 
-One explicit function, :func:`train_and_evaluate`, with banner comments for each stage.
+One explicit function, :func:`train_and_evaluate`, with banner comments for each stage. It knows
+no feature by name: the task (:mod:`peftjax.tasks`) says what a batch holds, its loss and its
+metrics; the loop components (:mod:`peftjax.components`) add loss terms, state, scopes and
+per-update transforms; the setup and the train state come from :mod:`peftjax.run`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -16,34 +18,23 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 
 from peftjax import checkpoint as ckpt_lib
-from peftjax.compress import distill as distill_lib
-from peftjax.compress import lowrank
-from peftjax.compress import plan as compress_lib
-from peftjax.compress import prune as prune_lib
-from peftjax import data as data_lib
+from peftjax import components as comp_lib
 from peftjax import delta
 from peftjax import errors as errors_lib
 from peftjax import evaluate as eval_lib
-from peftjax import models
-from peftjax import moe as moe_lib
-from peftjax import optim
-from peftjax import peft
-from peftjax import quant
+from peftjax import run as run_lib
 from peftjax import sharding
+from peftjax import step as step_lib
 from peftjax import storage
 from peftjax import tree as tree_lib
 from peftjax import unfreeze
 from peftjax import validate as validate_lib
 from peftjax import workdir_lock
-from peftjax import xla_cpu
 from peftjax.errors import ConfigError
-from peftjax.models.build import sample_inputs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,247 +104,6 @@ def _drop_records_after(path: pathlib.Path, step: int) -> None:
     keep.append(line if line.endswith('\n') else line + '\n')
   if keep != lines:
     storage.write_bytes_atomic(path, ''.join(keep).encode())
-
-
-def resolve_pretrained(model_cfg) -> str | None:
-  """The HF directory to load, or None for random init."""
-  if model_cfg.name != 'bert' or model_cfg.pretrained == 'random':
-    return None
-  return model_cfg.pretrained or str(data_lib.minilm_dir())
-
-
-def build_task(config):
-  """Data, model, method and the initial partition; shared by training, eval and benchmarks.
-
-  Returns a dict with ``data``, ``built``, ``method``, ``trainable`` (``{'base', 'peft'}``),
-  ``frozen`` and ``peft_specs``.
-  """
-  pretrained = resolve_pretrained(config.model)
-  tokenizer = str(pathlib.Path(pretrained) / 'tokenizer.json') if pretrained else None
-  data = data_lib.build(config.data, tokenizer_path=tokenizer)
-  validate_lib.validate_data(config, data)  # the model reads this data; a batch fits the split
-  info = data.info
-  built = models.build(config.model, num_classes=info.num_classes, pretrained_dir=pretrained,
-                       image_shape=info.image_shape, seed=config.seed,
-                       moe_cfg=config.get('moe'), dtype=config.get('dtype', 'float32'))
-  plan = compress_lib.Plan()
-  if config.get('compress') is not None:
-    built, plan = compress_lib.prepare(config, built, data, load_finished)
-    if plan.masks is not None:  # pruned before the method sees the base (e.g. PiSSA's SVD)
-      built.params = prune_lib.apply_masks(built.params, plan.masks)
-  method = quant.wrap(peft.build(config.peft), config.quant)
-  inputs = sample_inputs(built.input_keys, length=config.data.max_length,
-                         image_shape=info.image_shape)
-  peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
-  validate_lib.validate_params(config, built.params, peft_params)  # peft.head, lr_multipliers
-  base = method.prepare_base(built.params, peft_params)
-  if getattr(method, 'needs_calibration', False):
-    # Static activation ranges / LSQ's first steps, from the first training batches.
-    batches = data.train_batches(config.train.batch_size, config.seed)
-    peft_params = method.calibrate(
-        built.module, base, peft_params,
-        [batches[i] for i in range(config.quant.calibration_batches)], built.input_keys)
-  base_trainable, frozen = tree_lib.partition(base, method.trainable_base)
-  return dict(data=data, built=built, method=method, frozen=frozen, plan=plan,
-              trainable={'base': base_trainable, 'peft': peft_params},
-              peft_specs=method.logical_specs(built.logical_specs, peft_params))
-
-
-def load_finished(workdir: str) -> tuple[Any, models.Built]:
-  """``(config, Built)`` of the finished run in ``workdir``, its method merged into the weights.
-
-  The run's own config comes from its ``summary.json``; the result is a plain model (no method)
-  that a later run can start from or learn from (``compress.init_from``, ``compress.distill``).
-
-  >>> cfg, teacher = load_finished('/tmp/run')  # doctest: +SKIP
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from peftjax.errors import UserInputError  # pylint: disable=g-import-not-at-top
-  summary = storage.path(workdir) / 'summary.json'
-  if not summary.exists():
-    raise UserInputError(f'{str(summary)!r} does not exist: {workdir!r} is not a finished run '
-                         '(train it first: python -m peftjax.main --config=... --workdir=...)')
-  config = ml_collections.ConfigDict(json.loads(summary.read_text())['config'])
-  task, params = restore_trained(config, workdir)
-  try:
-    merged = task['method'].merge(params['base'], params['peft'])
-  except NotImplementedError as e:
-    raise UserInputError(f'{workdir!r}: its {task["method"].name} model cannot be merged into '
-                         f'plain weights ({e}); use a run of a mergeable method') from None
-  return config, dataclasses.replace(task['built'], params=merged)
-
-
-def _depth(built) -> int:
-  """Encoder depth for layer-wise learning rates (0 for models without layers)."""
-  cfg = getattr(built.module, 'cfg', None)
-  return getattr(cfg, 'num_layers', 0)
-
-
-def initial_state(config, built, trainable) -> tuple[optax.GradientTransformation, dict]:
-  """The optimizer and the step-0 train state ``{'step', 'params', 'opt_state', 'rng'}``."""
-  tx = optim.make_optimizer(config.optim, config.train.steps, num_layers=_depth(built))
-  rng = jax.random.key_data(jax.random.key(config.seed + 2))
-  return tx, {'step': jnp.zeros((), jnp.int32), 'params': trainable,
-              'opt_state': jax.jit(tx.init)(trainable), 'rng': rng}
-
-
-def restore_trained(config, workdir: str) -> tuple[dict, dict]:
-  """``(task, trained params {'base', 'peft'})`` of the finished run in ``workdir``.
-
-  The base is the full base tree (frozen + trained leaves). Raises a UserInputError, creating
-  nothing, when the directory holds no checkpoint, when a run is writing it, when its final
-  checkpoint is damaged (a tool wants the run's result, so an older checkpoint is not silently
-  used instead: rerunning the training resumes from the newest intact one and redoes the rest)
-  and when ``config`` does not fit its checkpoints (naming the config fields that differ).
-
-  >>> task, params = restore_trained(config, '/tmp/run')  # doctest: +SKIP
-  """
-  from peftjax.errors import UserInputError
-  workdir_lock.check(workdir, reading=True)
-  ckpt_dir = storage.path(workdir) / 'checkpoints'
-  found = ckpt_lib.survey(ckpt_dir, max_steps=1)  # the final checkpoint: the run's result
-  if not found.steps:
-    raise UserInputError(f'{ckpt_dir} holds no checkpoint; train with this config first '
-                         '(python -m peftjax.main --config=... --workdir=...)')
-
-  def damaged(step, why):
-    older = [s for s in found.steps if s < step]
-    redo = (f'rerun its training (python -m peftjax.main with its config and --workdir={workdir})'
-            f' to resume from checkpoint step {older[0]} and redo the rest' if older else
-            'retrain it (python -m peftjax.main ... --fresh)')
-    return ckpt_lib.CheckpointError(
-        f'the final checkpoint of {workdir} (step {step}) is damaged: {why}; {redo}')
-
-  if found.good is None:
-    raise damaged(*found.damaged[0])
-  task = build_task(config)
-  unfreeze.check_targets(config.train.unfreeze, task['built'].params)
-  # Gradual unfreezing: the final split holds every leaf the schedule ever unfroze.
-  sel = unfreeze.selector(task['method'].trainable_base, config.train.unfreeze,
-                          max(config.train.steps - 1, 0))
-  base = tree_lib.combine(task['frozen'], task['trainable']['base'])
-  base_train, frozen = tree_lib.partition(base, sel)
-  _, state = initial_state(config, task['built'], {'base': base_train,
-                                                   'peft': task['trainable']['peft']})
-  state, _ = _add_masks(config, task['plan'], state, config.optim.grad_accum_steps)
-  target = ckpt_lib.abstract(state)
-  ckpt_lib.check_fits(found, target, ckpt_lib.saved_config(workdir), config, this='this config',
-                      hint='pass the config the run was trained with (its '
-                           f'{ckpt_lib.CONFIG} or summary.json in {workdir})')
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, every=0, read_only=True)
-  try:
-    state = ckpt.restore(found.good, target)
-  except ckpt_lib.CheckpointError as e:
-    raise damaged(found.good, str(e)) from None
-  finally:
-    ckpt.close()
-  params = state['params']
-  return task, {'base': tree_lib.combine(frozen, params['base']), 'peft': params['peft']}
-
-
-def make_forward(built, method, *, factored: bool = False):
-  """``forward(trainable, frozen, inputs, rng, deterministic, with_aux) -> logits``.
-
-  ``with_aux=True`` returns ``(logits, moe collection)`` (see :func:`peft.apply`). With
-  ``factored``, layers holding low-rank factors run as two matmuls (``compress.lowrank``).
-  """
-  def forward(trainable, frozen, inputs, rng=None, deterministic=True, with_aux=False,
-              capture=None):
-    base = tree_lib.combine(frozen, trainable['base'])
-    with lowrank.scope_if(factored):
-      return peft.apply(built.module, method, base, trainable['peft'], inputs, rng=rng,
-                        deterministic=deterministic, with_aux=with_aux, capture=capture)
-  return forward
-
-
-def make_teacher_forward(teacher: models.Built, *, taps: bool = False):
-  """``teacher_forward(params, inputs) -> logits``: the teacher in eval mode, no method.
-
-  With ``taps``, a :class:`distill.Taps` with every layer's output and attention probabilities.
-  """
-  factored = bool(lowrank.factored_paths(teacher.params))
-
-  def forward(params, inputs):
-    with lowrank.scope_if(factored):
-      if taps:
-        return distill_lib.run_bert(teacher.module, params, inputs)
-      return teacher.module.apply({'params': params}, **inputs, deterministic=True)
-  return forward
-
-
-def make_train_step(forward, tx, input_keys, *, balance_coef: float = 0.01,
-                    z_coef: float = 1e-3, teacher_forward=None, distill_cfg=None,
-                    layer_map=None, mask_update=None):
-  """The jitted step: loss, gradients w.r.t. the trainable partition only, update.
-
-  ``train_step(state, frozen, batch, teacher_params=None) -> (state, metrics)``.
-
-  The loss is the cross-entropy plus, for a model with MoE layers, ``balance_coef`` x the
-  load-balancing loss and ``z_coef`` x the router z-loss (averaged over the MoE layers); the
-  metrics then also hold ``balance_loss``, ``z_loss`` and ``dropped_fraction``. With a
-  ``teacher_forward`` (``compress.distill``) the label loss becomes the distillation loss
-  (``distill.kd_loss`` with ``distill_cfg``'s temperature and alpha, plus its
-  ``hidden_weight`` x hidden-state and ``attention_weight`` x attention matching of student
-  layer i with teacher layer ``layer_map[i]``; the teacher forward then returns
-  ``distill.Taps``); the teacher runs in the same program on ``teacher_params`` with its
-  gradient stopped. With ``mask_update``
-  (``compress.prune``), ``state['masks']`` is updated and applied to the trainable base after
-  every update, so pruned weights stay exactly zero.
-  """
-  xla_cpu.use_unrolled_threefry()  # dropout masks ~15x faster on CPU, same bits
-
-  matching = teacher_forward is not None and bool(
-      distill_cfg.get('hidden_weight', 0.0) or distill_cfg.get('attention_weight', 0.0))
-
-  def loss_fn(trainable, frozen, batch, rng, teacher_params):
-    inputs = {k: batch[k] for k in input_keys}
-    if matching:
-      logits, aux, inter = forward(trainable, frozen, inputs, rng, deterministic=False,
-                                   capture=distill_lib.is_layer_call)
-    else:
-      logits, aux = forward(trainable, frozen, inputs, rng, deterministic=False, with_aux=True)
-    logits = logits.astype(jnp.float32)  # the loss in float32 whatever the compute dtype
-    aux_loss, metrics = moe_lib.aux_losses(aux, balance_coef, z_coef)
-    if teacher_forward is None:
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-    else:
-      teacher = jax.lax.stop_gradient(
-          teacher_forward(jax.lax.stop_gradient(teacher_params), inputs))
-      t_logits = (teacher.logits if matching else teacher).astype(jnp.float32)
-      loss, parts = distill_lib.kd_loss(logits, t_logits, batch['label'],
-                                        temperature=distill_cfg.temperature,
-                                        alpha=distill_cfg.alpha)
-      metrics.update(soft_loss=parts['soft'], hard_loss=parts['hard'],
-                     agreement=(logits.argmax(-1) == t_logits.argmax(-1)).mean())
-      if matching:
-        student = distill_lib.taps_from(logits, inter)
-        lmap = layer_map or distill_lib.uniform_layer_map(len(student.hiddens),
-                                                          len(teacher.hiddens))
-        for name, weight, fn, field in (
-            ('hidden_loss', distill_cfg.hidden_weight, distill_lib.hidden_loss, 'hiddens'),
-            ('attention_loss', distill_cfg.attention_weight, distill_lib.attention_loss,
-             'attentions')):
-          if weight:
-            metrics[name] = fn(getattr(student, field), getattr(teacher, field), lmap,
-                               batch['attention_mask'])
-            loss = loss + weight * metrics[name]
-    metrics['loss'] = loss
-    metrics['accuracy'] = (logits.argmax(-1) == batch['label']).mean()
-    return loss + aux_loss, metrics
-
-  def train_step(state, frozen, batch, teacher_params=None):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], frozen, batch, rng, teacher_params)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
-    if mask_update is not None:
-      base, masks = mask_update(new_state['step'], params['base'], state['masks'])
-      new_state.update(params=dict(params, base=base), masks=masks)
-    return new_state, {**metrics, 'grad_norm': optax.tree.norm(grads)}
-
-  return train_step
 
 
 def _place(tree, shardings):
@@ -550,17 +300,16 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   # ------------------------------------------------------------------ mesh and rules
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
-  validate_lib.validate_mesh_batch(config, sharding.data_parallel_size(mesh, rules))
-  validate_lib.validate_mesh_moe(config, mesh)
+  validate_lib.validate_for_mesh(config, mesh, sharding.data_parallel_size(mesh, rules))
   bsh = sharding.batch_sharding(mesh, rules)
 
   if t.init_adapter:
     delta.read_manifest(t.init_adapter)  # a missing or corrupt file fails before any work
 
   # ------------------------------------------------------------------ data, model, partition
-  task = build_task(config)
-  data, built, method = task['data'], task['built'], task['method']
-  unfreeze.check_targets(t.unfreeze, built.params)
+  setup = run_lib.build_setup(config)
+  data, built, method, task = setup.data, setup.built, setup.method, setup.task
+  components = setup.components
   accum = config.optim.grad_accum_steps
   run.steps, run.accum = t.steps, accum
   # The checkpoints, checked newest first until one is intact (this reads, it writes nothing).
@@ -575,11 +324,11 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
 
   def partition(base_params, peft_params, update: int):
     """The trainable/frozen split in force at ``update`` (gradual unfreezing), on the mesh."""
-    sel = unfreeze.selector(method.trainable_base, t.unfreeze, update)
+    sel = comp_lib.trainable_selector(components, method.trainable_base, update)
     base_train_specs, frozen_specs = tree_lib.partition(
         method.base_logical_specs(built.logical_specs), sel)
     train_sh = sharding.logical_to_sharding({'base': base_train_specs,
-                                             'peft': task['peft_specs']}, mesh, rules)
+                                             'peft': setup.peft_specs}, mesh, rules)
     frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
     base_train, frozen = tree_lib.partition(base_params, sel)
     trainable = {'base': base_train, 'peft': peft_params}
@@ -587,15 +336,12 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
             _place(frozen, sharding.fit(frozen_sh, frozen)))
 
   # A resumed run restores into the partition of the last update it completed.
-  trainable, frozen = partition(
-      tree_lib.combine(task['frozen'], task['trainable']['base']), task['trainable']['peft'],
-      max(latest // accum - 1, 0))
+  trainable, frozen = partition(setup.base(), setup.trainable['peft'],
+                                max(latest // accum - 1, 0))
   _check_replication(config.mesh, trainable, frozen)
 
   # ------------------------------------------------------------------ optimizer and state
-  tx, state = initial_state(config, built, trainable)
-  plan = task['plan']
-  state, mask_update = _add_masks(config, plan, state, accum)
+  tx, state = run_lib.initial_state(config, setup, trainable)
   # Checkpoints of another config are refused here, before anything is written.
   changed = ckpt_lib.check_fits(
       found, ckpt_lib.abstract(state), ckpt_lib.saved_config(workdir) if latest else None,
@@ -635,36 +381,24 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   _log(tree_lib.format_report(report))
 
   # ------------------------------------------------------------------ jitted functions
-  forward = make_forward(built, method, factored=plan.factored)
-  moe_cfg = config.get('moe')
-  coefs = ({} if moe_cfg is None else
-           dict(balance_coef=moe_cfg.balance_coef, z_coef=moe_cfg.z_coef))
-  teacher_params = teacher_forward = None
-  if plan.teacher is not None:
-    # The teacher's weights are sharded like any model's and passed to the step as an argument
-    # (not baked into the program as constants).
-    t_sh = sharding.logical_to_sharding(plan.teacher.logical_specs, mesh, rules)
-    teacher_params = _place(plan.teacher.params, sharding.fit(t_sh, plan.teacher.params))
-    d = config.compress.distill
-    teacher_forward = make_teacher_forward(plan.teacher,
-                                           taps=bool(d.hidden_weight or d.attention_weight))
-  train_step = jax.jit(make_train_step(forward, tx, built.input_keys, **coefs,
-                                       teacher_forward=teacher_forward,
-                                       distill_cfg=config.compress.distill if plan.teacher
-                                       else None, layer_map=plan.layer_map,
-                                       mask_update=mask_update),
+  forward = run_lib.setup_forward(setup)
+  # Arrays the components' terms read (a teacher's weights), sharded like any model's and
+  # passed to the step as an argument (not baked into the program as constants).
+  consts, consts_specs = run_lib.consts(setup)
+  consts = _place(consts, sharding.fit(
+      sharding.logical_to_sharding(consts_specs, mesh, rules), consts))
+  train_step = jax.jit(step_lib.make_train_step(forward, tx, task, components),
                        donate_argnums=(0,))
 
   @jax.jit
   def eval_stats(trainable, frozen, batch):
-    inputs = {k: batch[k] for k in built.input_keys}
-    logits = forward(trainable, frozen, inputs)
-    return eval_lib.batch_stats(logits, batch['label'], batch['weight'])
+    return task.eval_stats(forward(trainable, frozen, batch), batch)
 
   def run_eval(split: str) -> dict:
     batches = (_put_batch(b, bsh) for b in data.eval_batches(split, t.eval_batch_size))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return eval_lib.evaluate(lambda b: eval_stats(state['params'], frozen, b), batches)
+      return eval_lib.evaluate(lambda b: eval_stats(state.params, frozen, b), batches,
+                               task.eval_reduce)
 
   # ------------------------------------------------------------------ resume
   restored = None
@@ -700,22 +434,23 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
       latest = nxt
   if restored is not None:
     state = restored
-  start = int(state['step'])
+  start = int(state.micro_step)
   total_micro = t.steps * accum
   run.step = start // accum
   run_file = workdir / 'run_state.json'
   run_info = json.loads(run_file.read_text()) if (restored is not None and run_file.exists()) else {}
+  if 'accuracy_before' in run_info:  # written by an older version
+    run_info.setdefault('before', {'accuracy': run_info.pop('accuracy_before')})
   if start:
     _log(f'resumed from checkpoint at step {start // accum}')
 
   # ------------------------------------------------------------------ before training
   writer = MetricWriter(workdir, resume_step=start // accum)
   close_writer = run.add(writer.close)
-  if 'accuracy_before' not in run_info and t.eval_before:
+  if 'before' not in run_info and t.eval_before:
     run.phase = 'before training, in its first evaluation'
-    before = run_eval(config.data.test_split)
-    run_info['accuracy_before'] = before['accuracy']
-    _log(f"test accuracy before training: {before['accuracy']:.4f}")
+    run_info['before'] = run_eval(config.data.test_split)
+    _log(f"test {task.headline} before training: {run_info['before'][task.headline]:.4f}")
   if jax.process_index() == 0:
     storage.write_json_atomic(run_file, run_info)
 
@@ -728,26 +463,26 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   close_bar = run.add(bar.close)
   train_t0, train_seconds = time.time(), run_info.get('train_seconds', 0.0)
   last_eval: dict = {}
-  # Every step metric but the gradient norm (loss, accuracy, MoE routing reports) is averaged
+  # Every step metric but the gradient norm (the task's and the components') is averaged
   # over the logging window; the gradient norm is the last step's.
   window = {'t0': time.time(), 'examples': 0, 'values': {}}
-  unfreeze_at = unfreeze.boundaries(t.unfreeze)  # once, not per step
+  repartition_at = comp_lib.changes_at(components)  # once, not per step
   stop = _StopSignals().install()
   restore_signals = run.add(stop.restore)
   stopping = False
   run.phase = 'during training'
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for micro in range(start, total_micro):
-      if micro % accum == 0 and micro // accum in unfreeze_at:
-        # Gradual unfreezing: more base leaves join; the old leaves keep their state.
-        trainable, frozen = partition(tree_lib.combine(frozen, state['params']['base']),
-                                      state['params']['peft'], micro // accum)
-        state = dict(state, params=trainable, opt_state=unfreeze.transplant(
-            jax.jit(tx.init)(trainable), state['opt_state']))
-        _log(f'step {micro // accum}: unfreezing; {tree_lib.count(trainable):,d} '
-                  'parameters train now')
+      if micro % accum == 0 and micro // accum in repartition_at:
+        # Another partition (gradual unfreezing): leaves that trained keep their state.
+        trainable, frozen = partition(tree_lib.combine(frozen, state.params['base']),
+                                      state.params['peft'], micro // accum)
+        state = state.replace(params=trainable, opt_state=unfreeze.transplant(
+            jax.jit(tx.init)(trainable), state.opt_state))
+        _log(f'step {micro // accum}: new partition; {tree_lib.count(trainable):,d} '
+             'parameters train now')
       batch = _put_batch(train_batches[micro], bsh)
-      state, metrics = train_step(state, frozen, batch, teacher_params)
+      state, metrics = train_step(state, frozen, batch, consts)
       m = jax.device_get(metrics)
       step = (micro + 1) // accum
       if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
@@ -769,15 +504,15 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
         logged = {k: float(np.mean(v)) for k, v in window['values'].items()}
         logged.update(grad_norm=float(m['grad_norm']), examples_per_sec=window['examples'] / secs)
         writer.write(step, 'train', logged)
-        bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}",
-                        ex_s=f"{logged['examples_per_sec']:.0f}")
+        bar.set_postfix(**task.progress(logged), ex_s=f"{logged['examples_per_sec']:.0f}")
         window = {'t0': time.time(), 'examples': 0, 'values': {}}
       if config.data.eval_split and ((t.eval_every and step % t.eval_every == 0)
                                      or step == t.steps):
         last_eval = run_eval(config.data.eval_split)
         writer.write(step, 'eval', last_eval)
         writer.sync()
-        _log(f"step {step}: {config.data.eval_split} accuracy {last_eval['accuracy']:.4f} "
+        _log(f"step {step}: {config.data.eval_split} {task.headline} "
+             f"{last_eval[task.headline]:.4f} "
                   f"loss {last_eval['loss']:.4f}")
       # A stop request (Ctrl-C, SIGTERM) ends the loop here, with a checkpoint of this step.
       stopping = stop.requested()
@@ -810,16 +545,13 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   close_writer()
   close_ckpt()
   summary = {
-      'accuracy_before': run_info.get('accuracy_before'),
-      'accuracy_after': test['accuracy'],
-      'nll_after': test['loss'],
-      'ece_after': test['ece'],
+      **task.summary(run_info.get('before'), test),
       'test': test,
       'validation': last_eval or None,
       'trainable_params': report['trainable_params'],
       'total_params': report['total_params'],
       'trainable_fraction': report['trainable_fraction'],
-      'trainable_sha256': tree_lib.fingerprint(sharding.to_host(state['params'])),
+      'trainable_sha256': tree_lib.fingerprint(sharding.to_host(state.params)),
       'train_seconds': train_seconds,
       'wall_seconds': time.time() - wall0,
       'steps': t.steps,
@@ -828,22 +560,17 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
       'dataset': data.info.name,
       'config': config.to_dict(),
   }
-  if plan.report or plan.masks is not None:
-    base = sharding.to_host(tree_lib.combine(frozen, state['params']['base']))
-    summary['compression'] = {**plan.report,
-                              **compress_lib.size_summary(base, config.compress)}
-    if plan.teacher is not None:
-      summary['compression']['distill']['teacher_accuracy'] = json.loads(
-          (storage.path(config.compress.distill.teacher) / 'summary.json').read_text()
-      )['accuracy_after']
+  if any(c.report is not None for c in components):
+    summary.update(comp_lib.merge_reports(
+        components, sharding.to_host(tree_lib.combine(frozen, state.params['base']))))
   if t.save_adapter:
     # The trainable partition alone, with its provenance (peftjax/delta.py). Every process
     # gathers (a collective when weights are sharded over processes); process 0 writes.
-    host = sharding.to_host({'params': state['params'], 'frozen': frozen,
-                             'opt': state['opt_state'] if t.save_adapter_opt_state else None})
+    host = sharding.to_host({'params': state.params, 'frozen': frozen,
+                             'opt': state.opt_state if t.save_adapter_opt_state else None})
   if t.save_adapter and jax.process_index() == 0:
-    manifest = write_adapter(
-        workdir / 'adapter.safetensors', config, task, host['params'], host['frozen'],
+    manifest = run_lib.write_adapter(
+        workdir / 'adapter.safetensors', config, setup, host['params'], host['frozen'],
         metrics={'test': test, 'validation': last_eval or None}, opt_state=host['opt'],
         first_batch=train_batches[0])
     summary['adapter'] = {'path': str(workdir / 'adapter.safetensors'),
@@ -854,23 +581,6 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   if jax.process_index() == 0:
     storage.write_json_atomic(workdir / 'summary.json', _jsonable(summary))
   return summary
-
-
-def _add_masks(config, plan, state: dict, accum: int):
-  """``(state, mask_update)``: the pruning masks of trainable leaves join the train state
-  (they are checkpointed and, with gradual pruning, change); frozen leaves were pruned once."""
-  train_masks, frozen_masks = compress_lib.split_masks(plan.masks, state['params']['base'])
-  if plan.gradual and frozen_masks:
-    raise ConfigError(
-        f'gradual pruning (compress.prune.end_step={config.compress.prune.end_step}) of frozen '
-        f'weights ({next(iter(tree_lib.flatten(frozen_masks)))}, ...): their mask could never '
-        'change; use peft.method=full, or end_step=0 to prune once before training')
-  if not train_masks:
-    return state, None
-  flat_params = tree_lib.flatten(state['params']['base'])
-  masks = tree_lib.unflatten({k: jax.device_put(m, flat_params[k].sharding)
-                              for k, m in tree_lib.flatten(train_masks).items()})
-  return dict(state, masks=masks), compress_lib.mask_update(config.compress.prune, accum)
 
 
 def _check_writable(workdir) -> None:
@@ -903,35 +613,13 @@ def _check_replication(mesh_cfg, trainable, frozen) -> None:
   _log(f'note: {len(leaves)} parameters ({total:.1f} MiB) stay fully replicated: {listing}')
 
 
-def write_adapter(path, config, task: dict, params, frozen, *, metrics=None, opt_state=None,
-                  first_batch=None) -> dict:
-  """Writes ``params`` (a trainable partition of ``task``, see :func:`build_task`) as a delta
-  checkpoint with its provenance: method, base (source, model config, hash of ``frozen``), data
-  (name, split, max_length, a fingerprint of the split sizes and the first training batch),
-  class names, metrics, parent (``train.init_adapter``). Returns the manifest.
-  """
-  info = task['data'].info
-  seen = {'splits': np.asarray(sorted(info.splits.values()))}
-  if first_batch is not None:
-    seen.update({k: np.asarray(v) for k, v in first_batch.items()})
-  return delta.save_delta(
-      path, jax.device_get(params), base_params=jax.device_get(frozen),
-      method=task['method'].name, peft_config=config.peft, base_source=task['built'].source,
-      model_config=config.model, class_names=info.class_names,
-      parent=config.train.init_adapter or None,
-      opt_state=None if opt_state is None else jax.device_get(opt_state), metrics=metrics,
-      dataset={'name': info.name, 'split': config.data.train_split,
-               'max_length': config.data.max_length, 'splits': dict(info.splits),
-               'fingerprint': tree_lib.fingerprint(seen)})
-
-
-def _start_from_adapter(path: str, state: dict, frozen) -> dict:
+def _start_from_adapter(path: str, state: run_lib.TrainState, frozen) -> run_lib.TrainState:
   """``state`` with the parameters (and optimizer state, if stored) of the adapter at ``path``.
 
   The adapter must belong to this base (hash check) and have this run's trainable partition.
   """
   params, _ = delta.load_delta(path, base_params=sharding.to_host(frozen))
-  want = {p: np.shape(v) for p, v in tree_lib.flatten(state['params']).items()}
+  want = {p: np.shape(v) for p, v in tree_lib.flatten(state.params).items()}
   have = {p: np.shape(v) for p, v in tree_lib.flatten(params).items()}
   if want != have:
     diff = sorted(set(want.items()) ^ set(have.items()))[:3]
@@ -939,11 +627,11 @@ def _start_from_adapter(path: str, state: dict, frozen) -> dict:
                            f'partition (method/targets/rank differ), e.g. {diff}')
   place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)
   loaded = tree_lib.flatten(params)
-  state = dict(state, params=tree_lib.map_with_path(lambda p, old: place(loaded[p], old),
-                                                    state['params']))
-  opt = delta.load_opt_state(path, sharding.to_host(state['opt_state']))
+  state = state.replace(params=tree_lib.map_with_path(lambda p, old: place(loaded[p], old),
+                                                      state.params))
+  opt = delta.load_opt_state(path, sharding.to_host(state.opt_state))
   if opt is not None:
-    state['opt_state'] = jax.tree.map(place, opt, state['opt_state'])
+    state = state.replace(opt_state=jax.tree.map(place, opt, state.opt_state))
   _log(f'starting from adapter {path}' + (' with its optimizer state' if opt is not None else ''))
   return state
 

@@ -248,7 +248,7 @@ def check(workdir, *, reading: bool = False) -> None:
 
   A cheap early refusal, before a run spends time building its model; the lock itself is taken
   (:class:`WorkdirLock`) just before the first write. ``reading``: the caller only reads the
-  finished run (e.g. ``train.restore_trained``), and the message says so."""
+  finished run (e.g. ``run.restore_trained``), and the message says so."""
   wd = storage.path(workdir)
   if storage.is_remote(wd):
     busy = _lease_holder(wd / LOCK_NAME, reading)

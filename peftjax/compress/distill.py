@@ -434,6 +434,51 @@ def _as_taps(out) -> Taps:
   return Taps(logits=out)
 
 
+def objective(student: Taps, teacher: Taps, batch: dict, *, temperature: float, alpha: float,
+              hidden_weight: float = 0.0, attention_weight: float = 0.0,
+              layer_map: Sequence[int] | None = None) -> tuple[jax.Array, dict]:
+  """``(loss, metrics)`` of a student against a teacher (both :class:`Taps`) on one batch.
+
+  The one distillation objective: :func:`make_distill_loss` and the training loop's
+  distillation component (``peftjax/components/distill.py``) both compute it. The loss is
+  ``kd_loss + hidden_weight * hidden_loss + attention_weight * attention_loss``; the metrics
+  are ``loss``, ``soft_loss``, ``hard_loss``, ``hidden_loss``/``attention_loss`` when on,
+  ``accuracy`` and ``agreement``. The teacher's values should arrive with their gradient
+  stopped.
+
+  >>> loss, m = objective(Taps(s_logits), Taps(t_logits), batch, temperature=2., alpha=.5)  # doctest: +SKIP
+  """
+  weight = batch.get('weight')
+  # kd_loss checks the shapes while tracing, before any compute: a teacher for another task
+  # fails with both shapes named, not inside XLA.
+  loss, parts = kd_loss(student.logits, teacher.logits, batch['label'],
+                        temperature=temperature, alpha=alpha, weight=weight)
+  metrics = {'soft_loss': parts['soft'], 'hard_loss': parts['hard']}
+  if hidden_weight or attention_weight:
+    terms = []
+    if hidden_weight:
+      terms.append(('hidden', hidden_loss, hidden_weight, student.hiddens, teacher.hiddens))
+    if attention_weight:
+      terms.append(('attention', attention_loss, attention_weight, student.attentions,
+                    teacher.attentions))
+    for name, _, _, s_seq, t_seq in terms:  # what is missing, before what is needed for it
+      _require_taps(f'{name} matching', s_seq, t_seq)
+    mask = batch.get('attention_mask')
+    if mask is None:
+      raise UserInputError('hidden/attention matching needs the attention mask: the batch has '
+                           f"no 'attention_mask' (keys: {sorted(batch)})")
+    for name, term_loss, term_weight, s_seq, t_seq in terms:
+      lmap = layer_map if layer_map is not None else uniform_layer_map(len(s_seq), len(t_seq))
+      metrics[f'{name}_loss'] = term_loss(s_seq, t_seq, lmap, mask)
+      loss = loss + term_weight * metrics[f'{name}_loss']
+  metrics['loss'] = loss
+  pred = student.logits.argmax(-1)
+  metrics['accuracy'] = _weighted_mean((pred == batch['label']).astype(jnp.float32), weight)
+  metrics['agreement'] = _weighted_mean(
+      (pred == teacher.logits.argmax(-1)).astype(jnp.float32), weight)
+  return loss, metrics
+
+
 def make_distill_loss(student_forward: Callable, teacher_forward: Callable, *,
                       temperature: float, alpha: float, hidden_weight: float = 0.0,
                       attention_weight: float = 0.0, layer_map: Sequence[int] | None = None,
@@ -458,25 +503,15 @@ def make_distill_loss(student_forward: Callable, teacher_forward: Callable, *,
   its parameters are an argument, so they are not baked into the compiled program as constants.
 
   Hidden and attention matching need both forwards to return per-layer values (:func:`run_bert`,
-  a full-parameter model). ``train.make_forward`` returns logits (and the ``'moe'`` collection)
-  only, so a PEFT student run through it gets the logit term alone; asking for more raises.
+  a full-parameter model); asking for them from a forward that returns logits only raises.
 
   Metrics: ``loss`` (the distillation objective, without ``aux_loss``), ``soft_loss``,
   ``hard_loss`` (the label cross-entropy, comparable with a run without a teacher),
   ``hidden_loss`` / ``attention_loss`` when on, ``accuracy``, ``agreement`` (student argmax ==
   teacher argmax), and ``aux_loss``'s metrics.
 
-  In ``train.make_train_step`` (``forward(trainable, frozen, inputs, rng, deterministic,
-  with_aux)``), with the teacher's params an extra argument of the step::
-
-    def student_forward(p, inputs, rng=None, deterministic=True):
-      logits, aux = forward(p['trainable'], p['frozen'], inputs, rng, deterministic, with_aux=True)
-      return Taps(logits, aux=aux)
-    distill = make_distill_loss(student_forward, functools.partial(run_bert, teacher_module),
-                                temperature=2.0, alpha=0.5, input_keys=input_keys,
-                                aux_loss=lambda aux: moe_lib.aux_losses(aux, balance_coef, z_coef))
-    def loss_fn(trainable, frozen, batch, rng, teacher_params):
-      return distill({'trainable': trainable, 'frozen': frozen}, teacher_params, batch, rng)
+  The training loop computes the same :func:`objective` through its distillation component
+  (``peftjax/components/distill.py``), with the teacher's params an argument of the step.
 
   >>> loss_fn = make_distill_loss(partial(run_bert, student_model),
   ...                             partial(run_bert, teacher_model),
@@ -497,35 +532,9 @@ def make_distill_loss(student_forward: Callable, teacher_forward: Callable, *,
     # Stopped on the way in and on the way out: even if a caller differentiates w.r.t. the
     # teacher's params (e.g. they sit in the same tree), its gradient is exactly zero.
     teacher = _as_taps(teacher_forward(jax.lax.stop_gradient(teacher_params), inputs))
-    teacher = jax.lax.stop_gradient(teacher)
-    weight = batch.get('weight')
-    # kd_loss checks the shapes while tracing, before any compute: a teacher for another task
-    # fails with both shapes named, not inside XLA.
-    loss, parts = kd_loss(student.logits, teacher.logits, batch['label'],
-                          temperature=temperature, alpha=alpha, weight=weight)
-    metrics = {'soft_loss': parts['soft'], 'hard_loss': parts['hard']}
-    if hidden_weight or attention_weight:
-      terms = []
-      if hidden_weight:
-        terms.append(('hidden', hidden_loss, hidden_weight, student.hiddens, teacher.hiddens))
-      if attention_weight:
-        terms.append(('attention', attention_loss, attention_weight, student.attentions,
-                      teacher.attentions))
-      for name, _, _, s_seq, t_seq in terms:  # what is missing, before what is needed for it
-        _require_taps(f'{name} matching', s_seq, t_seq)
-      mask = batch.get('attention_mask')
-      if mask is None:
-        raise UserInputError('hidden/attention matching needs the attention mask: the batch has '
-                             f"no 'attention_mask' (keys: {sorted(batch)})")
-      for name, term_loss, term_weight, s_seq, t_seq in terms:
-        lmap = layer_map if layer_map is not None else uniform_layer_map(len(s_seq), len(t_seq))
-        metrics[f'{name}_loss'] = term_loss(s_seq, t_seq, lmap, mask)
-        loss = loss + term_weight * metrics[f'{name}_loss']
-    metrics['loss'] = loss
-    pred = student.logits.argmax(-1)
-    metrics['accuracy'] = _weighted_mean((pred == batch['label']).astype(jnp.float32), weight)
-    metrics['agreement'] = _weighted_mean(
-        (pred == teacher.logits.argmax(-1)).astype(jnp.float32), weight)
+    loss, metrics = objective(student, jax.lax.stop_gradient(teacher), batch,
+                              temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
+                              attention_weight=attention_weight, layer_map=layer_map)
     if aux_loss is not None:
       extra, aux_metrics = aux_loss(student.aux or {})
       loss = loss + extra

@@ -185,9 +185,9 @@ def prepare(config, built: Built, data, load_run: Callable[[str], tuple[Any, Bui
   """The compressed model and the loop's :class:`Plan` (see the module docstring).
 
   ``load_run(workdir) -> (its config, Built with its trained, merged parameters)`` reads a
-  finished run (``train.load_finished``; passed in so this package never imports the loop).
+  finished run (``run.load_finished``; passed in so this package never imports the run library).
 
-  >>> built, plan = prepare(config, built, data, train.load_finished)  # doctest: +SKIP
+  >>> built, plan = prepare(config, built, data, run.load_finished)  # doctest: +SKIP
   """
   cc = config.compress
   plan = Plan()
@@ -239,6 +239,8 @@ def prepare(config, built: Built, data, load_run: Callable[[str], tuple[Any, Bui
   if plan.masks is not None:
     plan.report['prune'] = {'kind': p.kind, 'targets': p.targets,
                             'leaves': len(tree_lib.flatten(plan.masks))}
+    # Pruned before the method sees the base (e.g. PiSSA's SVD of the pruned weight).
+    built = dataclasses.replace(built, params=prune_lib.apply_masks(built.params, plan.masks))
   return built, plan
 
 

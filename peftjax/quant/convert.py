@@ -137,7 +137,7 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
   from peftjax import storage
   from peftjax import evaluate as eval_lib
   from peftjax import timing
-  from peftjax import train
+  from peftjax import run as run_lib
   from peftjax import tree as tree_lib
   from peftjax.models.build import sample_inputs
   from peftjax.quant import int8
@@ -146,8 +146,8 @@ def ptq(config, workdir: str, out: str | None = None, *, timing_steps: int = 10,
 
   out = check_inputs(config, workdir, out, timing_steps=timing_steps)
   q = config.quant
-  task, params = train.restore_trained(config, workdir)
-  data, built, method = task['data'], task['built'], task['method']
+  setup, params = run_lib.restore_trained(config, workdir)
+  data, built, method = setup.data, setup.built, setup.method
   inner = method.inner if isinstance(method, qat.Quantized) else method
   merged = method.merge(params['base'], params['peft'])  # float, the method folded in
   keys = built.input_keys

@@ -39,8 +39,8 @@ def base_dir(model_cfg: dict, base: str = '') -> pathlib.Path | None:
     from peftjax.models.hf_bert import check_model_dir  # pylint: disable=g-import-not-at-top
     check_model_dir(base, field='--base')  # a directory with config, weights and tokenizer
     return pathlib.Path(base).expanduser()
-  from peftjax import train  # pylint: disable=g-import-not-at-top  (train imports serving's peers)
-  found = train.resolve_pretrained(ml_collections.ConfigDict(dict(model_cfg)))
+  from peftjax.tasks.classification import resolve_pretrained  # pylint: disable=g-import-not-at-top
+  found = resolve_pretrained(ml_collections.ConfigDict(dict(model_cfg)))
   return pathlib.Path(found) if found else None
 
 
