@@ -32,12 +32,12 @@ def _randomize(tree_, seed=3):
 
 def test_counts(built):
   n, hid = 3, 7
-  _, p, _ = tinybert.init('prefix', num_prefix=n, prefix_hidden=hid)
+  _, p, _ = tinybert.init('prefix', length=n, hidden=hid)
   assert tree.count(p) == n * D + (D * hid + hid) + (hid * L * 2 * D + L * 2 * D)
   shapes = {k: v.shape for k, v in tree.flatten(p).items()}
   assert shapes == {'embedding': (n, D), 'mlp/hidden/kernel': (D, hid), 'mlp/hidden/bias': (hid,),
                     'mlp/out/kernel': (hid, L * 2 * D), 'mlp/out/bias': (L * 2 * D,)}
-  _, p, _ = tinybert.init('prefix', num_prefix=n, prefix_reparam=False)
+  _, p, _ = tinybert.init('prefix', length=n, reparam=False)
   assert {k: v.shape for k, v in tree.flatten(p).items()} == {'prefix': (L, 2, n, H, DH)}
   assert tree.count(p) == L * 2 * n * D
 
@@ -90,7 +90,7 @@ def test_encoder_accepts_stacked_or_per_layer_prefixes(built):
 
 @pytest.mark.parametrize('reparam', [True, False])
 def test_padding_stays_masked(built, reparam):
-  method, p, _ = tinybert.init('prefix', num_prefix=4, prefix_reparam=reparam)
+  method, p, _ = tinybert.init('prefix', length=4, reparam=reparam)
   inputs = tinybert.inputs()
   logits = peft.apply(built.module, method, built.params, p, inputs)
   assert not np.allclose(logits, built.module.apply({'params': built.params}, **inputs),
@@ -101,26 +101,26 @@ def test_padding_stays_masked(built, reparam):
 
 
 def test_reparam_equals_materialized(built):
-  method, p, _ = tinybert.init('prefix', num_prefix=4, prefix_hidden=9)
+  method, p, _ = tinybert.init('prefix', length=4, hidden=9)
   p = _randomize(p)
   inputs = tinybert.inputs()
   implicit = peft.apply(built.module, method, built.params, p, inputs)
-  fixed = method.materialize(p)
+  fixed = method.materialize(p, built.params)
   assert list(fixed) == ['prefix'] and fixed['prefix'].shape == (L, 2, 4, H, DH)
   # A fresh non-reparam method loads the materialized prefixes without its own init.
-  serve, _ = tinybert.method('prefix', num_prefix=4, prefix_reparam=False)
+  serve, _ = tinybert.method('prefix', length=4, reparam=False)
   np.testing.assert_allclose(peft.apply(built.module, serve, built.params, fixed, inputs),
                              implicit, atol=1e-5)
   # Same rng: the two variants start from the same prefixes.
-  m2, p2, _ = tinybert.init('prefix', num_prefix=4, prefix_hidden=9, prefix_reparam=False)
-  m1, p1, _ = tinybert.init('prefix', num_prefix=4, prefix_hidden=9)
-  np.testing.assert_allclose(p2['prefix'], m1.materialize(p1)['prefix'], atol=1e-6)
-  assert m2.materialize(p2)['prefix'] is p2['prefix']
+  m2, p2, _ = tinybert.init('prefix', length=4, hidden=9, reparam=False)
+  m1, p1, _ = tinybert.init('prefix', length=4, hidden=9)
+  np.testing.assert_allclose(p2['prefix'], m1.materialize(p1, built.params)['prefix'], atol=1e-6)
+  assert m2.materialize(p2, built.params)['prefix'] is p2['prefix']
 
 
 @pytest.mark.parametrize('reparam', [True, False])
 def test_jitted_step_moves_prefix_and_head_only(built, reparam):
-  method, p, c = tinybert.init('prefix', num_prefix=4, prefix_hidden=8, prefix_reparam=reparam)
+  method, p, c = tinybert.init('prefix', length=4, hidden=8, reparam=reparam)
   (before, after), _ = tinybert.steps(method, p, c)
   expected = ['base/classifier/bias', 'base/classifier/kernel'] + [f'peft/{k}' for k in
                                                                     tree.flatten(p)]
@@ -132,11 +132,11 @@ def test_merge_raises_and_errors(built):
   method, p, _ = tinybert.init('prefix')
   with pytest.raises(NotImplementedError, match='Prefix.materialize'):
     method.merge(built.params, p)
-  with pytest.raises(ConfigError, match=r'peft.num_prefix=0'):
-    tinybert.method('prefix', num_prefix=0)
-  with pytest.raises(ConfigError, match=r'peft.prefix_hidden=-1'):
-    tinybert.method('prefix', prefix_hidden=-1)
-  serve, _ = tinybert.method('prefix', prefix_reparam=False)
+  with pytest.raises(ConfigError, match=r'peft.prefix.length=0'):
+    tinybert.method('prefix', length=0)
+  with pytest.raises(ConfigError, match=r'peft.prefix.hidden=-1'):
+    tinybert.method('prefix', hidden=-1)
+  serve, _ = tinybert.method('prefix', reparam=False)
   with pytest.raises(ValueError, match='Prefix.materialize'):
     peft.apply(built.module, serve, built.params, p, tinybert.inputs())
 
@@ -146,7 +146,7 @@ def test_logical_specs(built):
   specs = method.logical_specs(built.logical_specs, p)
   assert tuple(specs['embedding']) == (None, 'embed')
   assert tuple(specs['mlp']['out']['kernel']) == ()
-  assert tuple(method.logical_specs(None, method.materialize(p))['prefix']) == (
+  assert tuple(method.logical_specs(None, method.materialize(p, built.params))['prefix']) == (
       None, None, None, 'heads', 'kv')
 
 
@@ -154,10 +154,10 @@ def test_logical_specs(built):
 def test_init_prefixes_are_the_models_own_keys_and_values_of_real_tokens(built, reparam):
   """Li & Liang's init: layer l's prefix keys/values are what layer l computes for n tokens."""
   n = 4
-  method, _ = tinybert.method('prefix', num_prefix=n, prefix_reparam=reparam)
+  method, _ = tinybert.method('prefix', length=n, reparam=reparam)
   rng = jax.random.key(7)
   p = method.init(rng, built.module, built.params, tinybert.inputs())
-  prefixes = method.materialize(p)['prefix']  # (L, 2, n, H, DH)
+  prefixes = method.materialize(p, built.params)['prefix']  # (L, 2, n, H, DH)
   ids = jax.random.randint(jax.random.split(rng, 3)[2], (1, n), 0, BERT.vocab_size)
   _, state = built.module.apply({'params': built.params}, ids, jnp.ones_like(ids),
                                 jnp.zeros_like(ids), capture_intermediates=True,

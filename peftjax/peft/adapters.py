@@ -1,15 +1,15 @@
 """Bottleneck adapters as a functional transform, selected as ``peft.method='adapter'``.
 
 An adapter is a small residual MLP ``h -> h + up(act(down(h)))`` with ``down: (D, m)`` and
-``up: (m, D)`` (both with bias, ``m = peft.adapter_size``). ``up`` starts at zero, so the model is
-exactly unchanged at step 0. ``peft.adapter_kind`` picks the placement:
+``up: (m, D)`` (both with bias, ``m = peft.adapter.size``). ``up`` starts at zero, so the model is
+exactly unchanged at step 0. ``peft.adapter.kind`` picks the placement:
 
 * ``'houlsby'`` (Houlsby et al., 2019): after the attention output projection (the output of the
-  modules matching ``peft.adapter_attn_targets``, before the residual add and LayerNorm) and after
-  the FFN (the output of ``peft.adapter_ffn_targets``);
+  modules matching ``peft.adapter.attn_targets``, before the residual add and LayerNorm) and after
+  the FFN (the output of ``peft.adapter.ffn_targets``);
 * ``'pfeiffer'`` (Pfeiffer et al., 2021): only after the FFN;
 * ``'parallel'`` (He et al., 2022): the adapter reads the FFN block's *input* — the input ``x`` of
-  the sibling module matching ``peft.adapter_ffn_inputs`` (BERT's ``intermediate``) — and its
+  the sibling module matching ``peft.adapter.ffn_inputs`` (BERT's ``intermediate``) — and its
   result is added to the FFN output: ``FFN(x) + up(act(down(x)))``. The interceptor captures
   ``x`` when ``intermediate`` runs and adds the branch when ``output`` of the same parent module
   runs, so both must be called in that order within one trace (true of every standard
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import zlib
 from typing import Any
 
@@ -41,9 +42,11 @@ from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
+from peftjax.peft import sections
 from peftjax.peft.ia3 import DenseSite
 from peftjax.peft.ia3 import dense_sites
 from peftjax.peft.ia3 import match_module_paths
+from peftjax.peft.lora import contracted_axes
 
 KINDS = ('houlsby', 'pfeiffer', 'parallel')
 ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': lambda h: jax.nn.gelu(h, approximate=False)}
@@ -80,17 +83,37 @@ def _adapter(p: dict, h, act, dtype):
   return act(z) @ p['up']['kernel'].astype(dtype) + p['up']['bias'].astype(dtype)
 
 
-@contextlib.contextmanager
-def adapter_scope(sites: list[AdapterSite], adapter_params, activation: str):
-  """Context under which every site's output gets its adapter branch added.
+def adapter_paths(adapter_params) -> list[str]:
+  """Module paths whose output gets an adapter (``<path>/adapter/...``), sorted.
 
-  >>> with adapter_scope(method.sites, adapters, 'gelu'):  # doctest: +SKIP
+  >>> adapter_paths({'l0': {'output': {'adapter': {'down': {'kernel': 0}}}}})
+  ['l0/output']
+  """
+  suffix = '/adapter/down/kernel'
+  return sorted(p[:-len(suffix)] for p in tree_lib.flatten(adapter_params) if p.endswith(suffix))
+
+
+def _n_features(module) -> int:
+  """How many trailing output axes a Dense / DenseGeneral layer produces."""
+  return 1 if isinstance(module.features, int) else len(tuple(module.features))
+
+
+@contextlib.contextmanager
+def adapter_scope(adapter_params, activation: str, ffn_inputs: str | None = None):
+  """Context under which every adapted layer's output gets its adapter branch added.
+
+  The tree names the adapted layers; the called layer gives its feature axes. With
+  ``ffn_inputs`` (a module-path regex: the parallel kind) the branch reads the input of the
+  sibling module it matches instead of the layer's output.
+
+  >>> with adapter_scope(adapters, 'gelu'):  # doctest: +SKIP
   ...   logits = model.apply({'params': params}, ids, mask)
   """
   act = ACTIVATIONS[activation]
-  by_out = {s.path: s for s in sites}
-  src_to_out = {s.src.path: s.path for s in sites if s.src is not None}
-  pending: dict[str, Any] = {}  # parallel: out path -> the captured FFN input
+  outs = set(adapter_paths(adapter_params))
+  by_parent = {p.rpartition('/')[0]: p for p in outs}
+  src_rx = re.compile(ffn_inputs) if ffn_inputs is not None else None
+  pending: dict[str, Any] = {}  # parallel: out path -> (the captured FFN input, its feature axes)
   flat = tree_lib.flatten(adapter_params)
 
   def interceptor(next_fun, args, kwargs, context):
@@ -98,21 +121,22 @@ def adapter_scope(sites: list[AdapterSite], adapter_params, activation: str):
     if context.method_name != '__call__' or not isinstance(mod, _DENSE):
       return next_fun(*args, **kwargs)
     path = '/'.join(mod.path)
-    if path in src_to_out:
-      pending[src_to_out[path]] = args[0] if args else next(iter(kwargs.values()))
+    out_of_src = by_parent.get(path.rpartition('/')[0])
+    if src_rx is not None and out_of_src is not None and src_rx.search(path):
+      x = args[0] if args else next(iter(kwargs.values()))
+      pending[out_of_src] = (x, len(contracted_axes(mod)))
     y = next_fun(*args, **kwargs)
-    site = by_out.get(path)
-    if site is None:
+    if path not in outs:
       return y
     pre = f'{path}/adapter/'
     p = tree_lib.unflatten({k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)})
-    if site.src is None:
-      h = _flat_features(y, len(site.out.out_shape))
+    if src_rx is None:
+      h = _flat_features(y, _n_features(mod))
     else:
       if path not in pending:
-        raise RuntimeError(f'parallel adapter at {path}: its input module {site.src.path} did '
-                           'not run before it in this forward')
-      h = _flat_features(pending.pop(path), len(site.src.in_shape))
+        raise RuntimeError(f'parallel adapter at {path}: no sibling module matching '
+                           f'{ffn_inputs!r} ran before it in this forward')
+      h = _flat_features(*pending.pop(path))
     delta = _adapter(p, h, act, y.dtype)
     return y + delta.reshape(y.shape)
 
@@ -122,16 +146,22 @@ def adapter_scope(sites: list[AdapterSite], adapter_params, activation: str):
 
 def _parallel_sources(sites: dict[str, DenseSite], outs: list[str], pattern: str) -> list:
   """For each FFN output module, the sibling (same parent) module whose input feeds the adapter."""
-  srcs = match_module_paths(sites, pattern, 'adapter_ffn_inputs')
-  by_parent = {p.rsplit('/', 1)[0]: p for p in srcs}
+  srcs = match_module_paths(sites, pattern, 'adapter.ffn_inputs')
+  by_parent: dict[str, list] = {}
+  for p in srcs:
+    by_parent.setdefault(p.rsplit('/', 1)[0], []).append(p)
   pairs = []
   for out in outs:
     parent = out.rsplit('/', 1)[0]
+    if len(by_parent.get(parent, ())) > 1:  # the forward finds the source by this match alone
+      raise ConfigError(
+          f'peft.adapter.ffn_inputs={pattern!r} matches several siblings of {out}: '
+          f'{by_parent[parent]}; valid: a regex matching one module per block')
     if parent not in by_parent:
       raise ConfigError(
-          f'peft.adapter_ffn_inputs={pattern!r} matches no sibling of {out} (a module under '
+          f'peft.adapter.ffn_inputs={pattern!r} matches no sibling of {out} (a module under '
           f'{parent}/); matches: {srcs[:3]}')
-    src = sites[by_parent[parent]]
+    src = sites[by_parent[parent][0]]
     n = len(src.x_axes)
     if src.x_axes != tuple(range(src.x_axes[-1] - n + 1, src.x_axes[-1] + 1)):
       raise ConfigError(f'parallel adapter: {src.path} contracts input axes {src.x_axes}; the '
@@ -142,43 +172,32 @@ def _parallel_sources(sites: dict[str, DenseSite], outs: list[str], pattern: str
 
 @register('adapter')
 class Adapter(Method):
-  """Bottleneck adapters from config: ``adapter_kind``, ``adapter_size``, ``adapter_activation``,
-  and the module-path regexes ``adapter_attn_targets``, ``adapter_ffn_targets``,
-  ``adapter_ffn_inputs``.
+  """Bottleneck adapters from config ``peft.adapter``: ``kind``, ``size``, ``activation``,
+  and the module-path regexes ``attn_targets``, ``ffn_targets``,
+  ``ffn_inputs``.
 
   >>> method = peft.build(config.peft)                          # doctest: +SKIP (method='adapter')
   >>> adapters = method.init(rng, model, params, inputs)        # doctest: +SKIP
   >>> logits = peft.apply(model, method, params, adapters, inputs)  # doctest: +SKIP
   """
 
-  def __init__(self, peft_cfg):
-    super().__init__(peft_cfg)
-    self.sites: list[AdapterSite] | None = None
-
   def _validate(self):
-    c = self.cfg
-    if c.adapter_kind not in KINDS:
-      raise ConfigError(f'peft.adapter_kind={c.adapter_kind!r}; valid: {", ".join(KINDS)}')
-    if c.adapter_activation not in ACTIVATIONS:
-      raise ConfigError(f'peft.adapter_activation={c.adapter_activation!r}; valid: '
-                        f'{", ".join(ACTIVATIONS)}')
-    if int(c.adapter_size) <= 0:
-      raise ConfigError(f'peft.adapter_size={c.adapter_size}; valid: a positive integer')
+    sections.check_adapter(self.cfg.adapter)
 
   def init(self, rng, module, base_params, inputs) -> dict:
     """``down`` uniform in ±1/sqrt(D) (PyTorch's Linear default), ``up`` and biases zero."""
     self._validate()
-    c = self.cfg
+    c = self.cfg.adapter
     found = dense_sites(module, base_params, inputs)
-    ffn = match_module_paths(found, c.adapter_ffn_targets, 'adapter_ffn_targets')
-    if c.adapter_kind == 'parallel':
-      sites = _parallel_sources(found, ffn, c.adapter_ffn_inputs)
+    ffn = match_module_paths(found, c.ffn_targets, 'adapter.ffn_targets')
+    if c.kind == 'parallel':
+      sites = _parallel_sources(found, ffn, c.ffn_inputs)
     else:
       sites = [AdapterSite(found[p]) for p in ffn]
-      if c.adapter_kind == 'houlsby':
-        attn = match_module_paths(found, c.adapter_attn_targets, 'adapter_attn_targets')
+      if c.kind == 'houlsby':
+        attn = match_module_paths(found, c.attn_targets, 'adapter.attn_targets')
         sites = [AdapterSite(found[p]) for p in attn] + sites
-    m = int(c.adapter_size)
+    m = int(c.size)
     flat = {}
     for s in sites:
       key = jax.random.fold_in(rng, zlib.crc32(s.path.encode()))
@@ -189,44 +208,47 @@ class Adapter(Method):
       # Zero up-projection: the branch adds exactly 0 until the first update.
       flat[f'{s.path}/adapter/up/kernel'] = jnp.zeros((m, s.d_out), jnp.float32)
       flat[f'{s.path}/adapter/up/bias'] = jnp.zeros((s.d_out,), jnp.float32)
-    self.sites = sites
     return tree_lib.unflatten(flat)
-
-  def _need_sites(self):
-    if self.sites is None:
-      raise RuntimeError('Adapter.init must run before the method is applied')
-    return self.sites
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del rng, deterministic  # no adapter dropout; the model's own dropout follows the adapter
-    return adapter_scope(self._need_sites(), peft_params, self.cfg.adapter_activation)
+    c = self.cfg.adapter
+    return adapter_scope(peft_params, c.activation,
+                         c.ffn_inputs if c.kind == 'parallel' else None)
 
   def merge(self, base_params, peft_params) -> dict:
     del base_params, peft_params
     raise NotImplementedError(
-        f"peft.method='adapter' (kind {self.cfg.adapter_kind!r}) cannot be merged: the adapter "
+        f"peft.method='adapter' (kind {self.cfg.adapter.kind!r}) cannot be merged: the adapter "
         'is a nonlinear branch, not a change of the base weights. Export the adapter-only '
         "parameters instead, or use a mergeable method ('lora', 'ia3').")
 
   def logical_specs(self, base_specs, peft_params) -> Any:
     """D-sized axes take the adapted kernel's feature axis; the bottleneck is unsharded."""
-    del peft_params
     specs = tree_lib.flatten(base_specs)
 
-    def axis(site: DenseSite, which: str):
-      w = specs.get(site.weight_path)
-      n_in = len(site.in_shape)
-      if w is None:
+    def axis(path: str, which: str):
+      # The bias has the layer's output axes, which splits the kernel's axes into in / out;
+      # without a bias only a 2-d kernel splits for sure (else replicate: always valid).
+      w, bias = specs.get(f'{path}/kernel'), specs.get(f'{path}/bias')
+      if w is None or (bias is None and len(w) != 2):
         return None
+      n_in = len(w) - (len(bias) if bias is not None else 1)
       axes = tuple(w)[:n_in] if which == 'in' else tuple(w)[n_in:]
       return axes[0] if len(axes) == 1 else None  # flattened multi-axis features: replicate
 
+    c = self.cfg.adapter
+    modules = {p[:-len('/kernel')] for p in specs if p.endswith('/kernel')}
+    rx = re.compile(c.ffn_inputs)
     out = {}
-    for s in self._need_sites():
-      d_in = axis(s.src, 'in') if s.src is not None else axis(s.out, 'out')
-      d_out = axis(s.out, 'out')
-      out[f'{s.path}/adapter/down/kernel'] = P(d_in, None)
-      out[f'{s.path}/adapter/down/bias'] = P(None)
-      out[f'{s.path}/adapter/up/kernel'] = P(None, d_out)
-      out[f'{s.path}/adapter/up/bias'] = P(d_out)
+    for path in adapter_paths(peft_params):
+      parent = path.rpartition('/')[0]
+      src = next((m for m in sorted(modules) if m.rpartition('/')[0] == parent and rx.search(m)),
+                 None) if c.kind == 'parallel' else None
+      d_in = axis(src, 'in') if src is not None else axis(path, 'out')
+      d_out = axis(path, 'out')
+      out[f'{path}/adapter/down/kernel'] = P(d_in, None)
+      out[f'{path}/adapter/down/bias'] = P(None)
+      out[f'{path}/adapter/up/kernel'] = P(None, d_out)
+      out[f'{path}/adapter/up/bias'] = P(d_out)
     return tree_lib.unflatten(out)

@@ -3,10 +3,10 @@ Better and Cheaper than In-Context Learning").
 
 IA3 learns elementwise scaling vectors, initialised to ones, on
 
-* the *outputs* of the layers whose module path matches ``peft.ia3_targets`` (by default the key
+* the *outputs* of the layers whose module path matches ``peft.ia3.targets`` (by default the key
   and value projections): ``y = l ⊙ layer(x)``, ``l`` of the layer's output feature shape, e.g.
   ``(heads, head_dim)`` for BERT's DenseGeneral key/value;
-* the *inputs* of the layers matching ``peft.ia3_ffn_targets`` (by default the FFN
+* the *inputs* of the layers matching ``peft.ia3.ffn_targets`` (by default the FFN
   down-projection ``output``, whose input is the intermediate activation):
   ``y = layer(l ⊙ x)``, ``l`` of shape ``(F,)``.
 
@@ -38,6 +38,7 @@ from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
 from peftjax.peft.lora import Site
 from peftjax.peft.lora import _record_modules
+from peftjax.peft.lora import contracted_axes
 
 _DENSE = (nn.Dense, nn.DenseGeneral)
 
@@ -79,7 +80,7 @@ def match_module_paths(sites: dict[str, Any], pattern: str, field: str) -> list[
   Raises a :class:`ConfigError` naming ``field`` and the closest module paths when nothing
   matches, so a typo in ``--config.peft.<field>`` fails before any training starts.
 
-  >>> match_module_paths({'a/key': 0, 'a/query': 1}, r'key$', 'ia3_targets')
+  >>> match_module_paths({'a/key': 0, 'a/query': 1}, r'key$', 'ia3.targets')
   ['a/key']
   """
   try:
@@ -104,54 +105,68 @@ def _broadcast_in(site: DenseSite, vec, x_ndim: int):
   return vec.reshape(shape)
 
 
-def ia3_scope(out_sites: list[DenseSite], in_sites: list[DenseSite], ia3_params):
-  """Context under which ``out_sites`` compute ``l ⊙ layer(x)`` and ``in_sites`` ``layer(l ⊙ x)``.
+def vector_paths(ia3_params, which: str) -> list[str]:
+  """Module paths with an ``ia3_<which>/scale`` vector (``which``: 'out' or 'in'), sorted.
 
-  >>> with ia3_scope(method.out_sites, method.in_sites, ia3):  # doctest: +SKIP
+  The tree is all IA3 needs: what ``init`` found is these paths, read back.
+
+  >>> vector_paths({'a': {'key': {'ia3_out': {'scale': 1}}}}, 'out')
+  ['a/key']
+  """
+  suffix = f'/ia3_{which}/scale'
+  return sorted(p[:-len(suffix)] for p in tree_lib.flatten(ia3_params) if p.endswith(suffix))
+
+
+def ia3_scope(ia3_params):
+  """Context under which layers with an output vector compute ``l ⊙ layer(x)`` and those with
+  an input vector ``layer(l ⊙ x)``; the input axes are read off the called layer.
+
+  >>> with ia3_scope(ia3):  # doctest: +SKIP
   ...   logits = model.apply({'params': params}, ids, mask)
   """
   flat = tree_lib.flatten(ia3_params)
-  outs = {s.path: s for s in out_sites}
-  ins = {s.path: s for s in in_sites}
+  outs, ins = set(vector_paths(ia3_params, 'out')), set(vector_paths(ia3_params, 'in'))
 
   def wrap(path, module, call, x):
-    del module
     if path in ins:
-      x = x * _broadcast_in(ins[path], flat[f'{path}/ia3_in/scale'].astype(x.dtype), x.ndim)
+      vec = flat[f'{path}/ia3_in/scale']
+      x_axes = tuple(a % x.ndim for a in contracted_axes(module))
+      site = DenseSite(path, 'dense', tuple(vec.shape), (), x_axes)
+      x = x * _broadcast_in(site, vec.astype(x.dtype), x.ndim)
     y = call(x)
     if path in outs:
       # The output feature dims are trailing, so the vector broadcasts as it is.
       y = y * flat[f'{path}/ia3_out/scale'].astype(y.dtype)
     return y
 
-  return layer_scope(_DENSE, set(outs) | set(ins), wrap)
+  return layer_scope(_DENSE, outs | ins, wrap)
 
 
-def fold(base_params, out_sites, in_sites, ia3_params) -> dict:
+def fold(base_params, ia3_params) -> dict:
   """``base_params`` with IA3 vectors folded into the kernels (and output-scaled biases).
 
-  >>> merged = fold(params, method.out_sites, method.in_sites, ia3)  # doctest: +SKIP
+  >>> merged = fold(params, ia3)  # doctest: +SKIP
   """
   flat = tree_lib.flatten(base_params)
   vp = tree_lib.flatten(ia3_params)
-  for s in out_sites:
-    vec = vp[f'{s.path}/ia3_out/scale']
-    w = flat[s.weight_path]
-    flat[s.weight_path] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
-    if f'{s.path}/bias' in flat:
-      b = flat[f'{s.path}/bias']
-      flat[f'{s.path}/bias'] = (b * vec).astype(b.dtype)
-  for s in in_sites:
-    vec = vp[f'{s.path}/ia3_in/scale']
-    w = flat[s.weight_path]
-    vec = vec.reshape(*s.in_shape, *(1,) * len(s.out_shape))  # scale kernel rows
-    flat[s.weight_path] = (w * vec).astype(w.dtype)
+  for path in vector_paths(ia3_params, 'out'):
+    vec = vp[f'{path}/ia3_out/scale']
+    w = flat[f'{path}/kernel']
+    flat[f'{path}/kernel'] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
+    if f'{path}/bias' in flat:
+      b = flat[f'{path}/bias']
+      flat[f'{path}/bias'] = (b * vec).astype(b.dtype)
+  for path in vector_paths(ia3_params, 'in'):
+    vec = vp[f'{path}/ia3_in/scale']
+    w = flat[f'{path}/kernel']
+    vec = vec.reshape(*vec.shape, *(1,) * (w.ndim - vec.ndim))  # scale kernel rows
+    flat[f'{path}/kernel'] = (w * vec).astype(w.dtype)
   return tree_lib.unflatten(flat)
 
 
 @register('ia3')
 class IA3(Method):
-  """IA3 from config: ``ia3_targets`` (outputs scaled), ``ia3_ffn_targets`` (inputs scaled).
+  """IA3 from config ``peft.ia3``: ``targets`` (outputs scaled), ``ffn_targets`` (inputs scaled).
 
   Both are regexes over *module* paths (not weight paths), e.g. ``'attention/(key|value)$'``.
 
@@ -161,62 +176,48 @@ class IA3(Method):
   >>> merged = method.merge(params, ia3)                    # same logits, no IA3 at run time
   """
 
-  def __init__(self, peft_cfg):
-    super().__init__(peft_cfg)
-    self.out_sites: list[DenseSite] | None = None
-    self.in_sites: list[DenseSite] | None = None
-
   def init(self, rng, module, base_params, inputs) -> dict:
     """Ones for every matched layer: the model is exactly unchanged at step 0."""
     del rng  # deterministic init
     sites = dense_sites(module, base_params, inputs)
     out_paths, in_paths = [], []
-    if self.cfg.ia3_targets:
-      out_paths = match_module_paths(sites, self.cfg.ia3_targets, 'ia3_targets')
-    if self.cfg.ia3_ffn_targets:
-      in_paths = match_module_paths(sites, self.cfg.ia3_ffn_targets, 'ia3_ffn_targets')
+    if self.cfg.ia3.targets:
+      out_paths = match_module_paths(sites, self.cfg.ia3.targets, 'ia3.targets')
+    if self.cfg.ia3.ffn_targets:
+      in_paths = match_module_paths(sites, self.cfg.ia3.ffn_targets, 'ia3.ffn_targets')
     if not out_paths and not in_paths:
-      raise ConfigError("peft.ia3_targets and peft.ia3_ffn_targets are both ''; IA3 would train "
-                        "nothing. Set at least one, e.g. ia3_targets='attention/(key|value)$'")
-    self.out_sites = [sites[p] for p in out_paths]
-    self.in_sites = [sites[p] for p in in_paths]
+      raise ConfigError("peft.ia3.targets and peft.ia3.ffn_targets are both ''; IA3 would train "
+                        "nothing. Set at least one, e.g. peft.ia3.targets='attention/(key|value)$'")
     flat = {}
-    for s in self.out_sites:
-      flat[f'{s.path}/ia3_out/scale'] = jnp.ones(s.out_shape, jnp.float32)
-    for s in self.in_sites:
-      flat[f'{s.path}/ia3_in/scale'] = jnp.ones(s.in_shape, jnp.float32)
+    for p in out_paths:
+      flat[f'{p}/ia3_out/scale'] = jnp.ones(sites[p].out_shape, jnp.float32)
+    for p in in_paths:
+      flat[f'{p}/ia3_in/scale'] = jnp.ones(sites[p].in_shape, jnp.float32)
     return tree_lib.unflatten(flat)
-
-  def _need_sites(self):
-    if self.out_sites is None or self.in_sites is None:
-      raise RuntimeError('IA3.init must run before the method is applied')
-    return self.out_sites, self.in_sites
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del rng, deterministic  # IA3 has no dropout
-    out_sites, in_sites = self._need_sites()
-    return ia3_scope(out_sites, in_sites, peft_params)
+    return ia3_scope(peft_params)
 
   def merge(self, base_params, peft_params) -> dict:
     """Output scaling: ``W[..., out] *= l``, ``b *= l``; input scaling: ``W[in, ...] *= l``.
 
     The merged model equals the implicit one (to float rounding).
     """
-    out_sites, in_sites = self._need_sites()
-    return fold(base_params, out_sites, in_sites, peft_params)
+    return fold(base_params, peft_params)
 
   def logical_specs(self, base_specs, peft_params) -> Any:
     """An output vector takes the kernel's output axes; an input vector its input axes."""
-    del peft_params
-    out_sites, in_sites = self._need_sites()
     specs = tree_lib.flatten(base_specs)
+    vp = tree_lib.flatten(peft_params)
     out = {}
-    for s in out_sites + in_sites:
-      w = specs.get(s.weight_path)
-      axes = tuple(w) if w is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
-      n_in = len(s.in_shape)
-      if s in out_sites:
-        out[f'{s.path}/ia3_out/scale'] = P(*axes[n_in:])
-      if s in in_sites:
-        out[f'{s.path}/ia3_in/scale'] = P(*axes[:n_in])
+    for which in ('out', 'in'):
+      for path in vector_paths(peft_params, which):
+        n = vp[f'{path}/ia3_{which}/scale'].ndim
+        w = specs.get(f'{path}/kernel')
+        if w is None:
+          out[f'{path}/ia3_{which}/scale'] = P(*(None,) * n)
+        else:  # an output vector has the kernel's trailing axes, an input vector its leading
+          out[f'{path}/ia3_{which}/scale'] = P(*(tuple(w)[len(w) - n:] if which == 'out'
+                                                 else tuple(w)[:n]))
     return tree_lib.unflatten(out)

@@ -1,16 +1,16 @@
 """Prefix tuning (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
 
-Every attention layer gets ``n = peft.num_prefix`` trained key and value vectors per head, put in
+Every attention layer gets ``n = peft.prefix.length`` trained key and value vectors per head, put in
 front of the keys/values its tokens produce; every query attends to them, padding stays masked,
 and the output length is unchanged. They reach the model through its ``prefix_kv`` hook point
 (``BertEncoder.__call__(..., prefix_kv=(num_layers, 2, n, heads, head_dim))``), filled in by an
 interceptor, so the model never knows which method runs. Prefixes bypass the key/value
 projections: they *are* the keys and values, as in the paper.
 
-Two parameterizations (``peft.prefix_reparam``):
+Two parameterizations (``peft.prefix.reparam``):
 
 * ``True`` (the paper's, for stable training): an ``(n, D)`` embedding ``E`` and a two-layer MLP
-  ``tanh(E W1 + b1) W2 + b2``, ``D -> peft.prefix_hidden -> num_layers * 2 * D``, whose output is
+  ``tanh(E W1 + b1) W2 + b2``, ``D -> peft.prefix.hidden -> num_layers * 2 * D``, whose output is
   reshaped to the prefixes. Tree::
 
       embedding (n, D)   mlp/hidden/{kernel (D, h), bias (h,)}
@@ -19,10 +19,10 @@ Two parameterizations (``peft.prefix_reparam``):
 * ``False``: the prefixes themselves, ``{'prefix': (num_layers, 2, n, heads, head_dim)}``.
 
 After training with the MLP, :meth:`Prefix.materialize` computes the prefixes once and drops the
-MLP: its result is exactly the tree a ``prefix_reparam=False`` method runs with, so the artifact
+MLP: its result is exactly the tree a ``prefix.reparam=False`` method runs with, so the artifact
 to ship is ``num_layers * 2 * n * D`` numbers::
 
-    trained = method.materialize(peft_params)          # {'prefix': (L, 2, n, H, Dh)}
+    trained = method.materialize(peft_params, params)  # {'prefix': (L, 2, n, H, Dh)}
     serve = peft.build(cfg_with_prefix_reparam_false)  # same model, no MLP
     logits = peft.apply(model, serve, params, trained, inputs)
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -40,6 +41,7 @@ from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
+from peftjax.peft import sections
 from peftjax.peft.prompt import hook_scope
 
 _KEY_KERNEL = re.compile(r'layer_(\d+)/attention/key/kernel$')
@@ -62,7 +64,6 @@ def _token_key_values(module, base_params, inputs, n: int, rng) -> jax.Array:
 
   Laid out as the reparameterization MLP's output: per token, layer-major, keys then values.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   flat = tree_lib.flatten(base_params)
   key_paths = sorted((int(m.group(1)), p[:-len('/kernel')]) for p in flat
                      if (m := _KEY_KERNEL.search(p)))
@@ -91,39 +92,32 @@ def _token_key_values(module, base_params, inputs, n: int, rng) -> jax.Array:
 
 @register('prefix')
 class Prefix(Method):
-  """Prefix tuning from config: ``num_prefix``, ``prefix_reparam``, ``prefix_hidden``.
+  """Prefix tuning from config ``peft.prefix``: ``length``, ``reparam``, ``hidden``.
 
   >>> method = peft.build(config.peft)                      # doctest: +SKIP  (method='prefix')
   >>> prefix = method.init(rng, model, params, inputs)      # doctest: +SKIP
   >>> logits = peft.apply(model, method, params, prefix, inputs)  # doctest: +SKIP
-  >>> method.materialize(prefix)['prefix'].shape            # doctest: +SKIP
+  >>> method.materialize(prefix, params)['prefix'].shape    # doctest: +SKIP
   (6, 2, 10, 12, 32)
   """
 
   def __init__(self, peft_cfg):
     super().__init__(peft_cfg)
-    for field in ('num_prefix', 'prefix_hidden'):
-      v = peft_cfg[field]
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ConfigError(f'peft.{field}={v!r} is invalid; valid: a positive integer')
-    if not isinstance(peft_cfg.prefix_reparam, bool):
-      raise ConfigError(f'peft.prefix_reparam={peft_cfg.prefix_reparam!r} is invalid; valid: '
-                        'True or False')
+    sections.check_prefix(peft_cfg.prefix)
     self.shape: tuple[int, int, int, int] | None = None  # (num_layers, D, heads, head_dim)
 
   def init(self, rng, module, base_params, inputs) -> dict:
-    """The reparameterized tree; with ``prefix_reparam=False``, the prefixes it produces.
+    """The reparameterized tree; with ``prefix.reparam=False``, the prefixes it produces.
 
     The prefixes start as the model's own keys and values of ``n`` random vocabulary tokens
     (Li & Liang's "activations of real words"): random O(1) prefixes swamp a pretrained
     encoder's attention, and at a short budget it then never recovers (measured: the
     method-comparison study collapsed to the majority class). The MLP's output layer is solved
-    (least squares, exact for ``n <= prefix_hidden``) so that the MLP produces exactly those
+    (least squares, exact for ``n <= prefix.hidden``) so that the MLP produces exactly those
     prefixes at step 0; both variants start from the same prefixes for the same rng.
     """
-    self.shape = attention_shape(base_params)
-    num_layers, d, _, _ = self.shape
-    n, hidden = self.cfg.num_prefix, self.cfg.prefix_hidden
+    num_layers, d, _, _ = attention_shape(base_params)
+    n, hidden = self.cfg.prefix.length, self.cfg.prefix.hidden
     k_emb, k_hid, k_tok = jax.random.split(rng, 3)
     lecun = jax.nn.initializers.lecun_normal()
     target = _token_key_values(module, base_params, inputs, n, k_tok)  # (n, L * 2 * D)
@@ -138,46 +132,50 @@ class Prefix(Method):
                 'out': {'kernel': out_kernel.astype(jnp.float32), 'bias': bias}},
     }
     del num_layers
-    return reparam if self.cfg.prefix_reparam else {'prefix': self._prefixes(reparam, reparam=True)}
+    if self.cfg.prefix.reparam:
+      return reparam
+    return {'prefix': self._prefixes(reparam, True, attention_shape(base_params))}
 
-  def _need_shape(self):
-    if self.shape is None:
-      raise RuntimeError('Prefix.init must run before the method is applied')
-    return self.shape
-
-  def _prefixes(self, peft_params, reparam: bool):
-    """``(num_layers, 2, n, heads, head_dim)`` from either tree."""
+  def _prefixes(self, peft_params, reparam: bool, shape=None):
+    """``(num_layers, 2, n, heads, head_dim)`` from either tree; the MLP's needs the model's
+    ``attention_shape`` (its output is laid out per layer and head)."""
     if not reparam:
       if 'prefix' not in peft_params:
-        raise ValueError("peft.prefix_reparam=False runs with {'prefix': ...}; got a tree with "
+        raise ValueError("peft.prefix.reparam=False runs with {'prefix': ...}; got a tree with "
                          f'{sorted(peft_params)} (use Prefix.materialize to convert it)')
       return peft_params['prefix']
-    num_layers, _, h, dh = self._need_shape()
+    num_layers, _, h, dh = shape
     mlp = peft_params['mlp']
     x = jnp.tanh(peft_params['embedding'] @ mlp['hidden']['kernel'] + mlp['hidden']['bias'])
     x = x @ mlp['out']['kernel'] + mlp['out']['bias']  # (n, num_layers * 2 * D)
     n = x.shape[0]
     return x.reshape(n, num_layers, 2, h, dh).transpose(1, 2, 0, 3, 4)
 
-  def materialize(self, peft_params) -> dict:
+  def materialize(self, peft_params, base_params) -> dict:
     """``{'prefix': (num_layers, 2, n, heads, head_dim)}``: the prefixes, without the MLP.
 
-    The tree a ``prefix_reparam=False`` method runs with (same outputs, to float rounding).
+    The tree a ``prefix.reparam=False`` method runs with (same outputs, to float rounding);
+    ``base_params`` (arrays or shapes) gives the layer and head layout.
     """
-    return {'prefix': self._prefixes(peft_params, reparam='prefix' not in peft_params)}
+    if 'prefix' in peft_params:
+      return {'prefix': peft_params['prefix']}
+    return {'prefix': self._prefixes(peft_params, True, attention_shape(base_params))}
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del rng, deterministic  # no dropout on the prefixes
-    # Computed inside the traced forward, so gradients reach the embedding and the MLP.
-    # Loaded prefixes (prefix_reparam=False) need no init: the tree is all there is.
-    prefixes = self._prefixes(peft_params, reparam=self.cfg.prefix_reparam)
-    return hook_scope('prefix_kv', prefixes)
+    # Loaded prefixes (prefix.reparam=False) need no init: the tree is all there is.
+    if not self.cfg.prefix.reparam:
+      return hook_scope('prefix_kv', self._prefixes(peft_params, False))
+    # Computed inside the traced forward, so gradients reach the embedding and the MLP; the
+    # layer and head layout is read off the hooked module's own weights (nothing is stored).
+    return hook_scope('prefix_kv', lambda mod: self._prefixes(
+        peft_params, True, attention_shape(nn.meta.unbox(mod.variables['params']))))
 
   def merge(self, base_params, peft_params) -> dict:
     raise NotImplementedError(
         'prefix tuning cannot be merged into the base weights: prefixes are extra keys and '
-        'values, not a change of any weight. Use Prefix.materialize(peft_params) to drop the '
-        'reparameterization MLP and ship the prefixes (load them with peft.prefix_reparam=False).')
+        'values, not a change of any weight. Use Prefix.materialize(peft_params, base_params) to drop the '
+        'reparameterization MLP and ship the prefixes (load them with peft.prefix.reparam=False).')
 
   def logical_specs(self, base_specs, peft_params):
     """Prefixes shard their heads like the key/value kernels; the MLP is replicated."""

@@ -1,6 +1,6 @@
 """Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
 
-The method trains ``n = peft.num_prompts`` soft-prompt vectors ``(n, D)`` and nothing else of the
+The method trains ``n = peft.prompt.length`` soft-prompt vectors ``(n, D)`` and nothing else of the
 encoder (the head trains too, through ``peft.head``). They reach the model through its
 ``prompt_embeds`` hook point: an interceptor on the ``__call__`` of any module that declares a
 ``prompt_embeds`` keyword (``BertEncoder``) fills it in, so the model never knows which method
@@ -13,14 +13,14 @@ runs. What the hook does with them (see ``peftjax/models/bert.py``):
 * the encoder output is ``(B, n + L, D)``; ``BertClassifier`` pools over the ``L`` real tokens
   only (mean or [CLS]), as the pretrained model pools.
 
-Initialisation (``peft.prompt_init``):
+Initialisation (``peft.prompt.init``):
 
 * ``'vocab'`` -- copies of ``n`` random rows of the word-embedding table (Lester et al. found
   vocabulary init far better than uniform random);
-* ``'text'`` -- the word embeddings of ``peft.prompt_init_text``'s tokens, tokenized with the
+* ``'text'`` -- the word embeddings of ``peft.prompt.init_text``'s tokens, tokenized with the
   bundled MiniLM tokenizer (``peftjax.data.minilm_dir() / 'tokenizer.json'``, whose ids are the
   bundled encoder's vocabulary) without [CLS]/[SEP], repeated or cut to ``n``. E.g. a
-  task description: ``--config.peft.prompt_init_text='classify the sentiment of this review'``.
+  task description: ``--config.peft.prompt.init_text='classify the sentiment of this review'``.
 
 The parameter tree is ``{'prompt': (n, D)}``. The model is *not* unchanged at init (the prompts
 are new tokens the encoder attends to), and prompts cannot be merged into the weights:
@@ -43,6 +43,7 @@ from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
+from peftjax.peft import sections
 
 PROMPT_INITS = ('vocab', 'text')
 _WORD_EMBEDDINGS = r'word_embeddings/embedding$'
@@ -65,6 +66,9 @@ def hook_scope(name: str, value):
   hands each layer its slice of ``prefix_kv``; its ``Layer``/``SelfAttention`` declare the same
   keyword for that), so nested calls keep what their parent gave them.
 
+  ``value`` may be a function of the hooked (bound) module, for a value that depends on the
+  model's weights (prefix tuning reads its layer and head layout so).
+
   >>> with hook_scope('prompt_embeds', prompts):                      # doctest: +SKIP
   ...   logits = model.apply({'params': params}, ids, mask)  # the encoder gets the prompts
   """
@@ -76,7 +80,8 @@ def hook_scope(name: str, value):
       return next_fun(*args, **kwargs)
     inside[0] = True
     try:
-      return next_fun(*args, **{**kwargs, name: value})
+      given = value(context.module) if callable(value) else value
+      return next_fun(*args, **{**kwargs, name: given})
     finally:
       inside[0] = False
 
@@ -108,7 +113,7 @@ def text_token_ids(text: str) -> np.ndarray:
 
 @register('prompt')
 class PromptTuning(Method):
-  """Soft prompts from config: ``num_prompts``, ``prompt_init``, ``prompt_init_text``.
+  """Soft prompts from config ``peft.prompt``: ``length``, ``init``, ``init_text``.
 
   >>> method = peft.build(config.peft)                        # doctest: +SKIP  (method='prompt')
   >>> prompts = method.init(rng, model, params, inputs)       # doctest: +SKIP  {'prompt': (20, D)}
@@ -117,28 +122,21 @@ class PromptTuning(Method):
 
   def __init__(self, peft_cfg):
     super().__init__(peft_cfg)
-    n = peft_cfg.num_prompts
-    if not isinstance(n, int) or n < 1:
-      raise ConfigError(f'peft.num_prompts={n!r} is invalid; valid: a positive integer')
-    if peft_cfg.prompt_init not in PROMPT_INITS:
-      raise ConfigError(f'peft.prompt_init={peft_cfg.prompt_init!r} is invalid; valid: '
-                        + ', '.join(map(repr, PROMPT_INITS)))
-    if peft_cfg.prompt_init == 'text' and not peft_cfg.prompt_init_text.strip():
-      raise ConfigError("peft.prompt_init='text' needs a non-empty peft.prompt_init_text")
+    sections.check_prompt(peft_cfg.prompt)
 
   def init(self, rng, module, base_params, inputs) -> dict:
     """``{'prompt': (n, D)}``: rows of the word-embedding table (random or the text's tokens)."""
     del module, inputs
     table = word_embeddings(base_params)
-    n = self.cfg.num_prompts
-    if self.cfg.prompt_init == 'vocab':
+    n = self.cfg.prompt.length
+    if self.cfg.prompt.init == 'vocab':
       ids = jax.random.randint(rng, (n,), 0, table.shape[0])
     else:
-      ids = text_token_ids(self.cfg.prompt_init_text)
+      ids = text_token_ids(self.cfg.prompt.init_text)
       if ids.size == 0:
-        raise ConfigError(f'peft.prompt_init_text={self.cfg.prompt_init_text!r} has no tokens')
+        raise ConfigError(f'peft.prompt.init_text={self.cfg.prompt.init_text!r} has no tokens')
       if ids.max() >= table.shape[0]:
-        raise ConfigError(f'peft.prompt_init_text={self.cfg.prompt_init_text!r} has token id '
+        raise ConfigError(f'peft.prompt.init_text={self.cfg.prompt.init_text!r} has token id '
                           f'{int(ids.max())} >= the model vocabulary ({table.shape[0]}); '
                           "'text' init needs the bundled tokenizer's vocabulary; use 'vocab'")
       ids = np.resize(ids, n)  # repeat cyclically, or cut, to n
