@@ -14,6 +14,8 @@ import tinybert
 from configs import common
 from configs import tiny
 from peftjax import optim
+from peftjax import run
+from peftjax import step as step_lib
 from peftjax import train
 from peftjax import tree
 from peftjax import validate
@@ -23,7 +25,11 @@ from peftjax.compress import huffman
 from peftjax.compress import plan
 from peftjax.compress import prune
 from peftjax.compress import share
+from peftjax.components import distill as distill_comp
+from peftjax.components import lowrank as lowrank_comp
+from peftjax.components import prune as prune_comp
 from peftjax.errors import ConfigError
+from peftjax.tasks.classification import Classification
 
 KERNELS = r'encoder/.*/(query|key|value|out|intermediate|output)/kernel$'
 
@@ -34,8 +40,7 @@ def _full_ft_state(c):
   base_tr, frozen = tree.partition(b.params, m.trainable_base)
   trainable = {'base': base_tr, 'peft': {}}
   tx = optim.make_optimizer(c.optim, 20)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': tx.init(trainable),
-           'rng': jax.random.key_data(jax.random.key(2))}
+  state = run.TrainState.create(tx, trainable, seed=0)
   return b, m, tx, state, frozen
 
 
@@ -45,15 +50,16 @@ def test_gradual_pruning_in_the_step_follows_the_cubic_schedule():
   p = c.compress.prune
   p.kind, p.targets, p.sparsity, p.begin_step, p.end_step, p.every = 'magnitude', KERNELS, 0.8, 0, 6, 2
   b, m, tx, state, frozen = _full_ft_state(c)
-  masks = prune.magnitude_masks(state['params']['base'], 0.0, targets=KERNELS)
-  state['masks'] = masks
-  step = jax.jit(train.make_train_step(train.make_forward(b, m), tx, b.input_keys,
-                                       mask_update=plan.mask_update(p)))
+  masks = prune.magnitude_masks(state.params['base'], 0.0, targets=KERNELS)
+  comp = prune_comp.component(masks, p, gradual=True)
+  state = state.replace(extra={'prune': comp.init(state.params)})
+  step = jax.jit(step_lib.make_train_step(run.make_forward(b, m), tx, Classification(None),
+                                          [comp]))
   pruned_before = None
   for i in range(1, 9):
     state, _ = step(state, frozen, tinybert.batch())
-    flat = tree.flatten(state['params']['base'])
-    kernels = tree.select(state['params']['base'], KERNELS)
+    flat = tree.flatten(state.params['base'])
+    kernels = tree.select(state.params['base'], KERNELS)
     zeros = sum(int(jnp.sum(flat[k] == 0)) for k in kernels)
     # Masks change only at updates 0, 2, 4, 6 (every=2, end=6); each leaf holds exactly its count.
     s = prune.cubic_sparsity(i - i % 2 if i <= 6 else 6, initial=0.0, final=0.8, begin=0, end=6,
@@ -64,7 +70,7 @@ def test_gradual_pruning_in_the_step_follows_the_cubic_schedule():
       assert all((pruned[k] | ~pruned_before[k]).all() for k in kernels)
     pruned_before = pruned
     # The masks in the state are exactly the zero pattern.
-    fm = tree.flatten(state['masks'])
+    fm = tree.flatten(state.extra['prune'])
     assert all(np.array_equal(np.asarray(fm[k]) == 0, pruned[k]) for k in kernels)
   assert zeros / sum(flat[k].size for k in kernels) == pytest.approx(0.8, abs=1e-3)
 
@@ -75,20 +81,21 @@ def test_distillation_step_uses_the_kd_loss_and_never_moves_the_teacher():
   b, m, tx, state, frozen = _full_ft_state(c)
   teacher_params = jax.tree.map(lambda x: x * 1.5, b.params)  # another model of the same shape
   before = jax.tree.map(np.asarray, teacher_params)
-  t_fwd = train.make_teacher_forward(b)
+  t_fwd = distill_comp.teacher_forward(b)
   dcfg = c.compress.distill
-  step = jax.jit(train.make_train_step(train.make_forward(b, m), tx, b.input_keys,
-                                       teacher_forward=t_fwd, distill_cfg=dcfg))
-  new_state, metrics = step(state, frozen, tinybert.batch(), teacher_params)
+  comp = distill_comp.component(b, temperature=dcfg.temperature, alpha=dcfg.alpha)
+  step = jax.jit(step_lib.make_train_step(run.make_forward(b, m), tx, Classification(None),
+                                          [comp]))
+  new_state, metrics = step(state, frozen, tinybert.batch(), {'distill': teacher_params})
   # The reported loss is kd_loss of the student's (dropout) logits against the teacher's.
   inputs = tinybert.inputs()
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), 0)
-  student = train.make_forward(b, m)(state['params'], frozen, inputs, rng, deterministic=False)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+  student = run.make_forward(b, m)(state.params, frozen, inputs, rng, deterministic=False)
   want, parts = distill.kd_loss(student, t_fwd(teacher_params, inputs), tinybert.batch()['label'],
                                 temperature=dcfg.temperature, alpha=dcfg.alpha)
   np.testing.assert_allclose(metrics['loss'], want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics['soft_loss'], parts['soft'], rtol=1e-5, atol=1e-6)
-  assert tinybert.moved(state['params'], new_state['params'])  # the student learns
+  assert tinybert.moved(state.params, new_state.params)  # the student learns
   assert not tinybert.moved(before, jax.tree.map(np.asarray, teacher_params))
 
 
@@ -197,8 +204,8 @@ def test_prepare_returns_smaller_models_with_matching_sharding_specs():
   assert specs['encoder/layer_0/intermediate/kernel_v'] == P(None, 'mlp')
   m, _ = tinybert.method('full')
   base_tr, frozen = tree.partition(small.params, m.trainable_base)
-  logits = train.make_forward(small, m, factored=True)({'base': base_tr, 'peft': {}}, frozen,
-                                                        tinybert.inputs())
+  forward = run.make_forward(small, m, scopes=[lowrank_comp.component().scope])
+  logits = forward({'base': base_tr, 'peft': {}}, frozen, tinybert.inputs())
   np.testing.assert_allclose(logits, lowrank.apply(small.module, small.params, tinybert.inputs()),
                              rtol=1e-6)
   assert p.report['prune']['params_after'] < p.report['prune']['params_before']
@@ -213,10 +220,12 @@ def test_distillation_step_adds_hidden_and_attention_matching():
   d.hidden_weight, d.attention_weight = 0.5, 2.0
   b, m, tx, state, frozen = _full_ft_state(c)
   teacher_params = jax.tree.map(lambda x: x * 1.5, b.params)
-  step = jax.jit(train.make_train_step(
-      train.make_forward(b, m), tx, b.input_keys, distill_cfg=d, layer_map=(0, 1),
-      teacher_forward=train.make_teacher_forward(b, taps=True)))
-  _, metrics = step(state, frozen, tinybert.batch(), teacher_params)
+  comp = distill_comp.component(b, temperature=d.temperature, alpha=d.alpha,
+                                hidden_weight=d.hidden_weight,
+                                attention_weight=d.attention_weight, layer_map=(0, 1))
+  step = jax.jit(step_lib.make_train_step(run.make_forward(b, m), tx, Classification(None),
+                                          [comp]))
+  _, metrics = step(state, frozen, tinybert.batch(), {'distill': teacher_params})
   assert metrics['hidden_loss'] > 0 and metrics['attention_loss'] > 0
   kd = d.alpha * metrics['soft_loss'] + (1 - d.alpha) * metrics['hard_loss']
   np.testing.assert_allclose(
@@ -262,13 +271,13 @@ def test_centroid_finetuning_moves_only_centroids_and_lowers_the_loss():
 def test_pruned_frozen_base_under_lora_keeps_exact_zeros():
   c = tiny.get_config()  # LoRA r=8 on query/value over MiniLM's first layer
   c.compress.prune.kind, c.compress.prune.sparsity = 'magnitude', 0.5
-  task = train.build_task(c)
-  assert task['plan'].masks is not None and not task['plan'].gradual
-  flat = tree.flatten(task['frozen'])
-  kernels = tree.select(task['frozen'], c.compress.prune.targets)
+  setup = run.build_setup(c)
+  assert setup.plan.masks is not None and not setup.plan.gradual
+  flat = tree.flatten(setup.frozen)
+  kernels = tree.select(setup.frozen, c.compress.prune.targets)
   assert len(kernels) == 6  # the layer's 6 matmuls, all frozen: pruned once, never trained
   for k in kernels:
     assert int(jnp.sum(flat[k] == 0)) == round(0.5 * flat[k].size), k
   # The masks of frozen leaves do not enter the train state (nothing there could move them).
-  trainable, frozen = plan.split_masks(task['plan'].masks, task['trainable']['base'])
+  trainable, frozen = plan.split_masks(setup.plan.masks, setup.trainable['base'])
   assert not trainable and len(tree.flatten(frozen)) == 6
