@@ -1,7 +1,10 @@
 """The full set of config fields with their defaults; experiment configs start from here.
 
 Every field has a comment. Override any of them on the command line, e.g.
-``--config.peft.rank=16 --config.train.steps=300``; a misspelled key fails with its name.
+``--config.peft.lora.rank=16 --config.train.steps=300``; a misspelled key fails with its name.
+``python -m peftjax.main --config=<file> --config_help`` lists every field with its value and
+comment (the comments are read from this file: the comment on a field's line, and a comment
+block right above it).
 """
 import ml_collections
 
@@ -12,8 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype: 'float32' | 'bfloat16'. Parameters, the trainable partition and the optimizer
   # state stay float32 (master weights); matmuls run in this dtype, the loss in float32.
   c.dtype = 'float32'
+  # What is learned (peftjax/tasks/): 'classification' (text or images; accuracy, NLL, ECE).
+  c.task = 'classification'
 
-  c.model = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()  # the network (peftjax/models/)
   c.model.name = 'bert'  # 'bert' | 'mlp' | 'cnn'
   c.model.pretrained = ''  # HF BERT dir (config.json, model.safetensors, tokenizer.json); '' = bundled MiniLM-L6; 'random'
   c.model.num_layers = 0  # keep only the first N encoder layers; 0 = all
@@ -26,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'
   c.model.hidden = (256, 128)  # hidden sizes of the 'mlp' model
 
-  c.data = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict()  # the data set and its splits (peftjax/data/)
   c.data.name = 'rotten_tomatoes'  # 'rotten_tomatoes' | 'mnist5k' | 'digits' | any prepared TFDS name
   c.data.data_dir = ''  # TFDS data_dir; '' = $PEFTJAX_DATA_DIR or ~/.cache/peftjax/tfds
   c.data.max_length = 64  # tokens per example (text)
@@ -34,38 +39,45 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_key = 'text'  # feature holding the text
   c.data.image_key = 'image'  # feature holding the image
   c.data.label_key = 'label'  # feature holding the class label
-  c.data.train_split = 'train'
+  c.data.train_split = 'train'  # the split trained on
   c.data.eval_split = 'validation'  # evaluated during training; '' = none
   c.data.test_split = 'test'  # evaluated before and after training (the reported accuracy)
   c.data.max_train_examples = -1  # -1 = all; N = the first N (tiny test configs)
   c.data.max_eval_examples = -1  # -1 = all
 
+  # PEFT (peftjax/peft/): the method, the head every method trains, and one sub-section per
+  # method family (checked only when a method in peft.method reads it: peftjax/peft/sections.py).
   c.peft = ml_collections.ConfigDict()
   # lora | pissa | dora | ia3 | adapter | prompt | prefix | full | linear_probe | bitfit;
   # 'lora+ia3' composes methods.
   c.peft.method = 'lora'
-  c.peft.rank = 8  # LoRA rank r
-  c.peft.alpha = 16.0  # LoRA scale is alpha / r
-  c.peft.rslora = False  # rank-stabilized LoRA: scale alpha / sqrt(r) (Kalajdzievski, 2023)
-  c.peft.dropout = 0.0  # dropout on the LoRA branch input
-  c.peft.targets = r'attention/(query|value)/kernel$'  # regex over weight paths LoRA adapts
   c.peft.head = 'classifier/'  # regex of base leaves that train with every method (the new head)
-  c.peft.ia3_targets = r'attention/(key|value)$'  # IA3: module paths whose OUTPUT is scaled
-  c.peft.ia3_ffn_targets = r'/output$'  # IA3: module paths whose INPUT is scaled (FFN down-proj)
-  c.peft.adapter_kind = 'houlsby'  # adapter placement: 'houlsby' | 'pfeiffer' | 'parallel'
-  c.peft.adapter_size = 64  # adapter bottleneck width
-  c.peft.adapter_activation = 'gelu'  # adapter nonlinearity: 'relu' | 'gelu'
-  c.peft.adapter_attn_targets = r'attention/out$'  # adapter on these modules' output (houlsby)
-  c.peft.adapter_ffn_targets = r'/output$'  # adapter on these modules' output (FFN; all kinds)
-  c.peft.adapter_ffn_inputs = r'/intermediate$'  # parallel: adapter reads this sibling's input
-  c.peft.num_prompts = 20  # prompt tuning: soft-prompt vectors prepended to the embeddings
-  c.peft.prompt_init = 'vocab'  # prompt tuning init: 'vocab' (random word-embedding rows) | 'text'
-  c.peft.prompt_init_text = ''  # prompt_init='text': its tokens' embeddings, repeated/cut to n
-  c.peft.num_prefix = 10  # prefix tuning: key/value prefix length per layer
-  c.peft.prefix_reparam = True  # prefix tuning: train an (n, D) embedding + MLP (Li & Liang)
-  c.peft.prefix_hidden = 512  # prefix tuning: hidden width of the reparameterization MLP
+  c.peft.lora = ml_collections.ConfigDict()  # LoRA and its variants (lora, pissa, dora)
+  c.peft.lora.rank = 8  # LoRA rank r
+  c.peft.lora.alpha = 16.0  # LoRA scale is alpha / r
+  c.peft.lora.rslora = False  # rank-stabilized LoRA: scale alpha / sqrt(r) (Kalajdzievski, 2023)
+  c.peft.lora.dropout = 0.0  # dropout on the LoRA branch input
+  c.peft.lora.targets = r'attention/(query|value)/kernel$'  # regex over weight paths LoRA adapts
+  c.peft.ia3 = ml_collections.ConfigDict()  # IA3: learned scaling vectors
+  c.peft.ia3.targets = r'attention/(key|value)$'  # module paths whose OUTPUT is scaled
+  c.peft.ia3.ffn_targets = r'/output$'  # module paths whose INPUT is scaled (FFN down-proj)
+  c.peft.adapter = ml_collections.ConfigDict()  # bottleneck adapters
+  c.peft.adapter.kind = 'houlsby'  # placement: 'houlsby' | 'pfeiffer' | 'parallel'
+  c.peft.adapter.size = 64  # bottleneck width
+  c.peft.adapter.activation = 'gelu'  # nonlinearity: 'relu' | 'gelu'
+  c.peft.adapter.attn_targets = r'attention/out$'  # adapter on these modules' output (houlsby)
+  c.peft.adapter.ffn_targets = r'/output$'  # adapter on these modules' output (FFN; all kinds)
+  c.peft.adapter.ffn_inputs = r'/intermediate$'  # parallel: adapter reads this sibling's input
+  c.peft.prompt = ml_collections.ConfigDict()  # prompt tuning
+  c.peft.prompt.length = 20  # soft-prompt vectors prepended to the embeddings
+  c.peft.prompt.init = 'vocab'  # 'vocab' (random word-embedding rows) | 'text'
+  c.peft.prompt.init_text = ''  # init='text': its tokens' embeddings, repeated/cut to length
+  c.peft.prefix = ml_collections.ConfigDict()  # prefix tuning
+  c.peft.prefix.length = 10  # key/value prefix length per layer
+  c.peft.prefix.reparam = True  # train an (n, D) embedding + MLP (Li & Liang)
+  c.peft.prefix.hidden = 512  # hidden width of the reparameterization MLP
 
-  c.moe = ml_collections.ConfigDict()
+  c.moe = ml_collections.ConfigDict()  # Mixture-of-Experts FFNs (peftjax/moe/)
   c.moe.num_experts = 0  # E > 0: Mixture-of-Experts FFNs (upcycled from the pretrained FFN); 0 = dense
   c.moe.every = 2  # the FFN of every N-th layer is an MoE layer (layers N-1, 2N-1, ...)
   c.moe.top_k = 2  # experts per token (router='topk'); average experts per token (expert_choice)
@@ -83,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.moe.balance_coef = 0.01  # weight of the Switch load-balancing loss
   c.moe.z_coef = 1e-3  # weight of the ST-MoE router z-loss
 
-  c.quant = ml_collections.ConfigDict()
+  c.quant = ml_collections.ConfigDict()  # int8 quantization (peftjax/quant/)
   c.quant.qat = False  # quantization-aware training: fake-quant (STE) of the matched matmuls
   c.quant.qlora = False  # hold the frozen base in int8 (weight-only) while the method trains
   c.quant.bits = 8  # weight bits, 2..8
@@ -108,10 +120,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Start from a finished run's trained model (its workdir; the method merged into the weights)
   # instead of the pretrained one: retrain after pruning, compress a fine-tuned classifier.
   c.compress.init_from = ''
-  c.compress.prune = ml_collections.ConfigDict()
+  c.compress.prune = ml_collections.ConfigDict()  # pruning (peftjax/compress/prune.py)
   # 'none' | 'magnitude' (unstructured) | 'nm' (N:M along the input dim) | 'heads' (attention
   # heads removed) | 'ffn' (FFN channels removed). heads/ffn return a smaller model.
   c.compress.prune.kind = 'none'
+  # Regex over the weight paths that are pruned.
   c.compress.prune.targets = r'encoder/.*/(query|key|value|out|intermediate|output)/kernel$'
   c.compress.prune.sparsity = 0.5  # magnitude: the final fraction of targeted weights pruned
   c.compress.prune.scope = 'layer'  # magnitude: 'layer' (each leaf) | 'global' (all targets ranked)
@@ -119,16 +132,16 @@ def get_config() -> ml_collections.ConfigDict:
   # begin_step to sparsity at end_step, masks recomputed every `every` updates. end_step = 0:
   # one shot before training (the mask then stays fixed: pruned weights stay zero).
   c.compress.prune.initial_sparsity = 0.0
-  c.compress.prune.begin_step = 0
-  c.compress.prune.end_step = 0
-  c.compress.prune.every = 10
+  c.compress.prune.begin_step = 0  # gradual pruning: the update where the ramp starts
+  c.compress.prune.end_step = 0  # gradual pruning: the update reaching sparsity; 0 = one shot
+  c.compress.prune.every = 10  # gradual pruning: masks recomputed every N updates
   c.compress.prune.n = 2  # nm: keep n of every m consecutive input weights (2:4)
-  c.compress.prune.m = 4
+  c.compress.prune.m = 4  # nm: ... of every m (the group size)
   c.compress.prune.keep_heads = 6  # heads: heads kept in every layer
   c.compress.prune.keep_ffn = 768  # ffn: FFN channels kept in every layer
   c.compress.prune.score = 'magnitude'  # heads/ffn: 'magnitude' | 'first_order' (|sum w*grad|)
   c.compress.prune.score_batches = 4  # first_order: train batches the gradients are summed over
-  c.compress.distill = ml_collections.ConfigDict()
+  c.compress.distill = ml_collections.ConfigDict()  # knowledge distillation from a teacher run
   c.compress.distill.teacher = ''  # workdir of a finished run: its model is the teacher; '' = off
   # The student: 'every_other' (the teacher's layers 0, 2, 4, ... with its head: DistilBERT's
   # init), a tuple of teacher layer indices, or '' (the model section: e.g. model.num_layers=3).
@@ -137,30 +150,30 @@ def get_config() -> ml_collections.ConfigDict:
   c.compress.distill.alpha = 0.5  # weight of the soft (T^2-scaled KL) term; 1 - alpha: labels
   # Also match layer outputs (mean squared error over real tokens) and attention distributions
   # (KL over real keys) of student layer i with the teacher layer it replaces (BERT only).
-  c.compress.distill.hidden_weight = 0.0
-  c.compress.distill.attention_weight = 0.0
-  c.compress.lowrank = ml_collections.ConfigDict()
+  c.compress.distill.hidden_weight = 0.0  # weight of the layer-output MSE term
+  c.compress.distill.attention_weight = 0.0  # weight of the attention-distribution KL term
+  c.compress.lowrank = ml_collections.ConfigDict()  # low-rank factorization (SVD) of kernels
   c.compress.lowrank.targets = ''  # regex of kernels replaced by two SVD factors; '' = off
   c.compress.lowrank.rank = 0  # one rank for every target; 0 = use energy
   c.compress.lowrank.energy = 0.0  # per kernel, the smallest rank keeping this share of sum(S^2)
   # Weight sharing (the Deep Compression pipeline, peftjax/compress/deep.py): k-means into
   # 2^bits shared values per layer, centroids fine-tuned, indices Huffman-coded.
   c.compress.share = ml_collections.ConfigDict()
-  c.compress.share.bits = 5
-  c.compress.share.targets = r'(kernel|embedding)$'
+  c.compress.share.bits = 5  # 2^bits shared values (centroids) per layer
+  c.compress.share.targets = r'(kernel|embedding)$'  # regex over the weight paths clustered
   c.compress.share.finetune_steps = 100  # centroid fine-tuning updates after clustering
-  c.compress.share.learning_rate = 1e-4
+  c.compress.share.learning_rate = 1e-4  # of the centroid fine-tuning
   c.compress.share.gap_bits = 5  # bits of a relative sparse index (Han et al.: 5 fc, 8 conv)
 
-  c.optim = ml_collections.ConfigDict()
+  c.optim = ml_collections.ConfigDict()  # the optimizer: AdamW + schedule (peftjax/optim.py)
   c.optim.learning_rate = 5e-4  # peak learning rate
   c.optim.schedule = 'cosine'  # 'cosine' | 'linear' | 'constant' (after warmup)
   c.optim.warmup_steps = 20  # linear warmup from 0
   c.optim.end_lr_fraction = 0.0  # final lr as a fraction of the peak (cosine/linear)
   c.optim.weight_decay = 0.01  # AdamW decoupled decay (not on biases and norms)
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+  c.optim.b1 = 0.9  # Adam first-moment decay
+  c.optim.b2 = 0.999  # Adam second-moment decay
+  c.optim.eps = 1e-8  # Adam denominator epsilon
   c.optim.clip_norm = 1.0  # global gradient-norm clipping; 0 = off
   c.optim.grad_accum_steps = 1  # optax.MultiSteps: one update every k micro-batches
   # Per-group learning-rate factors: ((regex over trainable paths, factor), ...); first match
@@ -170,10 +183,10 @@ def get_config() -> ml_collections.ConfigDict:
   # embeddings at lr * decay**(N + 1), everything else (head, PEFT params outside layers) at lr.
   c.optim.layer_decay = 1.0  # 1.0 = off; e.g. 0.8
 
-  c.train = ml_collections.ConfigDict()
+  c.train = ml_collections.ConfigDict()  # the loop: steps, batches, evaluation, checkpoints
   c.train.steps = 300  # optimizer updates (micro-batches = steps * grad_accum_steps)
   c.train.batch_size = 32  # global batch
-  c.train.eval_batch_size = 128
+  c.train.eval_batch_size = 128  # global batch of evaluation
   c.train.eval_every = 100  # validation every N steps (and at the end); 0 = only at the end
   c.train.log_every = 10  # metrics to JSONL / TensorBoard every N steps
   c.train.checkpoint_every = 100  # 0 = no checkpoints
@@ -191,11 +204,17 @@ def get_config() -> ml_collections.ConfigDict:
   # leaves train too, e.g. ((100, 'layer_5/'), (200, 'layer_4/')). () = off.
   c.train.unfreeze = ()
 
-  c.mesh = ml_collections.ConfigDict()
+  # L2-SP (Li et al., 2018; peftjax/components/l2sp.py): alpha/2 * ||w - w_pretrained||^2 over
+  # the trainable base leaves that start pretrained, beta/2 * ||w||^2 over the new head. 0 = off.
+  c.l2sp = ml_collections.ConfigDict()
+  c.l2sp.alpha = 0.0
+  c.l2sp.beta = 0.0
+
+  c.mesh = ml_collections.ConfigDict()  # the device mesh (peftjax/sharding.py)
   c.mesh.data = -1  # -1 = all remaining devices
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1  # fully sharded data parallelism: parameters split over N devices
   c.mesh.expert = 1  # expert parallelism: MoE experts split over this many devices
-  c.mesh.tensor = 1
+  c.mesh.tensor = 1  # tensor parallelism: heads and FFN channels split over N devices
   # logical axis -> mesh axes; unlisted logical axes are replicated. The expert devices also
   # split the batch (GShard/MaxText), so 'batch' includes 'expert'.
   c.mesh.rules = (('batch', ('data', 'fsdp', 'expert')), ('embed', 'fsdp'), ('heads', 'tensor'),

@@ -14,9 +14,9 @@ def get_config():
   c.model.dropout_rate = 0.1
   c.data.name = 'mnist5k'
   c.peft.method = 'lora'
-  c.peft.rank = 8
-  c.peft.alpha = 16.0
-  c.peft.targets = r'dense_1/kernel$'
+  c.peft.lora.rank = 8
+  c.peft.lora.alpha = 16.0
+  c.peft.lora.targets = r'dense_1/kernel$'
   c.peft.head = r'(dense_0|classifier)/'
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 20

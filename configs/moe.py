@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = 30
   if common.variant(arg, ('full', 'lora'), default='full') == 'lora':
     c.peft.method = 'lora'
-    c.peft.targets = r'moe/(intermediate|output|router)/kernel$'
+    c.peft.lora.targets = r'moe/(intermediate|output|router)/kernel$'
     c.optim.learning_rate = 1e-3
   else:
     c.peft.method = 'full'

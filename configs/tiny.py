@@ -28,4 +28,4 @@ def sweep(add, arg=None):
   common.no_variant(arg)
   for rank in (2, 4):
     for seed in (0, 1):
-      add(**{'peft.method': 'lora', 'peft.rank': rank, 'seed': seed})  # a str, an int
+      add(**{'peft.method': 'lora', 'peft.lora.rank': rank, 'seed': seed})  # a str, an int

@@ -3,7 +3,7 @@
   python -m experiments.pod_sweep plan --config=configs/tiny.py --workdir=gs://bucket/sweeps/tiny \\
       --slices=tpu-a,tpu-b [--format=shell|json] [-- extra peftjax.main flags]
   python -m experiments.pod_sweep collect --config=configs/tiny.py --workdir=gs://bucket/sweeps/tiny
-  python -m experiments.pod_sweep check --config=configs/tiny.py -- --config.peft.rank=8  # run.sh
+  python -m experiments.pod_sweep check --config=configs/tiny.py -- --config.peft.lora.rank=8  # run.sh
 
 ``tpu/sweep.sh`` consumes ``plan --format=shell``: one line per slice, ``<slice><TAB><script>``,
 where ``<script>`` is a one-line shell script that runs that slice's runs one after the other
@@ -81,8 +81,8 @@ def plan(config_path: str, workdir_root: str, slices: list[str], arg: str | None
 
   >>> [(p['slice'], p['workdir']) for p in plan('configs/tiny.py', 'gs://b/s', ['a', 'b'])][:2]
   ... # doctest: +SKIP
-  [('a', 'gs://b/s/peft.method=lora,peft.rank=2,seed=0'),
-   ('b', 'gs://b/s/peft.method=lora,peft.rank=2,seed=1')]
+  [('a', 'gs://b/s/peft.method=lora,peft.lora.rank=2,seed=0'),
+   ('b', 'gs://b/s/peft.method=lora,peft.lora.rank=2,seed=1')]
   """
   slices = list(slices)
   if not slices:

@@ -3,7 +3,7 @@
   python -m experiments.sweep --config=configs/quickstart.py --workdir=/tmp/sweep --parallel=2
 
 A config file may define ``sweep(add, arg)`` next to ``get_config(arg)``; each ``add(**overrides)``
-call registers one run (overrides use dotted keys: ``add(**{'peft.rank': 4})``). :func:`expand`
+call registers one run (overrides use dotted keys: ``add(**{'peft.lora.rank': 4})``). :func:`expand`
 is a pure function from the config file to the list of override dicts, so a pod launcher can
 fan out the same list. Runs are ``python -m peftjax.main`` processes, one directory each;
 a run whose ``summary.json`` exists is skipped, so an interrupted sweep resumes (unfinished
@@ -77,7 +77,7 @@ def expand(config_path: str, arg: str | None = None) -> list[dict[str, Any]]:
   """The override dicts of ``sweep(add, arg)`` in ``config_path``, in the order they were added.
 
   >>> expand('configs/quickstart.py')[:1]  # doctest: +SKIP
-  [{'peft.rank': 4, 'optim.learning_rate': 0.0005}]
+  [{'peft.lora.rank': 4, 'optim.learning_rate': 0.0005}]
   """
   module = _load(config_path)
   if not callable(getattr(module, 'sweep', None)):
@@ -261,7 +261,7 @@ def check_workdir(workdir: str) -> pathlib.Path:
 
 
 def run_name(overrides: dict) -> str:
-  """A readable, filesystem-safe directory name for one run, e.g. ``peft.rank=4,seed=1``."""
+  """A readable, filesystem-safe directory name for one run, e.g. ``peft.lora.rank=4,seed=1``."""
   parts = [f'{k}={v}' for k, v in sorted(overrides.items())]
   return re.sub(r'[^A-Za-z0-9_.,=+-]', '_', ','.join(parts)) or 'default'
 
@@ -269,7 +269,7 @@ def run_name(overrides: dict) -> str:
 def apply_overrides(config, overrides: dict):
   """Sets dotted keys on a config in place, as the sweep's command-line flags do; returns it.
 
-  >>> apply_overrides(common.get_config(), {'peft.rank': 4}).peft.rank  # doctest: +SKIP
+  >>> apply_overrides(common.get_config(), {'peft.lora.rank': 4}).peft.lora.rank  # doctest: +SKIP
   4
   """
   config.update_from_flattened_dict(overrides)

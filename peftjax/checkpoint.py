@@ -26,10 +26,10 @@ What can go wrong with a checkpoint, and what happens:
   checkpoint's metadata) equals this run's abstract train state; it is refused otherwise. So
   config fields that do not change the train state's structure (``train.steps`` to train longer,
   logging and evaluation cadence, learning rate, data limits) keep resuming (with a note naming
-  what changed), and the ones that do (``peft.method``, ``peft.rank``, ``peft.targets``,
+  what changed), and the ones that do (``peft.method``, ``peft.lora.rank``, ``peft.lora.targets``,
   ``model.*``, ``optim.grad_accum_steps``...) are refused before anything is written, in one
   line that names the config fields that differ between ``<workdir>/config.json`` (written when
-  a run starts: :func:`write_config`) and this run, e.g. ``peft.rank: 8 (checkpoints) vs 16
+  a run starts: :func:`write_config`) and this run, e.g. ``peft.lora.rank: 8 (checkpoints) vs 16
   (this run)``.
 """
 from __future__ import annotations
@@ -205,7 +205,9 @@ def write_config(workdir, config) -> None:
 
 
 def saved_config(workdir) -> dict | None:
-  """The config stored with the checkpoints: ``config.json``, else a finished run's summary."""
+  """The config stored with the checkpoints: ``config.json``, else a finished run's summary;
+  in today's sections also when an earlier version wrote it (:func:`peftjax.validate.upgrade`)."""
+  from peftjax import validate  # pylint: disable=g-import-not-at-top
   wd = storage.path(workdir)
   for name, pick in ((CONFIG, lambda d: d), ('summary.json', lambda d: d.get('config'))):
     p = wd / name
@@ -213,7 +215,7 @@ def saved_config(workdir) -> dict | None:
       if p.exists():
         got = pick(json.loads(p.read_text()))
         if isinstance(got, dict):
-          return got
+          return validate.upgrade(got)
     except (ValueError, OSError):
       continue
   return None
@@ -249,7 +251,7 @@ def config_diff(saved: dict | None, current) -> list[tuple[str, Any, Any]]:
 
 
 def format_diff(diffs, *, this: str = 'this run', limit: int = 3) -> str:
-  """``peft.rank: 8 (checkpoints) vs 16 (this run), ...``."""
+  """``peft.lora.rank: 8 (checkpoints) vs 16 (this run), ...``."""
   shown = [f'{k}: {_short_value(x)} (checkpoints) vs {_short_value(y)} ({this})'
            for k, x, y in diffs[:limit]]
   if len(diffs) > limit:

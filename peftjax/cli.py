@@ -39,6 +39,9 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 # one-line messages of peftjax.errors (PEFTJAX_VERBOSE=1 does the same).
 flags.DEFINE_bool('verbose', False, 'Show the full traceback of a failure instead of one line '
                   '(also: PEFTJAX_VERBOSE=1).')
+flags.DEFINE_bool('config_help', False, 'List every field of the --config file (its value, the '
+                  "default when it differs, and the field's comment from configs/common.py) "
+                  'and exit; other required flags are not needed.')
 
 
 # ---------------------------------------------------------------------------- config files
@@ -173,15 +176,24 @@ def _section_listing(node) -> str:
   return '; '.join(parts)
 
 
-def check_override_names(config, names, *, flag: str = 'config') -> None:
+def check_override_names(config, names, *, flag: str = 'config', values=None) -> None:
   """A :class:`ConfigError` for the first dotted name in ``names`` that is not a field of
-  ``config`` (a misspelled section or field, a section set as a value, a field used as a section).
+  ``config`` (a misspelled section or field, a section set as a value, a field used as a section,
+  a renamed field: its new name, with the value from ``values`` (name -> the text given)).
 
   >>> check_override_names(common.get_config(), ['train.stepz'])  # doctest: +SKIP
   ConfigError: --config.train.stepz: unknown field 'stepz' in section 'train' (did you mean
   'steps'?); valid: fields steps, batch_size, ...
+  >>> check_override_names(common.get_config(), ['peft.rank'], values={'peft.rank': '16'})  # doctest: +SKIP
+  ConfigError: config.peft.rank was renamed: use --config.peft.lora.rank=16
   """
+  from peftjax import validate  # pylint: disable=g-import-not-at-top  (light: no jax)
   for name in names:
+    new = validate.renamed(name)
+    if new is not None:
+      value = (values or {}).get(name)
+      raise ConfigError(f'{flag}.{name} was renamed: use --{flag}.{new}'
+                        f'{"=" + value if value is not None else "=<value>"}')
     node, done = config, []
     for part in name.split('.'):
       if '[' in part:  # an indexed element: ml_collections resolves it
@@ -210,17 +222,21 @@ _ARGV = None  # the argv being parsed by parse_flags (ml_collections reads sys.a
 _LOADED = {}  # flag name -> the config it loaded (for messages about its overrides' values)
 
 
-def _override_names(flag: str) -> list[str]:
+def _overrides(flag: str) -> dict[str, str | None]:
+  """``{dotted name: the value text (None for a bare boolean flag)}`` of ``--<flag>.x.y=v``."""
   argv = list(sys.argv if _ARGV is None else _ARGV)
   try:
     argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
   except flags.Error:
     pass
-  names = []
+  out = {}
   for a in argv[1:]:
-    if re.match(rf'-{{1,2}}(no)?{re.escape(flag)}\.', a):
-      names.append(a.split('=', 1)[0].split('.', 1)[1])
-  return list(dict.fromkeys(names))
+    m = re.match(rf'-{{1,2}}(no)?{re.escape(flag)}\.', a)
+    if m:
+      key, eq, value = a.partition('=')
+      name = key.split('.', 1)[1]
+      out.setdefault(name, value if eq else ('false' if m.group(1) else None))
+  return out
 
 
 class _ConfigFileParser(config_flags.ConfigFileFlagParser):
@@ -231,7 +247,8 @@ class _ConfigFileParser(config_flags.ConfigFileFlagParser):
     if isinstance(path, ml_collections.ConfigDict):
       return path
     config = load_config_file(path, lock=self._lock_config, flag=self.name)
-    check_override_names(config, _override_names(self.name), flag=self.name)
+    overrides = _overrides(self.name)
+    check_override_names(config, list(overrides), flag=self.name, values=overrides)
     _LOADED[self.name] = config
     return config
 
@@ -245,6 +262,103 @@ def _use_config_loader(flag_values) -> None:
     if (config_flags.is_config_flag(flag) and isinstance(parser, config_flags.ConfigFileFlagParser)
         and not isinstance(parser, _ConfigFileParser)):
       flag.parser = _ConfigFileParser(parser.name, getattr(parser, '_lock_config', True))
+
+
+# ---------------------------------------------------------------------------- config help
+
+COMMON = _ROOT / 'configs' / 'common.py'  # every field's default and comment
+
+
+def _dotted(node) -> str | None:
+  """``'peft.lora.rank'`` for the assignment target ``c.peft.lora.rank`` (root name dropped)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  parts = []
+  while isinstance(node, ast.Attribute):
+    parts.append(node.attr)
+    node = node.value
+  return '.'.join(reversed(parts)) if isinstance(node, ast.Name) and parts else None
+
+
+def field_comments(source: pathlib.Path = COMMON) -> dict[str, str]:
+  """``{dotted field: its comment}`` read from a config file's source, in source order: the
+  comment block right above the field's assignment (no blank line between) and the comment on
+  its line(s).
+
+  >>> field_comments()['peft.lora.rank']  # doctest: +SKIP
+  'LoRA rank r'
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import tokenize  # pylint: disable=g-import-not-at-top
+  text = source.read_text()
+  trailing, alone = {}, {}  # line -> comment text
+  for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+    if tok.type == tokenize.COMMENT and 'pylint:' not in tok.string:
+      body = tok.string.lstrip('#').strip()
+      (alone if not tok.line[:tok.start[1]].strip() else trailing)[tok.start[0]] = body
+  out = {}
+  for node in sorted((n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Assign) and
+                      len(n.targets) == 1 and _dotted(n.targets[0])), key=lambda n: n.lineno):
+    block, line = [], node.lineno - 1
+    while line in alone:
+      block.insert(0, alone[line])
+      line -= 1
+    own = [trailing[l] for l in range(node.lineno, node.end_lineno + 1) if l in trailing]
+    out[_dotted(node.targets[0])] = ' '.join(block + own)
+  return out
+
+
+def _leaves(config, prefix: str = ''):
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield f'{prefix}{key}', value, True
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value, False
+
+
+def config_help(config, *, flag: str = 'config', source: pathlib.Path = COMMON) -> str:
+  """Every field of ``config``, one line each: ``name = value  # comment``, with
+  ``(default: ...)`` when the value differs from ``source``'s; a section's line ends with ``:``.
+
+  >>> print(config_help(load_config_file('configs/quickstart.py')))  # doctest: +SKIP
+  ...
+  peft.lora.rank = 8  # LoRA rank r
+  """
+  comments = field_comments(source)
+  defaults = {}
+  try:
+    defaults = dict((n, v) for n, v, sec in _leaves(load_config_file(str(source), lock=False))
+                    if not sec)
+  except ConfigError:
+    pass
+  lines = [f'Fields of --{flag} (override any with --{flag}.<name>=<value>); defaults and '
+           f'comments from {source.relative_to(_ROOT) if source.is_relative_to(_ROOT) else source}:']
+  order = {name: i for i, name in enumerate(comments)}  # the source's order, others after
+  for name, value, is_section in sorted(_leaves(config), key=lambda f: (
+      [order.get('.'.join(f[0].split('.')[:i + 1]), len(order))
+       for i in range(f[0].count('.') + 1)], f[0])):
+    note = comments.get(name, '')
+    depth = name.count('.')
+    if is_section:
+      lines.append(f'{"  " * depth}{name}:' + (f'  # {note}' if note else ''))
+      continue
+    default = defaults.get(name, value)
+    differs = f'  (default: {default!r})' if default != value else ''
+    lines.append(f'{"  " * depth}{name} = {value!r}{differs}' + (f'  # {note}' if note else ''))
+  return '\n'.join(lines)
+
+
+def _print_config_help() -> bool:
+  """Prints :func:`config_help` of every loaded config flag when ``--config_help`` is given."""
+  if not (flags.FLAGS['config_help'].present and flags.FLAGS['config_help'].value and _LOADED):
+    return False
+  for name, config in _LOADED.items():
+    value = flags.FLAGS[name].value  # the config with the command line's overrides applied
+    print(config_help(value if isinstance(value, ml_collections.ConfigDict) else config,
+                      flag=name))
+  return True
 
 
 # ---------------------------------------------------------------------------- flag parsing
@@ -324,11 +438,18 @@ def parse_flags(argv):
   _use_config_loader(flags.FLAGS)
   _ARGV = list(argv)
   try:
-    return flags.FLAGS(argv)
+    out = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # Every flag parsed and only a validator failed (e.g. --workdir is required): the listing
+    # needs none of the other flags.
+    if flags.FLAGS.is_parsed() and _print_config_help():
+      raise SystemExit(0) from None
     raise _flag_error(e) from None
   finally:
     _ARGV = None
+  if _print_config_help():
+    raise SystemExit(0)
+  return out
 
 
 def quiet(argv) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 from peftjax import tree as tree_lib
 from peftjax import storage
 from peftjax.errors import UserInputError
+from peftjax.peft import sections as peft_sections
 
 FORMAT = 'peftjax-delta/1'
 OPT_PREFIX = 'opt_state/'
@@ -100,7 +101,11 @@ def save_delta(path: str | pathlib.Path, trainable: dict, *, base_params: dict, 
 
 
 def read_manifest(path: str | pathlib.Path) -> dict:
-  """The manifest of an adapter file; a :class:`DeltaError` if it is unreadable or incomplete."""
+  """The manifest of an adapter file; a :class:`DeltaError` if it is unreadable or incomplete.
+
+  Its ``peft_config`` is in today's sections (``{'method', 'head', 'lora': {'rank', ...}, ...}``)
+  also for a file written with the flat section of earlier versions (``peftjax.peft.sections``).
+  """
   path = storage.path(path)
   if not path.is_file():
     raise DeltaError(f'adapter file {str(path)!r} does not exist')
@@ -125,6 +130,8 @@ def read_manifest(path: str | pathlib.Path) -> dict:
   if missing:
     raise DeltaError(f'adapter file {str(path)!r}: manifest misses {missing}; '
                      f'required: {list(REQUIRED)}')
+  if isinstance(manifest['peft_config'], dict):  # older files hold the flat peft section
+    manifest['peft_config'] = peft_sections.upgrade(manifest['peft_config'])
   return manifest
 
 

@@ -1,6 +1,6 @@
 """Command-line entry point.
 
-  python -m peftjax.main --config=configs/quickstart.py --config.peft.rank=16 --workdir=/tmp/run
+  python -m peftjax.main --config=configs/quickstart.py --config.peft.lora.rank=16 --workdir=/tmp/run
 
 The config is locked after overrides are applied, so a misspelled ``--config.x.y`` fails with
 its name; values are validated before any compute starts. A run resumes from the latest intact

@@ -177,7 +177,7 @@ def check_adapters(adapters: dict[str, str], manifests: dict[str, dict], *, base
     if model != 'bert':
       raise PredictError(f'--adapter {name}={adapters[name]!r} is for model.name={model!r}; '
                          'peftjax.predict labels text with BERT adapters')
-    rank = int(m['peft_config'].get('rank', 1)) if 'lora' in m['method'] else 0
+    rank = int(m['peft_config'].get('lora', {}).get('rank', 1)) if 'lora' in m['method'] else 0
     if max_rank and rank > max_rank:
       raise PredictError(f'--max_rank={max_rank} is below the LoRA rank {rank} of --adapter '
                          f'{name}; valid: >= {rank}, or 0 (the largest loaded)')

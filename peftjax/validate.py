@@ -4,12 +4,22 @@ Every error names the field, the bad value, and what would be valid. Fields are 
 dependency order (``train.steps`` before the ``optim.warmup_steps`` that must be smaller), so the
 message names the root cause.
 
+This module is the dispatcher: it checks the plain fields of the small sections (``train``,
+``model``, ``data``, ``optim``, ``mesh``) and the checks that span sections, and hands every
+other section to the package that owns it:
+
+* ``peft`` -> :func:`peftjax.peft.sections.check` (each method's sub-section only when the
+  method is in use; light: no jax);
+* ``moe`` -> :func:`peftjax.moe.section.check`, ``quant`` -> :func:`peftjax.quant.qat.check_config`,
+  ``compress`` -> :func:`peftjax.compress.plan.validate`, ``model.pretrained`` ->
+  :func:`peftjax.models.hf_bert.check_model_dir`: imported only when the section is in use.
+
 Plain values are checked without jax, flax or optax (a bad override fails in a fraction of a
-second): the names that the heavy modules own (methods, models, poolings, schedules, mesh axes)
-are repeated here and kept equal to their registries by ``tests/test_config_errors.py``; sections
-that need their module (quantization, MoE, compression, a pretrained directory) import it only
-when they are in use, after the plain checks. What needs the data set or the model's parameter
-paths (:func:`validate_data`, :func:`validate_params`) runs in ``train.build_task``, before the
+second): the names that the heavy modules own (models, poolings, schedules, mesh axes) are
+repeated here and kept equal to their registries by ``tests/test_config_errors.py``.
+Stored configs of earlier versions (flat ``peft.rank`` ...) are brought to today's sections by
+:func:`upgrade`, and :func:`renamed` names a field's new place for the command line. What needs the data set or the model's parameter
+paths (:func:`validate_data`, :func:`validate_params`) runs in ``run.build_setup``, before the
 run creates its workdir.
 """
 from __future__ import annotations
@@ -21,10 +31,10 @@ import pathlib
 import re
 
 from peftjax.errors import ConfigError
+from peftjax.peft import sections as peft_sections
 
 # Registries of heavy modules, repeated so that validation imports none of them.
-METHOD_NAMES = ('adapter', 'bitfit', 'dora', 'full', 'ia3', 'linear_probe', 'lora', 'pissa',
-                'prefix', 'prompt')  # peftjax.peft.method_names()
+METHOD_NAMES = peft_sections.METHOD_NAMES  # peftjax.peft.method_names()
 MODEL_NAMES = ('bert', 'mlp', 'cnn')  # peftjax.models.build.MODEL_NAMES
 POOLINGS = ('mean', 'cls', 'cls_pooler')  # peftjax.models.bert.POOLINGS
 REMAT_POLICIES = ('none', 'full', 'dots')  # peftjax.models.bert.REMAT_POLICIES
@@ -298,15 +308,7 @@ def validate(c) -> None:
 
   validate_mesh(c.mesh)
 
-  names = p.method.split('+') if isinstance(p.method, str) else [p.method]
-  _check(all(n in METHOD_NAMES for n in names) and len(set(names)) == len(names),
-         'peft.method', p.method,
-         ', '.join(METHOD_NAMES) + ', or several distinct ones joined by "+"')
-  _check(_is_int(p.rank) and p.rank > 0, 'peft.rank', p.rank, 'a positive integer')
-  _num('peft.alpha', p.alpha, lambda v: v > 0, 'a positive number')
-  _num('peft.dropout', p.dropout, lambda v: 0.0 <= v < 1.0, '0 <= dropout < 1')
-  _regex('peft.targets', p.targets)
-  _regex('peft.head', p.head)
+  peft_sections.check(p)  # light: the method names, head, and the methods' own sub-sections
   _regex('quant.targets', c.quant.targets)
 
   _num('optim.learning_rate', o.learning_rate, lambda v: v > 0, 'a positive number')
@@ -381,35 +383,49 @@ def validate_mesh(mesh) -> None:
 
 
 def validate_moe(c) -> None:
-  """The ``moe`` section: routing fields, loss weights, and a model that has FFNs to replace."""
+  """The ``moe`` section, by its owner (:mod:`peftjax.moe.section`), when it is in use."""
   moe = c.get('moe')
   if moe is None or moe.num_experts == 0:
     return
-  _check(_is_int(moe.num_experts) and moe.num_experts > 0, 'moe.num_experts',
-         moe.num_experts, '0 (dense) or a positive number of experts')
-  _check(c.model.name == 'bert', 'model.name', c.model.name, "'bert' with moe.num_experts > 0")
-  _check(_is_int(moe.every) and moe.every >= 1, 'moe.every', moe.every,
-         'a positive layer interval')
-  _num('moe.balance_coef', moe.balance_coef, lambda v: v >= 0, '>= 0')
-  _num('moe.z_coef', moe.z_coef, lambda v: v >= 0, '>= 0')
-  from peftjax.models.build import moe_settings  # pylint: disable=g-import-not-at-top
-  try:
-    cfg, _ = moe_settings(moe, 1)
-    cfg.check()
-  except ValueError as e:
-    raise ConfigError(f'config.{e}') from None
+  from peftjax.moe import section  # pylint: disable=g-import-not-at-top
+  section.check(moe, c.model.name)
 
 
 def validate_mesh_moe(c, mesh) -> None:
   """Experts must split evenly over the mesh's ``expert`` axis."""
-  moe, n = c.get('moe'), mesh.shape.get('expert', 1)
+  moe = c.get('moe')
   if moe is None or moe.num_experts <= 0:
     return
-  _check(moe.num_experts % n == 0, 'moe.num_experts', moe.num_experts,
-         f'a multiple of the mesh expert axis size {n} (mesh.expert)')
-  if n > 1:
-    _check(moe.dispatch != 'ragged', 'moe.dispatch', moe.dispatch,
-           "'sorted' or 'onehot' with mesh.expert > 1")
+  from peftjax.moe import section  # pylint: disable=g-import-not-at-top
+  section.check_mesh(moe, mesh.shape.get('expert', 1))
+
+
+# ---------------------------------------------------------------------------- old names
+
+# Renamed fields, old dotted name -> new, from the sections' owners.
+RENAMED = {f'peft.{old}': f'peft.{new}' for old, new in peft_sections.RENAMED.items()}
+
+
+def renamed(name: str) -> str | None:
+  """The new dotted name of a renamed config field, or None.
+
+  >>> renamed('peft.rank')
+  'peft.lora.rank'
+  """
+  return RENAMED.get(name)
+
+
+def upgrade(config: dict) -> dict:
+  """A stored config (a plain dict: a workdir's ``config.json``, a summary's ``config``) with
+  each section in today's form, by its owner; a current config is returned equal.
+
+  >>> upgrade({'peft': {'method': 'lora', 'rank': 4}})['peft']
+  {'method': 'lora', 'lora': {'rank': 4}}
+  """
+  out = dict(config)
+  if isinstance(out.get('peft'), dict):
+    out['peft'] = peft_sections.upgrade(out['peft'])
+  return out
 
 
 def validate_mesh_batch(c, data_parallel: int) -> None:
@@ -444,7 +460,7 @@ def validate_params(c, base_params, peft_params=None) -> None:
   paths; unused by ``full``) and each ``optim.lr_multipliers`` regex (over the trainable tree's
   ``base/...`` and ``peft/...`` paths). Needs the model's parameters (or their shapes).
 
-  (``peft.targets``, the adapter/IA3 targets, ``quant.targets``, ``train.unfreeze`` and the
+  (``peft.lora.targets``, the adapter/IA3 targets, ``quant.targets``, ``train.unfreeze`` and the
   ``compress`` targets are checked where they are used, before the workdir is created too.)
   """
   from peftjax import tree as tree_lib  # pylint: disable=g-import-not-at-top
@@ -463,3 +479,10 @@ def validate_params(c, base_params, peft_params=None) -> None:
       raise ConfigError(f'config.optim.lr_multipliers regex {regex!r} matches no parameter; '
                         f'valid: a regex over the trainable paths, e.g. '
                         f'{tree_lib.closest_paths(regex, all_paths, n=3)}')
+
+
+def validate_for_mesh(c, mesh, data_parallel: int) -> None:
+  """Every check that needs the device mesh: the batch splits over its data-parallel devices,
+  MoE experts over its expert axis."""
+  validate_mesh_batch(c, data_parallel)
+  validate_mesh_moe(c, mesh)

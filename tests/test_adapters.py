@@ -30,7 +30,7 @@ def _inputs(built):
 
 
 def _init(built, **kw):
-  return tinybert.init('adapter', **{'adapter_size': M, **kw})
+  return tinybert.init('adapter', **{'size': M, **kw})
 
 
 def _randomize(tree_, seed=3):
@@ -48,7 +48,7 @@ ONE = D * M + M + M * D + D  # down (kernel, bias) + up (kernel, bias)
     ('parallel', ('output',)),
 ])
 def test_sites_and_exact_count(built, kind, sites):
-  _, ad, _ = _init(built, adapter_kind=kind)
+  _, ad, _ = _init(built, kind=kind)
   flat = tree.flatten(ad)
   expected = {}
   for i in range(L):
@@ -64,7 +64,7 @@ def test_sites_and_exact_count(built, kind, sites):
 @pytest.mark.parametrize('kind', KINDS)
 @pytest.mark.parametrize('activation', ['gelu', 'relu'])
 def test_output_unchanged_at_init(built, kind, activation):
-  method, ad, _ = _init(built, adapter_kind=kind, adapter_activation=activation)
+  method, ad, _ = _init(built, kind=kind, activation=activation)
   inputs = _inputs(built)
   base = built.module.apply({'params': built.params}, **inputs)
   np.testing.assert_array_equal(peft.apply(built.module, method, built.params, ad, inputs), base)
@@ -75,7 +75,7 @@ def test_kinds_differ_once_trained(built):
   inputs = _inputs(built)
   outs = {}
   for kind in ('pfeiffer', 'parallel'):
-    method, ad, _ = _init(built, adapter_kind=kind)
+    method, ad, _ = _init(built, kind=kind)
     outs[kind] = np.asarray(peft.apply(built.module, method, built.params, _randomize(ad), inputs))
   base = np.asarray(built.module.apply({'params': built.params}, **inputs))
   assert not np.allclose(outs['pfeiffer'], base, atol=1e-4)
@@ -85,7 +85,7 @@ def test_kinds_differ_once_trained(built):
 
 def test_parallel_reads_ffn_input(built):
   """The parallel branch equals a manual up(act(down(x))) on the FFN input, added to its output."""
-  method, ad, _ = _init(built, adapter_kind='parallel', adapter_activation='relu')
+  method, ad, _ = _init(built, kind='parallel', activation='relu')
   ad = _randomize(ad)
   inputs = _inputs(built)
   seen = {}
@@ -114,7 +114,7 @@ def test_parallel_reads_ffn_input(built):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_jitted_step_moves_adapters_not_base(built, kind):
-  method, ad, c = _init(built, adapter_kind=kind)
+  method, ad, c = _init(built, kind=kind)
   # No decay: decay alone would move `down` while its gradient is zero.
   (before, after, after2), _ = tinybert.steps(method, ad, c, n=2, weight_decay=0.0)
   # Everything moves except `down`, whose gradient is exactly zero while `up` is still zero.
@@ -127,19 +127,18 @@ def test_jitted_step_moves_adapters_not_base(built, kind):
 
 
 def test_no_match_is_an_error(built):
-  with pytest.raises(ConfigError, match=r"peft.adapter_ffn_targets='/outptu\$'.*closest module "
+  with pytest.raises(ConfigError, match=r"peft.adapter.ffn_targets='/outptu\$'.*closest module "
                                         r"paths: \[.*output"):
-    _init(built, adapter_ffn_targets='/outptu$')
-  with pytest.raises(ConfigError, match=r'peft.adapter_attn_targets'):
-    _init(built, adapter_attn_targets='attention/output$')
-  with pytest.raises(ConfigError, match=r'peft.adapter_ffn_inputs'):
-    _init(built, adapter_kind='parallel', adapter_ffn_inputs='/interm$')
+    _init(built, ffn_targets='/outptu$')
+  with pytest.raises(ConfigError, match=r'peft.adapter.attn_targets'):
+    _init(built, attn_targets='attention/output$')
+  with pytest.raises(ConfigError, match=r'peft.adapter.ffn_inputs'):
+    _init(built, kind='parallel', ffn_inputs='/interm$')
 
 
-@pytest.mark.parametrize('field,value', [('adapter_kind', 'serial'), ('adapter_size', 0),
-                                         ('adapter_activation', 'tanh')])
+@pytest.mark.parametrize('field,value', [('kind', 'serial'), ('size', 0), ('activation', 'tanh')])
 def test_bad_config_values(built, field, value):
-  with pytest.raises(ConfigError, match=f'peft.{field}={value!r}'):
+  with pytest.raises(ConfigError, match=f'peft.adapter.{field}={value!r}'):
     _init(built, **{field: value})
 
 
@@ -163,7 +162,7 @@ def test_minilm_count(minilm, kind, n_sites):
   model = BertClassifier(cfg, num_classes=2)
   ids = jnp.ones((2, 8), jnp.int32)
   params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ids)['params'])
-  method, _ = tinybert.method('adapter', adapter_kind=kind, adapter_size=64)
+  method, _ = tinybert.method('adapter', kind=kind, size=64)
   ad = jax.eval_shape(lambda: method.init(jax.random.key(0), model, params,
                                           {'input_ids': ids, 'attention_mask': ids}))
   assert tree.count(ad) == 6 * n_sites * (384 * 64 + 64 + 64 * 384 + 384)

@@ -183,7 +183,7 @@ def test_tool_on_a_damaged_final_checkpoint_says_how_to_redo_it(copy):
 
 
 @pytest.mark.parametrize('override,fields', [
-    ('--config.peft.rank=16', 'peft.rank: 8 (checkpoints) vs 16 (this run)'),
+    ('--config.peft.lora.rank=16', 'peft.lora.rank: 8 (checkpoints) vs 16 (this run)'),
     ('--config.peft.method=ia3', "peft.method: 'lora' (checkpoints) vs 'ia3' (this run)"),
 ])
 def test_checkpoints_of_another_config_are_refused_naming_the_fields(copy, override, fields):
@@ -202,7 +202,7 @@ def test_fresh_starts_over_in_a_workdir_of_another_config(copy):
   starts from step 0 with this config."""
   (copy / 'checkpoints/8.damaged-20250101T000000Z').mkdir()
   (copy / 'sweep.log').write_text('the sweep writes here\n')
-  code, out, err = _run([*TINY, '--config.peft.rank=16', '--config.train.steps=2',
+  code, out, err = _run([*TINY, '--config.peft.lora.rank=16', '--config.train.steps=2',
                          '--config.optim.warmup_steps=1',
                          '--config.train.eval_before=False', '--fresh', f'--workdir={copy}'])
   assert code == 0, err[-3000:]
@@ -228,11 +228,11 @@ def test_restore_trained_with_another_config_names_the_fields(copy):
   from configs import tiny
   from peftjax import train
   c = tiny.get_config()
-  c.peft.rank = 4
+  c.peft.lora.rank = 4
   with pytest.raises(checkpoint.CheckpointError) as e:
     train.restore_trained(c, str(copy))
   msg = str(e.value)
-  assert 'peft.rank: 8 (checkpoints) vs 4 (this config)' in msg
+  assert 'peft.lora.rank: 8 (checkpoints) vs 4 (this config)' in msg
   assert 'pass the config the run was trained with' in msg and '\n' not in msg
 
 

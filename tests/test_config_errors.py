@@ -371,9 +371,9 @@ def test_load_config_file_for_tools(tmp_path):
   assert cli.load_config_file('configs/moe.py:', lock=False).peft.method == 'full'
   with pytest.raises(ConfigError, match=r"--config=configs/moe.py:x: unknown variant 'x'"):
     cli.load_config_file('configs/moe.py:x')
-  cli.check_override_names(c, ['peft.rank', 'mesh.rules', 'seed'])
+  cli.check_override_names(c, ['peft.lora.rank', 'mesh.rules', 'seed'])
   with pytest.raises(ConfigError, match=r"--config.peft.rnak: unknown field 'rnak'"):
-    cli.check_override_names(c, ['peft.rank', 'peft.rnak'])
+    cli.check_override_names(c, ['peft.lora.rank', 'peft.rnak'])
 
 
 def test_variant_helpers():

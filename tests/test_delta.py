@@ -22,7 +22,7 @@ def _trees(seed=0):
 
 def _save(path, trainable, base, **kw):
   return delta.save_delta(path, trainable, base_params=base, method='lora',
-                          peft_config={'rank': 4, 'alpha': 8.0}, base_source='tiny',
+                          peft_config={'method': 'lora', 'lora': {'rank': 4, 'alpha': 8.0}}, base_source='tiny',
                           dataset={'name': 'rt', 'split': 'train'},
                           metrics={'accuracy': 0.8}, **kw)
 
@@ -40,7 +40,7 @@ def test_round_trip_and_manifest(tmp_path):
   assert manifest['params']['bytes'] == 4 * manifest['params']['count']
   assert manifest['base']['bytes'] == 4 * (64 * 32 + 32)
   assert manifest['adapter_to_base_bytes'] == pytest.approx(448 / 2080)
-  assert manifest['method'] == 'lora' and manifest['peft_config']['rank'] == 4
+  assert manifest['method'] == 'lora' and manifest['peft_config']['lora']['rank'] == 4
   assert manifest['dataset']['name'] == 'rt' and manifest['metrics']['accuracy'] == 0.8
   assert set(manifest['versions']) == {'peftjax', 'jax'} and manifest['parent'] is None
   assert saved['file_bytes'] == path.stat().st_size > manifest['params']['bytes']

@@ -90,15 +90,15 @@ def test_jitted_step_moves_ia3_and_head_only(built):
 
 
 def test_no_match_lists_close_module_paths(built):
-  with pytest.raises(ConfigError, match=r"peft.ia3_targets='attention/\(keyy\).*closest module "
+  with pytest.raises(ConfigError, match=r"peft.ia3.targets='attention/\(keyy\).*closest module "
                                         r"paths: \[.*attention/key"):
-    _init(built, ia3_targets='attention/(keyy)$')
-  with pytest.raises(ConfigError, match=r'peft.ia3_ffn_targets'):
-    _init(built, ia3_ffn_targets='/outptu$')
+    _init(built, targets='attention/(keyy)$')
+  with pytest.raises(ConfigError, match=r'peft.ia3.ffn_targets'):
+    _init(built, ffn_targets='/outptu$')
 
 
 def test_ffn_only(built):
-  _, ia3, _ = _init(built, ia3_targets='')
+  _, ia3, _ = _init(built, targets='')
   assert tree.count(ia3) == L * F
 
 

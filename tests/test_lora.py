@@ -28,9 +28,10 @@ class Foreign(nn.Module):
 ALL = r'(tok/embedding|proj/kernel|merge/kernel|head/kernel)$'
 
 
-def _cfg(**kw):
-  base = dict(method='lora', rank=3, alpha=6.0, dropout=0.0, targets=ALL, head='')
-  return ml_collections.ConfigDict({**base, **kw})
+def _cfg(**lora):
+  """A ``peft`` section for LoRA; ``lora`` sets fields of ``peft.lora``."""
+  base = dict(rank=3, alpha=6.0, rslora=False, dropout=0.0, targets=ALL)
+  return ml_collections.ConfigDict({'method': 'lora', 'head': '', 'lora': {**base, **lora}})
 
 
 @pytest.fixture(scope='module')
@@ -171,7 +172,7 @@ def test_unsupported_leaf_is_an_error(setup):
 @pytest.mark.parametrize('rank', [0, 6])
 def test_bad_rank(setup, rank):
   # head kernel is 16 x 5: rank 6 > min(16, 5).
-  with pytest.raises(ValueError, match=r'peft.rank=' + str(rank)):
+  with pytest.raises(ValueError, match=r'peft.lora.rank=' + str(rank)):
     _init(setup, rank=rank, targets=r'head/kernel$' if rank else ALL)
 
 

@@ -97,7 +97,7 @@ def test_misspelled_override_names_the_key(tmp_path):
 
 
 @pytest.mark.parametrize('override,expect', [
-    ('--config.peft.rank=0', 'config.peft.rank=0 is invalid; valid: a positive integer'),
+    ('--config.peft.lora.rank=0', 'config.peft.lora.rank=0 is invalid; valid: a positive integer'),
     ('--config.peft.method=lorra', "config.peft.method='lorra' is invalid; valid: adapter, bitfit"),
     ('--config.optim.schedule=step', "config.optim.schedule='step' is invalid"),
     ('--config.data.max_length=1', 'config.data.max_length=1 is invalid; valid: 2..512'),
@@ -111,7 +111,7 @@ def test_invalid_values_fail_before_compute(tmp_path, override, expect):
 
 
 def test_target_matching_nothing_lists_paths(tmp_path):
-  code, out, err = _run([*TINY, '--config.peft.targets=attention/quer/kernel$',
+  code, out, err = _run([*TINY, '--config.peft.lora.targets=attention/quer/kernel$',
                          f'--workdir={tmp_path / "w"}'])
   assert code != 0
   assert 'matches no parameter; closest weight paths' in err and 'query/kernel' in err
@@ -149,7 +149,7 @@ def test_moe_lora_on_experts_end_to_end(tmp_path):
   """Upcycled 2-layer MiniLM-MoE (layer 1: 8 experts), LoRA on experts + router, from flags."""
   wd = tmp_path / 'moe'
   code, out, err = _run([*TINY, '--config.model.num_layers=2', '--config.moe.num_experts=8',
-                         '--config.peft.targets=moe/(intermediate|output|router)/kernel$',
+                         '--config.peft.lora.targets=moe/(intermediate|output|router)/kernel$',
                          f'--workdir={wd}'])
   assert code == 0, err[-3000:]
   s = json.loads((wd / 'summary.json').read_text())

@@ -28,7 +28,7 @@ def _encoder_params(built):
 
 
 def test_count_and_vocab_init(built):
-  _, p, _ = tinybert.init('prompt', num_prompts=5)
+  _, p, _ = tinybert.init('prompt', length=5)
   assert tree.count(p) == 5 * D
   assert p['prompt'].shape == (5, D)
   # Every prompt is a copy of some row of the word-embedding table.
@@ -66,7 +66,7 @@ def test_encoder_output_is_prompts_then_tokens(built):
 
 
 def test_model_changes_with_prompts_and_padding_stays_masked(built):
-  method, p, _ = tinybert.init('prompt', num_prompts=4)
+  method, p, _ = tinybert.init('prompt', length=4)
   inputs = tinybert.inputs()
   base = built.module.apply({'params': built.params}, **inputs)
   logits = peft.apply(built.module, method, built.params, p, inputs)
@@ -83,7 +83,7 @@ def test_model_changes_with_prompts_and_padding_stays_masked(built):
 
 
 def test_jitted_step_moves_prompts_and_head_only(built):
-  method, p, c = tinybert.init('prompt', num_prompts=4)
+  method, p, c = tinybert.init('prompt', length=4)
   (before, after), _ = tinybert.steps(method, p, c)
   assert tinybert.moved(before, after) == ['base/classifier/bias', 'base/classifier/kernel',
                                            'peft/prompt']
@@ -100,30 +100,30 @@ def test_text_init_equals_token_embeddings():
   model = BertClassifier(cfg, num_classes=2)
   x = jnp.ones((2, 4), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), x, x)['params'])
-  method, _ = tinybert.method('prompt', num_prompts=7, prompt_init='text',
-                              prompt_init_text=text)
+  method, _ = tinybert.method('prompt', length=7, init='text',
+                              init_text=text)
   p = method.init(jax.random.key(1), model, params, {'input_ids': x, 'attention_mask': x})
   table = params['encoder']['embeddings']['word_embeddings']['embedding']
   expected = table[np.array([ids[0], ids[1], ids[2], ids[0], ids[1], ids[2], ids[0]])]
   np.testing.assert_array_equal(p['prompt'], expected)
   # Cut to n when the text is longer.
-  method, _ = tinybert.method('prompt', num_prompts=2, prompt_init='text', prompt_init_text=text)
+  method, _ = tinybert.method('prompt', length=2, init='text', init_text=text)
   p = method.init(jax.random.key(1), model, params, {'input_ids': x, 'attention_mask': x})
   np.testing.assert_array_equal(p['prompt'], table[ids[:2]])
 
 
 def test_text_init_out_of_vocab_is_a_config_error(built):
-  with pytest.raises(ConfigError, match=r'peft.prompt_init_text=.*vocabulary'):
-    tinybert.init('prompt', prompt_init='text', prompt_init_text='wonderful')
+  with pytest.raises(ConfigError, match=r'peft.prompt.init_text=.*vocabulary'):
+    tinybert.init('prompt', init='text', init_text='wonderful')
 
 
 def test_config_errors():
-  with pytest.raises(ConfigError, match=r'peft.num_prompts=0'):
-    tinybert.method('prompt', num_prompts=0)
-  with pytest.raises(ConfigError, match=r"peft.prompt_init='random'.*'vocab', 'text'"):
-    tinybert.method('prompt', prompt_init='random')
-  with pytest.raises(ConfigError, match=r'prompt_init_text'):
-    tinybert.method('prompt', prompt_init='text')
+  with pytest.raises(ConfigError, match=r'peft.prompt.length=0'):
+    tinybert.method('prompt', length=0)
+  with pytest.raises(ConfigError, match=r"peft.prompt.init='random'.*'vocab', 'text'"):
+    tinybert.method('prompt', init='random')
+  with pytest.raises(ConfigError, match=r'prompt.init_text'):
+    tinybert.method('prompt', init='text')
 
 
 def test_merge_raises(built):

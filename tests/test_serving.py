@@ -28,7 +28,7 @@ SPECS = {
     'r2': ('lora', dict(rank=2), 2),  # alpha 16: scale 8
     'r5': ('lora', dict(rank=5, alpha=4.0, targets=r'encoder/.*kernel$'), 3),  # every dense layer
     'r8': ('lora', dict(rank=8, alpha=8.0, rslora=True, targets=EMBED), 4),  # + embedding LoRA
-    'ia3': ('ia3', dict(ia3_ffn_targets=r'(/output|attention/out)$'), 5),  # (2, 8) inputs too
+    'ia3': ('ia3', dict(ffn_targets=r'(/output|attention/out)$'), 5),  # (2, 8) inputs too
     'lora_ia3': ('lora+ia3', dict(rank=3), 6),
     'bitfit': ('bitfit', {}, 7),
 }
@@ -456,7 +456,7 @@ def test_resaved_adapter_records_its_parent_and_merges_their_sources(lib, tmp_pa
       {'name': 'r5', 'weight': 0.75, 'source': str(tmp_path / 'b.safetensors'),
        'params_sha256': mb['params']['sha256']}]
   assert delta.read_manifest(tmp_path / 'mix.safetensors')['merged_from'] == m['merged_from']
-  assert m['peft_config']['rank'] == 7 and m['parent'] is None
+  assert m['peft_config']['lora']['rank'] == 7 and m['parent'] is None
   again = AdapterLibrary(b.module, b.params, max_rank=MAX_RANK)
   again.load('mix', tmp_path / 'mix.safetensors')
   for k, v in _parts(fresh['mix']).items():
@@ -542,7 +542,8 @@ def test_rank_above_max_rank_is_refused(lib, trained, tmp_path):
     elif p.endswith('lora_b'):
       flat[p] = rng.normal(size=(9, 2, 8)).astype(np.float32)
   big = tree.unflatten(flat)
-  cfg = dict(trained['r2'].cfg.to_dict(), rank=9)
+  cfg = trained['r2'].cfg.to_dict()
+  cfg['lora']['rank'] = 9
   path = tmp_path / 'r9.safetensors'
   delta.save_delta(path, big, base_params=tree.partition(
       tb.built().params, trained['r2'].method.trainable_base)[1], method='lora', peft_config=cfg)
@@ -584,14 +585,14 @@ def test_adapter_for_another_model_shape_is_refused(lib, trained, tmp_path):
 
 
 def test_unsupported_method_is_refused(lib, trained, tmp_path):
-  # A prefix-tuning partition, as peft.prefix (num_prefix=2, no reparameterization) makes it.
+  # A prefix-tuning partition, as peft.prefix (prefix.length=2, no reparameterization) makes it.
   rng = np.random.default_rng(0)
   t = {'base': trained['r2'].trainable['base'],
        'peft': {'prefix': rng.normal(size=(2, 2, 2, 2, 8)).astype(np.float32)}}
   path = tmp_path / 'prefix.safetensors'
   delta.save_delta(path, t, base_params=tree.partition(
       tb.built().params, trained['r2'].method.trainable_base)[1], method='prefix',
-                   peft_config={'num_prefix': 2})
+                   peft_config={'method': 'prefix', 'prefix': {'length': 2}})
   for call in (lambda: lib.load('p', path), lambda: lib.add_trained('r2', t, 'prefix', {})):
     _refused(lib, call, AdapterError, "method 'prefix' cannot be served",
              'lora, ia3, lora+ia3, bitfit, linear_probe')

@@ -341,7 +341,7 @@ def test_sweep_config_with_a_syntax_error(tmp_path):
     (['--config.train.steps=x'], ['--config.train.steps=x', 'valid: an integer']),
     (['--fersh'], ["a flag passed to every run: Unknown command line flag 'fersh'",
                    'Did you mean: fresh']),
-    (['--config.peft.rank=16'], ['--config.peft.rank is set per run by sweep()']),
+    (['--config.peft.lora.rank=16'], ['--config.peft.lora.rank is set per run by sweep()']),
     (['stray'], ["unexpected arguments ['stray']"]),
 ])
 def test_sweep_bad_arguments_are_refused_before_any_run(tmp_path, flags, fragments):
@@ -366,13 +366,13 @@ def test_sweep_argument_its_sweep_cannot_read(tmp_path):
 
 def test_sweep_a_bad_run_is_named_with_its_field_before_any_run_starts(tmp_path):
   config = _config(tmp_path, 'def sweep(add, arg=None):\n'
-                             "  add(**{'peft.rank': 4})\n"
-                             "  add(**{'peft.rank': 0})\n"
+                             "  add(**{'peft.lora.rank': 4})\n"
+                             "  add(**{'peft.lora.rank': 0})\n"
                              "  add(**{'peft.rnak': 8})\n")
   _error(_sweep(f'--config={config}', f'--workdir={tmp_path / "sw"}'),
-         "run 'peft.rank=0' (2 of 3", 'config.peft.rank=0 is invalid; valid: a positive integer')
+         "run 'peft.lora.rank=0' (2 of 3", 'config.peft.lora.rank=0 is invalid; valid: a positive integer')
   assert sorted(p.name for p in tmp_path.iterdir()) == ['study.py']
-  config.write_text(config.read_text().replace("  add(**{'peft.rank': 0})\n", ''))
+  config.write_text(config.read_text().replace("  add(**{'peft.lora.rank': 0})\n", ''))
   _error(_sweep(f'--config={config}', f'--workdir={tmp_path / "sw"}', '--dry_run'),
          "run 'peft.rnak=8' (2 of 2", "--config.peft.rnak: unknown field 'rnak'",
          "did you mean 'rank'")

@@ -283,7 +283,7 @@ def test_setup_installs_on_every_worker():
 
 def test_run_starts_the_same_command_on_every_worker():
   r = script('run.sh', *BASE, '--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/runs/r8/',
-             '--config.peft.rank=8', "--config.peft.prompt_init_text=it's lora", '--dry-run', '--',
+             '--config.peft.lora.rank=8', "--config.peft.prompt.init_text=it's lora", '--dry-run', '--',
              '--fresh')
   [ssh] = commands(r)
   assert ssh[:9] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'tpu-a', '--project=proj',
@@ -291,7 +291,7 @@ def test_run_starts_the_same_command_on_every_worker():
   remote = flag(ssh, 'command')
   assert detached_job(remote) == [
       '.venv/bin/python', '-m', 'peftjax.main', f'--config={TINY}', '--workdir=gs://b/runs/r8',
-      '--multihost=true', '--config.peft.rank=8', "--config.peft.prompt_init_text=it's lora",
+      '--multihost=true', '--config.peft.lora.rank=8', "--config.peft.prompt.init_text=it's lora",
       '--fresh']
   assert remote.startswith('cd peftjax && ') and '> logs/r8.log 2>&1 < /dev/null &' in remote
   assert 'note:' not in r.stderr  # gs:// workdirs need no warning
@@ -307,7 +307,7 @@ def test_run_starts_the_same_command_on_every_worker():
 
 def test_run_remote_command_runs_once_detached_and_refuses_a_busy_slice(worker):
   home = worker()
-  overrides = ['--config.peft.rank=8', "--config.peft.prompt_init_text=it's lora"]
+  overrides = ['--config.peft.lora.rank=8', "--config.peft.prompt.init_text=it's lora"]
   [ssh] = commands(script('run.sh', *BASE, '--name=tpu-a', f'--config={TINY}',
                           f'--workdir={home}/run', *overrides, '--dry-run'))
   r = run_remote(flag(ssh, 'command'), home)
@@ -380,7 +380,7 @@ def test_sweep_fans_every_run_out_once_with_its_own_workdir(tmp_path):
   script_text = shlex.split(flag(ssh[0], 'command'))
   script_text = script_text[script_text.index('-c') + 1]
   assert f'--config={TINY} --workdir={tmp_path}/sw/{RUNS[0]} --config.peft.method=lora ' \
-         '--config.peft.rank=2 --config.seed=0 --config.train.progress=False ' \
+         '--config.peft.lora.rank=2 --config.seed=0 --config.train.progress=False ' \
          '--multihost=true --config.train.steps=3 --compilation_cache=.jax_cache' in script_text
   assert f'> logs/{RUNS[0]}.log 2>&1' in script_text
   assert "'> logs/sweep.log 2>&1" not in r.stdout and 'logs/sweep.log' in flag(ssh[0], 'command')
@@ -435,10 +435,10 @@ def test_plan_local_and_gs_roots():
   assert [(p['slice'], p['run']) for p in local] == [
       ('tpu-a', RUNS[0]), ('tpu-b', RUNS[1]), ('tpu-a', RUNS[2]), ('tpu-b', RUNS[3])]
   assert [p['workdir'] for p in local] == [f'/data/sw/{n}' for n in RUNS]
-  assert local[0]['overrides'] == {'peft.method': 'lora', 'peft.rank': 2, 'seed': 0}
+  assert local[0]['overrides'] == {'peft.method': 'lora', 'peft.lora.rank': 2, 'seed': 0}
   assert local[0]['command'] == [
       '.venv/bin/python', '-m', 'peftjax.main', f'--config={TINY}', f'--workdir=/data/sw/{RUNS[0]}',
-      '--config.peft.method=lora', '--config.peft.rank=2', '--config.seed=0',
+      '--config.peft.method=lora', '--config.peft.lora.rank=2', '--config.seed=0',
       '--config.train.progress=False', '--multihost=true']
   gs = pod_sweep.plan(TINY, 'gs://bkt/sweeps/tiny', ['tpu-a'], extra=['--fresh'],
                       python='python3')
@@ -644,9 +644,9 @@ def test_without_gcloud_a_real_run_stops_in_one_line(no_gcloud, name, args):
      ['--slices=tpu-a,tpu-a names a slice twice']),
     ('sweep.sh', ['--names=tpu-a', '--config=configs/nope.py', '--workdir=/data/sw'],
      ['--config=configs/nope.py: no such file']),
-    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=/w', '--config.peft.rank'],
-     ['--config.peft.rank needs a value: --config.peft.rank=VALUE']),
-    ('delete.sh', ['--name=tpu-a', '--config.peft.rank=8'], ["unknown option '--config.peft.rank=8'"]),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=/w', '--config.peft.lora.rank'],
+     ['--config.peft.lora.rank needs a value: --config.peft.lora.rank=VALUE']),
+    ('delete.sh', ['--name=tpu-a', '--config.peft.lora.rank=8'], ["unknown option '--config.peft.lora.rank=8'"]),
     # run.sh checks the config and the overrides here, as peftjax.main on the workers would.
     ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/r', '--config.peft.rnak=8'],
      ["--config.peft.rnak: unknown field 'rnak' in section 'peft' (did you mean 'rank'?)"]),

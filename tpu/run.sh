@@ -27,7 +27,7 @@
 #
 # Example:
 #   tpu/run.sh --project=my-proj --zone=us-central2-b --name=tpu-a --config=configs/tiny.py \
-#     --workdir=gs://my-bucket/runs/tiny --config.peft.rank=8 --dry-run
+#     --workdir=gs://my-bucket/runs/tiny --config.peft.lora.rank=8 --dry-run
 # shellcheck disable=SC2154  # OPT_* variables are set by parse_args (printf -v)
 set -euo pipefail
 # shellcheck source=tpu/common.sh

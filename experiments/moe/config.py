@@ -16,7 +16,7 @@ from experiments.method_comparison import config as method_comparison
 SEEDS = (0, 1, 2)
 _FULL = {'peft.method': 'full', 'optim.learning_rate': 1e-4}
 _LORA_EXPERTS = {'peft.method': 'lora', 'optim.learning_rate': 4e-3,
-                 'peft.targets': 'moe/(intermediate|output|router)/kernel$'}
+                 'peft.lora.targets': 'moe/(intermediate|output|router)/kernel$'}
 # label -> overrides
 RUNS = {
     'dense, full FT': {**_FULL, 'moe.num_experts': 0},

@@ -195,15 +195,16 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, bert_cfg: BertConfig, *,
   pooler is left out when the model does not use the pooler and no head needs it.
 
   ``info`` holds ``rank``, ``alpha``, ``rslora`` (for ``peft.*``), ``targets`` (a regex over our
-  weight paths matching exactly the imported sites, for ``peft.targets``), ``ranks`` (per
+  weight paths matching exactly the imported sites, for ``peft.lora.targets``), ``ranks`` (per
   site), ``scales`` (PEFT's per-site scaling), ``pooling`` (what the head needs:
   ``'cls_pooler'``, ``'mean'``, ``'cls'``, or ``None`` for any), ``pooler`` (trained pooler
   weights from ``modules_to_save``, or ``None``), ``class_names`` (or ``None``), ``unused``
   (sites left out), ``task_type``, ``base_model_name_or_path`` and ``dropout``.
 
   >>> lora, head, info = load_peft_adapter('/tmp/adapter', cfg, pooling='cls_pooler')  # doctest: +SKIP
-  >>> method = peft.build(ConfigDict(dict(method='lora', rank=info['rank'], alpha=info['alpha'],
-  ...     rslora=info['rslora'], targets=info['targets'], dropout=0.0)))  # doctest: +SKIP
+  >>> method = peft.build(ConfigDict(dict(method='lora', head='', lora=dict(
+  ...     rank=info['rank'], alpha=info['alpha'], rslora=info['rslora'], targets=info['targets'],
+  ...     dropout=0.0))))  # doctest: +SKIP
   """
   if pooling is not None and pooling not in POOLINGS:
     raise PeftFormatError(f'pooling={pooling!r}; valid: {", ".join(POOLINGS)}')

@@ -26,6 +26,7 @@ import jax
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import sections
 
 _REGISTRY: dict[str, type] = {}
 
@@ -43,6 +44,8 @@ def register(name: str) -> Callable[[type], type]:
 
 def method_names() -> tuple[str, ...]:
   """Names accepted by ``--config.peft.method`` (join several with '+' to compose them)."""
+  from peftjax import peft as package  # pylint: disable=g-import-not-at-top
+  package.load_methods()
   return tuple(sorted(_REGISTRY))
 
 
@@ -53,6 +56,9 @@ def build(peft_cfg) -> 'Method':
 
   >>> method = build(config.peft)  # doctest: +SKIP
   """
+  from peftjax import peft as package  # pylint: disable=g-import-not-at-top
+  package.load_methods()  # the registry holds every method
+  sections.check(peft_cfg)  # each method's sub-section, as the command line's validation does
   names = peft_cfg.method.split('+')
   unknown = [n for n in names if n not in _REGISTRY]
   if unknown or len(set(names)) != len(names):

@@ -15,6 +15,7 @@ import numpy as np
 
 from peftjax import tree as tree_lib
 from peftjax.errors import UserInputError
+from peftjax.peft import sections as peft_sections
 from peftjax.peft.lora import Site
 
 SERVABLE = ('lora', 'ia3', 'lora+ia3', 'bitfit', 'linear_probe')
@@ -62,9 +63,11 @@ class Adapter:
 
 
 def lora_scale(peft_config: dict) -> float:
-  """``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), as :class:`peftjax.peft.LoRA` uses."""
-  rank = float(peft_config['rank'])
-  return float(peft_config['alpha']) / (np.sqrt(rank) if peft_config.get('rslora') else rank)
+  """``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``) of the ``lora`` section, as
+  :class:`peftjax.peft.LoRA` uses."""
+  lora = peft_config['lora']
+  rank = float(lora['rank'])
+  return float(lora['alpha']) / (np.sqrt(rank) if lora.get('rslora') else rank)
 
 
 def _fail(where: str, msg: str):
@@ -85,7 +88,8 @@ def parse(trainable: dict, method: str, peft_config: dict, *, sites: dict[str, S
   peft = tree_lib.flatten(trainable.get('peft', {}))
   if method == 'lora+ia3':
     peft = {k.split('/', 1)[1]: v for k, v in peft.items()}
-  ad = Adapter(method=method, peft_config=dict(peft_config))
+  # In sections (peftjax.peft.sections) also when it comes flat from an older file.
+  ad = Adapter(method=method, peft_config=peft_sections.upgrade(dict(peft_config)))
   names = {'lora_a', 'lora_b'} if 'lora' in method else set()
   pairs: dict[str, dict] = {}
   for path, v in peft.items():
@@ -123,12 +127,13 @@ def parse(trainable: dict, method: str, peft_config: dict, *, sites: dict[str, S
             f'build the library with max_rank >= {r}')
     ad.lora[module] = (a, b)
   if ad.lora:
-    bad = {k: peft_config.get(k) for k in ('rank', 'alpha')
-           if not isinstance(peft_config.get(k), (int, float)) or peft_config.get(k) <= 0}
+    lora_cfg = ad.peft_config.get('lora') or {}
+    bad = {f'lora.{k}': lora_cfg.get(k) for k in ('rank', 'alpha')
+           if not isinstance(lora_cfg.get(k), (int, float)) or lora_cfg.get(k) <= 0}
     if bad:
       _fail(where, f'its peft_config has {bad}; a LoRA adapter needs positive rank and alpha '
             '(its scale is alpha/rank)')
-    ad.scale = lora_scale(peft_config)
+    ad.scale = lora_scale(ad.peft_config)
   for path, v in tree_lib.flatten(trainable.get('base', {})).items():
     v = np.asarray(v, np.float32)
     if path not in base_flat:

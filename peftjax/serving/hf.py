@@ -99,7 +99,7 @@ def export_peft(lib, name: str, out_dir: str | pathlib.Path, *, overwrite: bool 
     lora[f'{p}/lora_a'], lora[f'{p}/lora_b'] = a, b
   pick = lambda leaves: ({'kernel': ad.base[leaves[0]], 'bias': ad.base[leaves[1]]}
                          if all(k in ad.base for k in leaves) else None)
-  cfg = ad.peft_config
+  cfg = ad.peft_config['lora']
   return save_peft_adapter(out_dir, tree_lib.unflatten(lora), rank=int(cfg['rank']),
                            alpha=float(cfg['alpha']), rslora=bool(cfg.get('rslora', False)),
                            head=pick(HEAD_LEAVES), pooler=pick(POOLER_LEAVES),
@@ -170,8 +170,8 @@ def load_peft(lib, name: str, adapter_dir: str | pathlib.Path):
   if info['pooler'] is not None:
     base['pooler'] = info['pooler']
   trainable = {'base': base, 'peft': lora}
-  cfg = {'method': 'lora', 'rank': info['rank'], 'alpha': info['alpha'],
-         'rslora': info['rslora'], 'targets': info['targets']}
+  cfg = {'method': 'lora', 'lora': {'rank': info['rank'], 'alpha': info['alpha'],
+                                    'rslora': info['rslora'], 'targets': info['targets']}}
   ad = lib.add_trained(name, trainable, 'lora', cfg)
   ad.source = str(adapter_dir)
   ad.manifest = {'base': {'source': info.get('base_model_name_or_path') or ''},

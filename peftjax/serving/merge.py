@@ -92,7 +92,8 @@ def weighted(adapters: list[Adapter], weights: list[float], *, combination: str 
   names = names or [ad.source or f'adapter_{i}' for i, ad in enumerate(adapters)]
   cfg = dict(adapters[0].peft_config)
   if has_lora:
-    cfg.update(rank=r, alpha=float(r), rslora=False)  # scale alpha/rank = 1: folded into B
+    # scale alpha/rank = 1: folded into B
+    cfg['lora'] = {**cfg.get('lora', {}), 'rank': r, 'alpha': float(r), 'rslora': False}
   return Adapter(
       method=method, peft_config=cfg, scale=1.0, lora=lora,
       ia3_out=_linear([ad.ia3_out for ad in adapters], weights, 1.0),
