@@ -197,7 +197,9 @@ def load_finished(workdir: str) -> tuple[Any, Built]:
   if not summary.exists():
     raise UserInputError(f'{str(summary)!r} does not exist: {workdir!r} is not a finished run '
                          '(train it first: python -m peftjax.main --config=... --workdir=...)')
-  config = ml_collections.ConfigDict(json.loads(summary.read_text())['config'])
+  # A run of an older version stored flat method fields (peft.rank, ...): upgraded on read.
+  config = ml_collections.ConfigDict(validate_lib.upgrade(
+      json.loads(summary.read_text())['config']))
   setup, params = restore_trained(config, workdir)
   try:
     merged = setup.method.merge(params['base'], params['peft'])
