@@ -16,8 +16,10 @@ import pytest
 from configs import common
 from peftjax import moe
 from peftjax import peft
-from peftjax import train
+from peftjax import run
+from peftjax import step as step_lib
 from peftjax import tree
+from peftjax.components import moe_aux
 from peftjax.errors import ConfigError
 from peftjax.models import BertClassifier
 from peftjax.models import BertConfig
@@ -27,6 +29,7 @@ from peftjax.models.build import build
 from peftjax.moe import MoeConfig
 from peftjax.moe import MoeFFN
 from peftjax.moe import routing
+from peftjax.tasks.classification import Classification
 from peftjax.validate import validate
 from peftjax.validate import validate_mesh_moe
 
@@ -760,16 +763,15 @@ def _sgd_recording_grads():
 
 @functools.cache
 def lora_step():
-  """One jitted ``train.make_train_step`` step of the LoRA model (balance C1, z C2):
+  """One jitted ``step.make_train_step`` step of the LoRA model (balance C1, z C2):
   ``(trainable before, frozen, state before, state after, metrics)``."""
   b, (m, lora, _) = tiny(), lora_setup()
   base_tr, frozen = tree.partition(b.params, m.trainable_base)
   trainable = {'base': base_tr, 'peft': lora}
   tx = _sgd_recording_grads()
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
-           'opt_state': tx.init(trainable), 'rng': jax.random.key_data(jax.random.key(2))}
-  step = jax.jit(train.make_train_step(train.make_forward(b, m), tx, b.input_keys,
-                                       balance_coef=C1, z_coef=C2))
+  state = run.TrainState.create(tx, trainable, seed=0)
+  step = jax.jit(step_lib.make_train_step(run.make_forward(b, m), tx, Classification(None),
+                                          [moe_aux.component(C1, C2)]))
   new, metrics = step(state, frozen, tiny_batch())
   return trainable, frozen, state, new, metrics
 
@@ -806,13 +808,13 @@ def test_expert_lora_one_step_trains_only_lora_and_head():
   assert sorted(tree.flatten(trainable['base'])) == ['classifier/bias', 'classifier/kernel']
   fz = tree.flatten(frozen)
   assert {f'{PRE}/intermediate/kernel', f'{PRE}/output/kernel', f'{PRE}/router/kernel'} <= set(fz)
-  fa, fb = tree.flatten(trainable), tree.flatten(new['params'])
+  fa, fb = tree.flatten(trainable), tree.flatten(new.params)
   moved = sorted(p for p in fa if not np.array_equal(fa[p], fb[p]))
   # With B = 0 the gradient of every A is exactly 0: A stays; every B and the head move.
   assert moved == ['base/classifier/bias', 'base/classifier/kernel',
                    f'peft/{PRE}/intermediate/lora_b', f'peft/{PRE}/output/lora_b',
                    f'peft/{PRE}/router/lora_b']
-  grads = tree.flatten(new['opt_state'])
+  grads = tree.flatten(new.opt_state)
   assert all(np.all(np.asarray(grads[p]) == 0) for p in grads if p.endswith('lora_a'))
   # The base (expert kernels, router) is not even an input of the update: bit-identical.
   assert all(np.array_equal(fz[p], tree.flatten(tiny().params)[p]) for p in fz)
@@ -853,7 +855,7 @@ def test_train_step_loss_includes_aux_losses():
   m, _, _ = lora_setup()
   trainable, frozen, state, new, metrics = lora_step()
   batch = tiny_batch()
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), 0)  # the step's rng
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)  # the step's rng
 
   def parts(params):
     """(CE, balance, z, dropped) of the one MoE layer, read off the collection directly."""
@@ -883,7 +885,7 @@ def test_train_step_loss_includes_aux_losses():
   aux_loss, _ = moe.aux_losses(aux, C1, C2)
   assert float(aux_loss) == pytest.approx(float(C1 * bal + C2 * z), rel=1e-6)
   # The step differentiated CE + C1*balance + C2*z: its gradients are the reference's.
-  fg, fw, fa = map(tree.flatten, (new['opt_state'], want, want_aux))
+  fg, fw, fa = map(tree.flatten, (new.opt_state, want, want_aux))
   assert sorted(fg) == sorted(fw)
   for p in fw:
     np.testing.assert_allclose(fg[p], fw[p], atol=2e-6, rtol=1e-4, err_msg=p)
