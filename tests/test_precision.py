@@ -10,14 +10,16 @@ import pytest
 import tinybert as tb
 from configs import common
 from peftjax import optim
+from peftjax import run
+from peftjax import step as step_lib
 from peftjax import timing
-from peftjax import train
 from peftjax import tree
 from peftjax import validate
 from peftjax.errors import ConfigError
 from peftjax.models import BertClassifier
 from peftjax.models.bert import REMAT_POLICIES
 from peftjax.moe.layer import MoeConfig
+from peftjax.tasks.classification import Classification
 
 
 def _built(**cfg):
@@ -38,15 +40,14 @@ def test_bf16_step_keeps_float32_master_weights_and_loss():
   base_tr, frozen = tree.partition(b.params, m.trainable_base)
   trainable = {'base': base_tr, 'peft': p}
   tx = optim.make_optimizer(c.optim, 10)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable,
-           'opt_state': tx.init(trainable), 'rng': jax.random.key_data(jax.random.key(2))}
-  step = jax.jit(train.make_train_step(train.make_forward(b, m), tx, b.input_keys))
+  state = run.TrainState.create(tx, trainable, seed=0)
+  step = jax.jit(step_lib.make_train_step(run.make_forward(b, m), tx, Classification(None)))
   new, metrics = step(state, frozen, tb.batch())
-  assert _dtypes(new['params']) == {'float32'}
-  assert _dtypes(new['opt_state']) == {'float32'}
+  assert _dtypes(new.params) == {'float32'}
+  assert _dtypes(new.opt_state) == {'float32'}
   assert metrics['loss'].dtype == jnp.float32 and np.isfinite(metrics['loss'])
   # The step really trained: B moved off zero (in float32).
-  lora_b = tree.flatten(new['params'])['peft/encoder/layer_0/attention/query/lora_b']
+  lora_b = tree.flatten(new.params)['peft/encoder/layer_0/attention/query/lora_b']
   assert lora_b.dtype == jnp.float32 and float(jnp.abs(lora_b).max()) > 0
 
 
@@ -63,7 +64,7 @@ def test_bf16_logits_close_to_f32():
 
 
 def _loss_and_grads(b, m, p, frozen, base_tr):
-  fwd = train.make_forward(b, m)
+  fwd = run.make_forward(b, m)
 
   def loss(trainable):
     logits = fwd(trainable, frozen, tb.inputs(), jax.random.key(3), deterministic=False)
@@ -99,7 +100,7 @@ def test_remat_recomputes_the_layers_in_the_compiled_step():
   flops = {}
   for policy in ('none', 'full'):
     b = _built(remat=policy)
-    fwd = train.make_forward(b, m)
+    fwd = run.make_forward(b, m)
     g = jax.jit(jax.grad(lambda t: fwd(t, frozen, x).sum()))
     flops[policy] = timing.cost_flops(timing.compile_fn(g, {'base': base_tr, 'peft': p}))
   assert flops['full'] > flops['none'] * 1.1

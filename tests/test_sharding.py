@@ -49,7 +49,9 @@ SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn, ml_collections
     assert jax.device_count() == 8, jax.devices()
     from configs import common
-    from peftjax import optim, peft, sharding, train, tree
+    from peftjax import optim, peft, sharding, tree
+    from peftjax import run as run_lib, step as step_lib
+    from peftjax.tasks.classification import Classification
     from peftjax.models import BertClassifier, BertConfig
     from peftjax.models.build import Built
 
@@ -68,7 +70,8 @@ SCRIPT = textwrap.dedent('''
     base_tr, frozen = tree.partition(built.params, method.trainable_base)
     trainable = {'base': base_tr, 'peft': lora}
     tx = optim.make_optimizer(c.optim, 10)
-    step = jax.jit(train.make_train_step(train.make_forward(built, method), tx, built.input_keys))
+    step = jax.jit(step_lib.make_train_step(run_lib.make_forward(built, method), tx,
+                                            Classification(None)))
     rng = np.random.default_rng(0)
     batches = [{'input_ids': rng.integers(1, 200, (16, 16)).astype(np.int32),
                 'attention_mask': (rng.random((16, 16)) > 0.2).astype(np.int32),
@@ -87,20 +90,18 @@ SCRIPT = textwrap.dedent('''
           {'base': base_specs, 'peft': method.logical_specs(built.logical_specs, lora)}, mesh, rules)
       frozen_sh = sharding.logical_to_sharding(frozen_specs, mesh, rules)
       params = jax.device_put(trainable, sharding.fit(train_sh, trainable))
-      state = {'step': jnp.zeros((), jnp.int32), 'params': params,
-               'opt_state': jax.jit(tx.init)(params),
-               'rng': jax.random.key_data(jax.random.key(2))}
+      state = run_lib.TrainState.create(tx, params, seed=0)
       fz = jax.device_put(frozen, sharding.fit(frozen_sh, frozen))
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for b in batches:
           b = {k: jax.device_put(v, bsh) for k, v in b.items()}
           state, m = step(state, fz, b)
-      return jax.device_get(state['params']), state, fz
+      return jax.device_get(state.params), state, fz
 
     one, _, _ = run(jax.devices()[:1], data=1)
     for axes in (dict(data=8), dict(data=2, fsdp=4), dict(data=2, tensor=4)):
       got, st, fz = run(jax.devices(), **axes)
-      lora_a = st['params']['peft']['encoder']['layer_0']['attention']['query']['lora_a']
+      lora_a = st.params['peft']['encoder']['layer_0']['attention']['query']['lora_a']
       kernel = fz['encoder']['layer_0']['attention']['query']['kernel']
       assert len(lora_a.sharding.device_set) == 8, lora_a.sharding
       if 'fsdp' in axes:  # the frozen base is split over fsdp; LoRA A like the kernel's input
@@ -108,7 +109,7 @@ SCRIPT = textwrap.dedent('''
             kernel.sharding, lora_a.sharding)
         assert kernel.addressable_shards[0].data.shape[0] == 32 // 4
       if 'tensor' in axes:  # heads split over tensor; LoRA B takes the kernel's output axes
-        lora_b = st['params']['peft']['encoder']['layer_0']['attention']['query']['lora_b']
+        lora_b = st.params['peft']['encoder']['layer_0']['attention']['query']['lora_b']
         assert kernel.sharding.spec[1] == 'tensor' and lora_b.sharding.spec[1] == 'tensor', (
             kernel.sharding, lora_b.sharding)
       for (p, a), b in zip(tree.flatten(one).items(), tree.flatten(got).values()):
