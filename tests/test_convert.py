@@ -4,6 +4,7 @@ import json
 import pytest
 
 from configs import tiny
+from peftjax import run
 from peftjax import train
 from peftjax.errors import UserInputError
 from peftjax.quant import int8
@@ -29,10 +30,10 @@ def test_ptq_converts_the_trained_lora_run(trained, tmp_path):
   saved = json.loads((tmp_path / 'int8' / 'ptq_summary.json').read_text())
   assert saved['int8']['accuracy'] == s['int8']['accuracy']
   # The saved model loads into the float model and gives the evaluated predictions.
-  task = train.build_task(c)
-  built = task['built']
+  setup = run.build_setup(c)
+  built = setup.built
   model = int8.load(tmp_path / 'int8', built.module, built.params)
-  batch = next(iter(task['data'].eval_batches('test', 64)))
+  batch = next(iter(setup.data.eval_batches('test', 64)))
   logits = model({k: batch[k] for k in built.input_keys})
   correct = ((logits.argmax(-1) == batch['label']) * batch['weight']).sum() / batch['weight'].sum()
   assert abs(float(correct) - s['int8']['accuracy']) < 1e-6  # the tiny test split is one batch

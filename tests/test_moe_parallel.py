@@ -110,7 +110,10 @@ BERT_SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
     assert jax.device_count() == 8, jax.devices()
     from configs import common
-    from peftjax import optim, peft, sharding, train, tree
+    from peftjax import optim, peft, sharding, tree
+    from peftjax import run as run_lib, step as step_lib
+    from peftjax.components import moe_aux
+    from peftjax.tasks.classification import Classification
     from peftjax.models import BertClassifier, BertConfig
     from peftjax.models.build import Built
     from peftjax.moe import MoeConfig
@@ -145,8 +148,8 @@ BERT_SCRIPT = textwrap.dedent('''
     specs = {'base': base_tr_specs, 'peft': method.logical_specs(built.logical_specs, lora)}
     trainable = {'base': base_tr, 'peft': lora}
     tx = optim.make_optimizer(c.optim, 10)
-    step = jax.jit(train.make_train_step(train.make_forward(built, method), tx,
-                                         built.input_keys, balance_coef=0.1, z_coef=0.01))
+    step = jax.jit(step_lib.make_train_step(run_lib.make_forward(built, method), tx,
+                                            Classification(None), [moe_aux.component(0.1, 0.01)]))
     batches = []
     for _ in range(3):
       mask = (np.arange(S)[None] < rng.integers(3, S + 1, (B, 1))).astype(np.int32)
@@ -160,8 +163,7 @@ BERT_SCRIPT = textwrap.dedent('''
       rules = sharding.rules(c.mesh)
       placed = jax.tree.map(jax.device_put, trainable,
                             sharding.logical_to_sharding(specs, mesh, rules))
-      state = {'step': jnp.zeros((), jnp.int32), 'params': placed, 'opt_state': tx.init(placed),
-               'rng': jax.random.key_data(jax.random.key(2))}
+      state = run_lib.TrainState.create(tx, placed, seed=0)
       fz = jax.tree.map(jax.device_put, frozen,
                         sharding.logical_to_sharding(frozen_specs, mesh, rules))
       bsh = sharding.batch_sharding(mesh, rules)
@@ -182,7 +184,7 @@ BERT_SCRIPT = textwrap.dedent('''
       assert a.keys() == b.keys()
       for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-5, err_msg=f'step {i}: {k}')
-    p1, p8 = tree.flatten(jax.device_get(one['params'])), tree.flatten(ep['params'])
+    p1, p8 = tree.flatten(jax.device_get(one.params)), tree.flatten(ep.params)
     for p in p1:
       np.testing.assert_allclose(np.asarray(p8[p]), p1[p], atol=2e-6, rtol=1e-5, err_msg=p)
     moe = 'peft/encoder/layer_1/moe'

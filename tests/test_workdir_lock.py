@@ -155,9 +155,9 @@ def test_deep_compression_takes_the_lock(tmp_path):
 
 def test_restore_trained_refuses_a_workdir_a_run_is_writing(tmp_path):
   from configs import tiny
-  from peftjax import train
+  from peftjax import run
   wd = tmp_path / 'run'
   with WorkdirLock(wd):
     with pytest.raises(WorkdirBusyError, match='is being written by pid .* its checkpoints are '
                                                'not final until that run ends'):
-      train.restore_trained(tiny.get_config(), str(wd))
+      run.restore_trained(tiny.get_config(), str(wd))
