@@ -207,8 +207,8 @@ def get_config() -> ml_collections.ConfigDict:
   # L2-SP (Li et al., 2018; peftjax/components/l2sp.py): alpha/2 * ||w - w_pretrained||^2 over
   # the trainable base leaves that start pretrained, beta/2 * ||w||^2 over the new head. 0 = off.
   c.l2sp = ml_collections.ConfigDict()
-  c.l2sp.alpha = 0.0
-  c.l2sp.beta = 0.0
+  c.l2sp.alpha = 0.0  # weight of the pull towards the pretrained values (trainable base leaves)
+  c.l2sp.beta = 0.0  # weight of the plain L2 penalty on the new head
 
   c.mesh = ml_collections.ConfigDict()  # the device mesh (peftjax/sharding.py)
   c.mesh.data = -1  # -1 = all remaining devices

@@ -81,8 +81,8 @@ def plan(config_path: str, workdir_root: str, slices: list[str], arg: str | None
 
   >>> [(p['slice'], p['workdir']) for p in plan('configs/tiny.py', 'gs://b/s', ['a', 'b'])][:2]
   ... # doctest: +SKIP
-  [('a', 'gs://b/s/peft.method=lora,peft.lora.rank=2,seed=0'),
-   ('b', 'gs://b/s/peft.method=lora,peft.lora.rank=2,seed=1')]
+  [('a', 'gs://b/s/peft.lora.rank=2,peft.method=lora,seed=0'),
+   ('b', 'gs://b/s/peft.lora.rank=2,peft.method=lora,seed=1')]
   """
   slices = list(slices)
   if not slices:

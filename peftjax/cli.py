@@ -184,7 +184,7 @@ def check_override_names(config, names, *, flag: str = 'config', values=None) ->
   >>> check_override_names(common.get_config(), ['train.stepz'])  # doctest: +SKIP
   ConfigError: --config.train.stepz: unknown field 'stepz' in section 'train' (did you mean
   'steps'?); valid: fields steps, batch_size, ...
-  >>> check_override_names(common.get_config(), ['peft.rank'], values={'peft.rank': '16'})  # doctest: +SKIP
+  >>> check_override_names(config, ['peft.rank'], values={'peft.rank': '16'})  # doctest: +SKIP
   ConfigError: config.peft.rank was renamed: use --config.peft.lora.rank=16
   """
   from peftjax import validate  # pylint: disable=g-import-not-at-top  (light: no jax)
@@ -333,8 +333,9 @@ def config_help(config, *, flag: str = 'config', source: pathlib.Path = COMMON) 
                     if not sec)
   except ConfigError:
     pass
+  shown = source.relative_to(_ROOT) if source.is_relative_to(_ROOT) else source
   lines = [f'Fields of --{flag} (override any with --{flag}.<name>=<value>); defaults and '
-           f'comments from {source.relative_to(_ROOT) if source.is_relative_to(_ROOT) else source}:']
+           f'comments from {shown}:']
   order = {name: i for i, name in enumerate(comments)}  # the source's order, others after
   for name, value, is_section in sorted(_leaves(config), key=lambda f: (
       [order.get('.'.join(f[0].split('.')[:i + 1]), len(order))

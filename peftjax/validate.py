@@ -18,9 +18,9 @@ Plain values are checked without jax, flax or optax (a bad override fails in a f
 second): the names that the heavy modules own (models, poolings, schedules, mesh axes) are
 repeated here and kept equal to their registries by ``tests/test_config_errors.py``.
 Stored configs of earlier versions (flat ``peft.rank`` ...) are brought to today's sections by
-:func:`upgrade`, and :func:`renamed` names a field's new place for the command line. What needs the data set or the model's parameter
-paths (:func:`validate_data`, :func:`validate_params`) runs in ``run.build_setup``, before the
-run creates its workdir.
+:func:`upgrade`, and :func:`renamed` names a field's new place for the command line. What
+needs the data set or the model's parameter paths (:func:`validate_data`,
+:func:`validate_params`) runs in ``run.build_setup``, before the run creates its workdir.
 """
 from __future__ import annotations
 

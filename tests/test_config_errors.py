@@ -146,13 +146,13 @@ _RULES_FORM = "pairs (logical axis name, mesh axes), the mesh axes None, one of 
      ['config.model.hidden entry -1 is invalid (not a positive integer)',
       'positive layer sizes']),
     ('--config.nosuch.x=1', ["--config.nosuch.x: unknown section 'nosuch'",
-                             'valid: sections compress, data, mesh, model', 'fields dtype, seed']),
+                             'valid: sections compress, data, l2sp, mesh, model', 'fields dtype, seed']),
     ('--config.trian.steps=1', ["--config.trian.steps: unknown section 'trian' (did you mean "
                                 "'train'?)"]),
     ('--config.train.stepz=1', ["--config.train.stepz: unknown field 'stepz' in section 'train' "
                                 "(did you mean 'steps'?)", 'batch_size', 'eval_every']),
-    ('--config.peft.rnak=4', ["--config.peft.rnak: unknown field 'rnak' in section 'peft' (did "
-                              "you mean 'rank'?)"]),
+    ('--config.peft.lora.rnak=4', ["--config.peft.lora.rnak: unknown field 'rnak' in section "
+                                   "'peft.lora' (did you mean 'rank'?)"]),
     ('--config.sed=1', ["--config.sed: unknown field 'sed' (did you mean 'seed'?)"]),
     ('--config.train=1', ['--config.train is a section, not a field', 'steps']),
     ('--config.train.steps.x=1', ['--config.train.steps.x: train.steps is a field (int), not a '
@@ -372,8 +372,8 @@ def test_load_config_file_for_tools(tmp_path):
   with pytest.raises(ConfigError, match=r"--config=configs/moe.py:x: unknown variant 'x'"):
     cli.load_config_file('configs/moe.py:x')
   cli.check_override_names(c, ['peft.lora.rank', 'mesh.rules', 'seed'])
-  with pytest.raises(ConfigError, match=r"--config.peft.rnak: unknown field 'rnak'"):
-    cli.check_override_names(c, ['peft.lora.rank', 'peft.rnak'])
+  with pytest.raises(ConfigError, match=r"--config.peft.lora.rnak: unknown field 'rnak'"):
+    cli.check_override_names(c, ['peft.lora.rank', 'peft.lora.rnak'])
 
 
 def test_variant_helpers():

@@ -22,7 +22,8 @@ def _trees(seed=0):
 
 def _save(path, trainable, base, **kw):
   return delta.save_delta(path, trainable, base_params=base, method='lora',
-                          peft_config={'method': 'lora', 'lora': {'rank': 4, 'alpha': 8.0}}, base_source='tiny',
+                          peft_config={'method': 'lora', 'lora': {'rank': 4, 'alpha': 8.0}},
+                          base_source='tiny',
                           dataset={'name': 'rt', 'split': 'train'},
                           metrics={'accuracy': 0.8}, **kw)
 

@@ -16,7 +16,7 @@ def test_expand_is_pure_and_ordered():
   assert runs == [{'peft.method': 'lora', 'peft.lora.rank': r, 'seed': s}
                   for r in (2, 4) for s in (0, 1)]
   assert sweep.expand(TINY) == runs
-  assert sweep.run_name(runs[1]) == 'peft.method=lora,peft.lora.rank=2,seed=1'
+  assert sweep.run_name(runs[1]) == 'peft.lora.rank=2,peft.method=lora,seed=1'
   assert len(sweep.expand(str(ROOT / 'configs' / 'quickstart.py'))) == 9
 
 
@@ -40,7 +40,7 @@ def test_sweep_runs_collects_and_resumes(tmp_path):
   by_rank = {r['overrides']['peft.lora.rank']: r['trainable_params'] for r in records}
   assert by_rank[4] - by_rank[2] == 2 * (384 * 2 + 2 * 384)
   md = (tmp_path / 'results.md').read_text()
-  assert md.count('\n') == 2 + 4 and 'accuracy_after' in md and '| lora | 4 | 1 |' in md
+  assert md.count('\n') == 2 + 4 and 'accuracy_after' in md and '| 4 | lora | 1 |' in md
   assert json.loads((tmp_path / 'results.json').read_text()) == records
   # A second call finds every run finished and runs nothing.
   logs = []

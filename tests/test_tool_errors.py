@@ -368,13 +368,14 @@ def test_sweep_a_bad_run_is_named_with_its_field_before_any_run_starts(tmp_path)
   config = _config(tmp_path, 'def sweep(add, arg=None):\n'
                              "  add(**{'peft.lora.rank': 4})\n"
                              "  add(**{'peft.lora.rank': 0})\n"
-                             "  add(**{'peft.rnak': 8})\n")
+                             "  add(**{'peft.lora.rnak': 8})\n")
   _error(_sweep(f'--config={config}', f'--workdir={tmp_path / "sw"}'),
-         "run 'peft.lora.rank=0' (2 of 3", 'config.peft.lora.rank=0 is invalid; valid: a positive integer')
+         "run 'peft.lora.rank=0' (2 of 3",
+         'config.peft.lora.rank=0 is invalid; valid: a positive integer')
   assert sorted(p.name for p in tmp_path.iterdir()) == ['study.py']
   config.write_text(config.read_text().replace("  add(**{'peft.lora.rank': 0})\n", ''))
   _error(_sweep(f'--config={config}', f'--workdir={tmp_path / "sw"}', '--dry_run'),
-         "run 'peft.rnak=8' (2 of 2", "--config.peft.rnak: unknown field 'rnak'",
+         "run 'peft.lora.rnak=8' (2 of 2", "--config.peft.lora.rnak: unknown field 'rnak'",
          "did you mean 'rank'")
   assert sorted(p.name for p in tmp_path.iterdir()) == ['study.py']
 

@@ -283,8 +283,8 @@ def test_setup_installs_on_every_worker():
 
 def test_run_starts_the_same_command_on_every_worker():
   r = script('run.sh', *BASE, '--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/runs/r8/',
-             '--config.peft.lora.rank=8', "--config.peft.prompt.init_text=it's lora", '--dry-run', '--',
-             '--fresh')
+             '--config.peft.lora.rank=8', "--config.peft.prompt.init_text=it's lora", '--dry-run',
+             '--', '--fresh')
   [ssh] = commands(r)
   assert ssh[:9] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'tpu-a', '--project=proj',
                      '--zone=us-central2-b', '--worker=all']
@@ -646,10 +646,13 @@ def test_without_gcloud_a_real_run_stops_in_one_line(no_gcloud, name, args):
      ['--config=configs/nope.py: no such file']),
     ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=/w', '--config.peft.lora.rank'],
      ['--config.peft.lora.rank needs a value: --config.peft.lora.rank=VALUE']),
-    ('delete.sh', ['--name=tpu-a', '--config.peft.lora.rank=8'], ["unknown option '--config.peft.lora.rank=8'"]),
+    ('delete.sh', ['--name=tpu-a', '--config.peft.lora.rank=8'],
+     ["unknown option '--config.peft.lora.rank=8'"]),
     # run.sh checks the config and the overrides here, as peftjax.main on the workers would.
-    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/r', '--config.peft.rnak=8'],
-     ["--config.peft.rnak: unknown field 'rnak' in section 'peft' (did you mean 'rank'?)"]),
+    ('run.sh', ['--name=tpu-a', f'--config={TINY}', '--workdir=gs://b/r',
+                '--config.peft.lora.rnak=8'],
+     ["--config.peft.lora.rnak: unknown field 'rnak' in section 'peft.lora' (did you mean "
+      "'rank'?)"]),
     ('run.sh', ['--name=tpu-a', f'--config={TINY}:big', '--workdir=gs://b/r'],
      [f"--config={TINY}:big: unknown variant 'big'"]),
 ])
