@@ -91,7 +91,7 @@ def test_gradual_unfreezing_resumes_across_the_boundary(tmp_path):
 
 
 def test_misspelled_override_names_the_key(tmp_path):
-  code, out, err = _run([*TINY, '--config.peft.rnak=4', f'--workdir={tmp_path / "w"}'])
+  code, out, err = _run([*TINY, '--config.peft.lora.rnak=4', f'--workdir={tmp_path / "w"}'])
   assert code != 0 and 'rnak' in err
   assert not (tmp_path / 'w').exists()
 
