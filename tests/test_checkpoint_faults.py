@@ -68,7 +68,7 @@ def finished(tmp_path_factory):
   assert code == 0, err[-3000:]
   assert _steps(wd) == [6, 8]
   assert (wd / 'checkpoints/8' / checkpoint.MANIFEST).exists()
-  assert json.loads((wd / 'config.json').read_text())['peft']['rank'] == 8
+  assert json.loads((wd / 'config.json').read_text())['peft']['lora']['rank'] == 8
   return wd
 
 
@@ -226,11 +226,11 @@ def test_training_longer_resumes_with_a_note(copy):
 
 def test_restore_trained_with_another_config_names_the_fields(copy):
   from configs import tiny
-  from peftjax import train
+  from peftjax import run
   c = tiny.get_config()
   c.peft.lora.rank = 4
   with pytest.raises(checkpoint.CheckpointError) as e:
-    train.restore_trained(c, str(copy))
+    run.restore_trained(c, str(copy))
   msg = str(e.value)
   assert 'peft.lora.rank: 8 (checkpoints) vs 4 (this config)' in msg
   assert 'pass the config the run was trained with' in msg and '\n' not in msg
