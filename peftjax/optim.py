@@ -16,8 +16,9 @@ from peftjax.validate import SCHEDULES
 from peftjax.validate import check_lr_multipliers
 
 # Decoupled weight decay skips biases and normalization parameters, as is standard.
-# Biases, norms and quantizer step sizes (LSQ) are not weights: no decay.
-_NO_DECAY = (r'(^|/)bias$', r'(^|/)scale$', r'norm/', r'(^|/)act_step$')
+# Biases, norms, quantizer step sizes (LSQ) and calibrated static activation scales (QAT: held
+# constant, zero gradient) are not weights: no decay.
+_NO_DECAY = (r'(^|/)bias$', r'(^|/)scale$', r'norm/', r'(^|/)act_step$', r'(^|/)act_(scale|zero)$')
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:

@@ -158,12 +158,13 @@ def test_cnn_convolutions_run_in_int8_and_match_fake_quant():
   m = qat.wrap(peft.build(c.peft), c.quant)
   inputs = {'image': images}
   pp = m.init(jax.random.key(1), module, params, inputs)
-  assert [s.kind for s in m.sites].count('conv') == 2
+  sites = m.sites(module, params, inputs)
+  assert [s.kind for s in sites].count('conv') == 2
   pp = m.calibrate(module, params, pp, [inputs], ('image',))
   want = peft.apply(module, m, params, pp, inputs)
   fwd = lambda p, b: module.apply({'params': p}, b['image'])
   model = int8.convert(module, params, inputs, c.quant,
-                       ranges=qat.calibrate_ranges(fwd, params, m.sites, [inputs], c.quant))
+                       ranges=qat.calibrate_ranges(fwd, params, sites, [inputs], c.quant))
   np.testing.assert_allclose(model(inputs), want, atol=1e-5)
   assert str(jax.make_jaxpr(model)(inputs)).count('preferred_element_type=int32') == 4
 
@@ -174,7 +175,7 @@ def test_qlora_merged_into_a_requantized_int8_base():
   c = _cfg(qlora=True, activations='dynamic')
   m = qat.wrap(peft.build(c.peft), c.quant)
   lora = m.init(jax.random.key(1), b.module, b.params, tinybert.inputs())
-  base = m.prepare_base(b.params, lora)  # the int8-stored base QLoRA trains against
+  base = m.prepare_base(b.params, lora, module=b.module, inputs=tinybert.inputs())  # int8-stored
   lora = jax.tree.map(lambda x: x + 0.1, lora)
   served = int8.convert(b.module, m.merge(base, lora), tinybert.inputs(), c.quant)
   qlora_out = peft.apply(b.module, m, base, lora, tinybert.inputs())

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import tinybert
 from peftjax import optim
 from peftjax import peft
 from peftjax import tree
@@ -236,3 +237,47 @@ def test_apply_runs_a_model_without_a_deterministic_argument():
                      deterministic=deterministic)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert not np.allclose(want, model.apply({'params': params}, x), atol=1e-3)
+
+
+# ------------------------------------------------------------------ pure methods
+def _two_models():
+  """``(module, params, inputs)`` of the tiny BERT and of a two-layer MLP (no `deterministic`)."""
+  b = tinybert.built()
+  mlp, x = NoModeArg(), jax.random.normal(jax.random.key(3), (2, 5))
+  return [(b.module, b.params, tinybert.inputs()),
+          (mlp, mlp.init(jax.random.key(0), x)['params'], {'x': x})]
+
+
+@pytest.mark.parametrize('name,kw', [
+    ('lora', dict(targets=r'kernel$', rank=2)),
+    ('pissa', dict(targets=r'kernel$', rank=2)),
+    ('dora', dict(targets=r'kernel$', rank=2)),
+    ('ia3', dict(targets=r'(out|key)$', ffn_targets=r'(hidden|output)$')),
+    ('adapter', dict(kind='pfeiffer', ffn_targets=r'(out|output)$', size=3)),
+])
+def test_one_method_object_initialises_two_models(name, kw):
+  """The object holds only its config: what init finds lives in what it returns."""
+  shared, _ = tinybert.method(name, **kw)
+  models = _two_models()
+  # Both inits first: the second model must not disturb the first one's method.
+  trees = [_randomize(shared.init(jax.random.key(1), m, p, i)) for m, p, i in models]
+  assert set(vars(shared)) == {'cfg'}
+  for (module, params, inputs), t in zip(models, trees):
+    fresh, _ = tinybert.method(name, **kw)
+    _assert_same(fresh.init(jax.random.key(1), module, params, inputs),
+                 shared.init(jax.random.key(1), module, params, inputs))
+    base = shared.prepare_base(params, t)
+    _assert_same(base, fresh.prepare_base(params, t))
+    want = peft.apply(module, fresh, base, t, inputs)
+    np.testing.assert_array_equal(peft.apply(module, shared, base, t, inputs), want)
+    assert not np.allclose(want, module.apply({'params': base}, **inputs), atol=1e-4)
+    if name != 'adapter':  # mergeable: the merge follows the tree too
+      np.testing.assert_allclose(module.apply({'params': shared.merge(base, t)}, **inputs), want,
+                                 rtol=1e-4, atol=1e-4)  # float rounding of large random updates
+
+
+def _assert_same(a, b):
+  fa, fb = tree.flatten(a), tree.flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)

@@ -37,6 +37,16 @@ def _randomize(t, seed=5, scale=0.2):
                             for k, x in zip(keys, leaves)])
 
 
+def _model():
+  """The tiny BERT and a sample batch: what QAT/QLoRA's base functions find the layers from."""
+  return {'module': tinybert.built().module, 'inputs': tinybert.inputs()}
+
+
+def _sites(m):
+  """The layers ``m`` quantizes in the tiny BERT (derived from the model, never stored)."""
+  return m.sites(tinybert.built().module, tinybert.built().params, tinybert.inputs())
+
+
 def _fwd(m, base, params):
   return peft.apply(tinybert.built().module, m, base, params, tinybert.inputs())
 
@@ -45,16 +55,16 @@ def test_sites_are_the_encoder_matmuls():
   m, _, _ = qinit('lora')
   flat = tree.flatten(tinybert.built().params)
   want = sorted(p for p in flat if p.startswith('encoder/') and p.endswith('kernel'))
-  assert sorted(s.weight_path for s in m.sites) == want
+  assert sorted(s.weight_path for s in _sites(m)) == want
   assert len(want) == 6 * tinybert.L  # q, k, v, out, intermediate, output per layer
 
 
 def test_weights_on_per_channel_int8_grid_with_ste_gradient():
   m, params, _ = qinit('full')
   b = tinybert.built()
-  fq = tree.flatten(m.forward_base(b.params, params))
+  fq = tree.flatten(m.forward_base(b.params, params, **_model()))
   flat = tree.flatten(b.params)
-  for s in m.sites:
+  for s in _sites(m):
     w, q = np.asarray(flat[s.weight_path]), np.asarray(fq[s.weight_path])
     axes = tuple(range(len(s.in_shape)))
     scale = np.abs(w).max(axis=axes, keepdims=True) / 127
@@ -64,7 +74,8 @@ def test_weights_on_per_channel_int8_grid_with_ste_gradient():
     np.testing.assert_allclose(q, w, atol=float(scale.max()) / 2 + 1e-7)
   # STE: inside the range the weight gradient passes unchanged (every weight is inside).
   k = 'encoder/layer_0/intermediate/kernel'
-  g = jax.grad(lambda p: jnp.sum(tree.flatten(m.forward_base(p, params))[k] ** 2))(b.params)
+  g = jax.grad(lambda p: jnp.sum(tree.flatten(m.forward_base(p, params, **_model()))[k] ** 2))(
+      b.params)
   np.testing.assert_allclose(tree.flatten(g)[k], 2 * fq[k], rtol=1e-6)
 
 
@@ -103,7 +114,7 @@ def test_lora_branch_reads_float_input_base_reads_quantized():
     _fwd(m, b.params, params)
   x = got[path][0]  # the float input the LoRA interceptor saw (outside the quant scope)
   flat = tree.flatten(params)
-  kernel = tree.flatten(m.forward_base(b.params, params))[f'{path}/kernel']
+  kernel = tree.flatten(m.forward_base(b.params, params, **_model()))[f'{path}/kernel']
   bias = tree.flatten(b.params)[f'{path}/bias']
   xq = ops.fake_quant_minmax(x, 8)
   ref = (jnp.einsum('bld,dhk->blhk', xq, kernel) + bias
@@ -130,11 +141,11 @@ def test_effective_mode_quantizes_merged_weight_and_trains_lora_through_ste():
 def test_every_method_trains_with_qat_in_one_jitted_step(name):
   m, params, c = qinit(name)
   b = tinybert.built()
-  base = m.prepare_base(b.params, params)
+  base = m.prepare_base(b.params, params, **_model())
   (before, after), state = tinybert.steps(m, params, c, weight_decay=0.0, base=base)
   assert tinybert.moved(before, after)
   trainable_base = set(tree.flatten(before['base']))
-  for s in m.sites:  # frozen kernels never appear in the trainable partition
+  for s in _sites(m):  # frozen kernels never appear in the trainable partition
     assert (f'base/{s.weight_path}' in {f'base/{p}' for p in trainable_base}) == (
         name == 'full')
 
@@ -146,7 +157,7 @@ def test_full_qat_gradient_is_ste_of_the_float_gradient_at_the_quantized_weights
   loss_q = lambda p: jnp.sum(_fwd(m, p, params) ** 2)
   loss_f = lambda p: jnp.sum(_fwd(probe, p, probe_params) ** 2)
   g_q = jax.grad(loss_q)(b.params)
-  g_f = jax.grad(loss_f)(m.forward_base(b.params, params))  # float grads at Q(W)
+  g_f = jax.grad(loss_f)(m.forward_base(b.params, params, **_model()))  # float grads at Q(W)
   np.testing.assert_allclose(tree.flatten(g_q)['encoder/layer_1/output/kernel'],
                              tree.flatten(g_f)['encoder/layer_1/output/kernel'], rtol=1e-4,
                              atol=1e-7)
@@ -162,10 +173,11 @@ def _calibrated(name='linear_probe', **quant):
 
 def test_static_scales_match_observed_ranges():
   m, params, _, batches = _calibrated(activations='static', act_symmetric=False)
-  dense = [s.path for s in m.sites]
-  assert sorted(m.scales) == sorted(dense)
+  dense = [s.path for s in _sites(m)]
+  scales = m.static_scales(params)
+  assert sorted(scales) == sorted(dense)
   # The intermediate->output input is the GELU output: its min is GELU's (about -0.17).
-  scale, zero = m.scales['encoder/layer_0/output']
+  scale, zero = scales['encoder/layer_0/output']
   assert float(scale) > 0 and -128 <= float(zero) <= 127
   lo = -128 - float(zero)
   assert lo * float(scale) < 0  # the calibrated range includes negatives
@@ -176,7 +188,7 @@ def test_static_scales_match_observed_ranges():
 def test_lsq_steps_initialised_from_calibration_and_trained():
   m, params, c, _ = _calibrated('lora', activations='lsq')
   steps = tree.flatten(params['lsq'])
-  assert len(steps) == len(m.sites) and all(k.endswith('act_step') for k in steps)
+  assert len(steps) == len(_sites(m)) and all(k.endswith('act_step') for k in steps)
   assert all(float(v) > 0 and float(v) != 1.0 for v in steps.values())
   (before, after), _ = tinybert.steps(m, params, c, weight_decay=0.0)
   moved = tinybert.moved(before, after)
@@ -189,16 +201,16 @@ def test_qlora_base_held_in_int8_at_a_quarter_of_the_bytes():
   c.quant.qat, c.quant.qlora = False, True
   m = qat.wrap(tinybert.method('lora')[0], c.quant)
   params = m.init(jax.random.key(1), b.module, b.params, tinybert.inputs())
-  base = m.prepare_base(b.params, params)
+  base = m.prepare_base(b.params, params, **_model())
   flat, fflat = tree.flatten(base), tree.flatten(b.params)
-  for s in m.sites:
+  for s in _sites(m):
     assert flat[s.weight_path + '/int8'].dtype == jnp.int8
     assert s.weight_path not in flat
-  kernel_bytes = sum(fflat[s.weight_path].size for s in m.sites)
-  scale_bytes = sum(4 * flat[s.weight_path + '/scale'].size for s in m.sites)
+  kernel_bytes = sum(fflat[s.weight_path].size for s in _sites(m))
+  scale_bytes = sum(4 * flat[s.weight_path + '/scale'].size for s in _sites(m))
   assert qat.bytes_of(base) == qat.bytes_of(b.params) - 3 * kernel_bytes + scale_bytes
   # The forward is the float model on the dequantized weights; LoRA (B = 0) changes nothing.
-  deq = qat.load_int8(base, m.sites)
+  deq = qat.load_int8(base, _sites(m))
   np.testing.assert_allclose(_fwd(m, base, params),
                              b.module.apply({'params': deq}, **tinybert.inputs()), atol=1e-6)
   (before, after), _ = tinybert.steps(m, params, c, weight_decay=0.0, base=base)
@@ -239,3 +251,50 @@ def test_calibration_with_zero_batches_is_an_error():
   b = tinybert.built()
   with pytest.raises(ConfigError, match='calibration_batches'):
     m.calibrate(b.module, b.params, params, [], b.input_keys)
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name='out')(jnp.tanh(nn.Dense(8, name='hidden')(x)))
+
+
+@pytest.mark.parametrize('activations', ['static', 'lsq'])
+def test_one_qat_object_calibrates_two_models_and_keeps_nothing(activations):
+  """Calibration returns its scales in the tree; the object's attributes never change."""
+  m, _ = qmethod('lora', {'targets': r'kernel$', 'rank': 2}, targets=r'kernel$',
+                 activations=activations)
+  before = dict(vars(m))
+  b, x = tinybert.built(), jax.random.normal(jax.random.key(3), (4, 5))
+  mlp = _MLP()
+  models = [(b.module, b.params, tinybert.inputs(), [tinybert.batch()], b.input_keys),
+            (mlp, mlp.init(jax.random.key(0), x)['params'], {'x': x}, [{'x': x}], ('x',))]
+  trees = []
+  for module, params, inputs, batches, keys in models:
+    p = m.init(jax.random.key(1), module, params, inputs)
+    trees.append(m.calibrate(module, params, p, batches, keys))
+  assert vars(m) == before and set(vars(m)) == {'cfg', 'inner', 'q', 'name'}
+  for (module, params, inputs, batches, keys), p in zip(models, trees):
+    fresh, _ = qmethod('lora', {'targets': r'kernel$', 'rank': 2}, targets=r'kernel$',
+                       activations=activations)
+    pf = fresh.calibrate(module, params, fresh.init(jax.random.key(1), module, params, inputs),
+                         batches, keys)
+    assert jax.tree.structure(p) == jax.tree.structure(pf)
+    for u, v in zip(jax.tree.leaves(p), jax.tree.leaves(pf)):
+      np.testing.assert_array_equal(u, v)
+    part = 'static' if activations == 'static' else 'lsq'
+    assert sorted(tree.flatten(p[part])) == sorted(
+        f'{s.path}/{k}' for s in m.sites(module, params, inputs)
+        for k in (('act_scale', 'act_zero') if part == 'static' else ('act_step',)))
+    np.testing.assert_array_equal(peft.apply(module, m, params, p, inputs),
+                                  peft.apply(module, fresh, params, pf, inputs))
+
+
+def test_static_scales_have_zero_gradient_and_no_weight_decay():
+  m, params, c, _ = _calibrated('lora', activations='static')
+  grads = jax.grad(lambda p: jnp.sum(_fwd(m, tinybert.built().params, p) ** 2))(params)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads['static']))
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads['method']))
+  history, _ = tinybert.steps(m, params, c, n=2, weight_decay=0.1)
+  moved = tinybert.moved(history[0], history[-1])
+  assert any('lora_b' in p for p in moved) and not any('/static/' in p for p in moved)

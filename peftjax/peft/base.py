@@ -89,19 +89,24 @@ class Method:
     del peft_params, rng, deterministic
     return contextlib.nullcontext()
 
-  def prepare_base(self, base_params, peft_params) -> dict:
-    """The (frozen) base this method trains against; called once, right after ``init``."""
-    del peft_params
+  def prepare_base(self, base_params, peft_params, *, module=None, inputs=None) -> dict:
+    """The (frozen) base this method trains against; called once, right after ``init``.
+
+    ``module`` and ``inputs`` (a sample batch, as for ``init``) are for methods that must look
+    at the model's layers to change the base (QLoRA); the others ignore them.
+    """
+    del peft_params, module, inputs
     return base_params
 
   def base_logical_specs(self, base_specs) -> Any:
     """Logical axes of :meth:`prepare_base`'s output (the same tree unless it changes leaves)."""
     return base_specs
 
-  def forward_base(self, base_params, peft_params) -> dict:
+  def forward_base(self, base_params, peft_params, *, module=None, inputs=None) -> dict:
     """The base weights a forward pass computes with, made inside the step (QAT fake-quantizes
-    them here, QLoRA dequantizes them); the base itself by default."""
-    del peft_params
+    them here, QLoRA dequantizes them); the base itself by default. :func:`apply` passes the
+    model and this forward's inputs, for methods that must find its layers (QAT)."""
+    del peft_params, module, inputs
     return base_params
 
   def merge(self, base_params, peft_params) -> dict:
@@ -159,7 +164,7 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
     if rng is None:
       raise ValueError('a training forward (deterministic=False) needs an rng for dropout')
     rngs['dropout'], method_rng = jax.random.split(rng)
-  base_params = method.forward_base(base_params, peft_params)
+  base_params = method.forward_base(base_params, peft_params, module=module, inputs=inputs)
   # Models whose __call__ has no `deterministic` argument (many models written elsewhere) run
   # without it; their dropout, if any, still draws from the 'dropout' rng.
   mode = {'deterministic': deterministic} if takes_deterministic(module) else {}
@@ -215,12 +220,12 @@ class Compose(Method):
     out = {}
     for i, m in enumerate(self.methods):
       out[m.name] = m.init(jax.random.fold_in(rng, i), module, base_params, inputs)
-      base_params = m.prepare_base(base_params, out[m.name])
+      base_params = m.prepare_base(base_params, out[m.name], module=module, inputs=inputs)
     return out
 
-  def prepare_base(self, base_params, peft_params) -> dict:
+  def prepare_base(self, base_params, peft_params, *, module=None, inputs=None) -> dict:
     for m in self.methods:
-      base_params = m.prepare_base(base_params, peft_params[m.name])
+      base_params = m.prepare_base(base_params, peft_params[m.name], module=module, inputs=inputs)
     return base_params
 
   @contextlib.contextmanager
@@ -237,9 +242,9 @@ class Compose(Method):
       base_specs = m.base_logical_specs(base_specs)
     return base_specs
 
-  def forward_base(self, base_params, peft_params) -> dict:
+  def forward_base(self, base_params, peft_params, *, module=None, inputs=None) -> dict:
     for m in self.methods:
-      base_params = m.forward_base(base_params, peft_params[m.name])
+      base_params = m.forward_base(base_params, peft_params[m.name], module=module, inputs=inputs)
     return base_params
 
   def merge(self, base_params, peft_params) -> dict:

@@ -74,8 +74,9 @@ class PiSSA(lora_lib.LoRA):
       out[f'{site.path}/lora_a'], out[f'{site.path}/lora_b'] = a, b
     return tree_lib.unflatten(out)
 
-  def prepare_base(self, base_params, peft_params) -> dict:
+  def prepare_base(self, base_params, peft_params, *, module=None, inputs=None) -> dict:
     """The frozen residual ``W_res = W - s·A·B`` at every site (other leaves unchanged)."""
+    del module, inputs
     return self.unmerge(base_params, peft_params)
 
 

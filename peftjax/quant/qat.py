@@ -21,6 +21,8 @@ step, so LoRA, QAT and the rest compose without touching the model's code:
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from typing import Any, Iterable
 
 import flax.linen as nn
@@ -44,6 +46,7 @@ _MATMULS = (nn.Dense, nn.DenseGeneral, nn.Conv)  # layers whose input activation
 _ACT_KINDS = ('dense', 'conv')
 _INT8_SUFFIX = '/int8'     # QLoRA: '<path>/kernel/int8' holds the weight, '.../scale' its scales
 _SCALE_SUFFIX = '/scale'
+_STATIC = ('act_scale', 'act_zero')  # a calibrated layer's static activation quantizer
 
 
 def check_config(q) -> None:
@@ -112,13 +115,14 @@ def store_int8(params, sites: Iterable[Site], q) -> dict:
   return tree_lib.unflatten(flat)
 
 
-def load_int8(params, sites: Iterable[Site], dtype=jnp.float32) -> dict:
+def load_int8(params, sites: Iterable, dtype=jnp.float32) -> dict:
   """Inverse of :func:`store_int8` up to rounding: float weights ``int8 * scale``."""
   flat = tree_lib.flatten(params)
   for s in sites:
-    wq = flat.pop(s.weight_path + _INT8_SUFFIX)
-    scale = flat.pop(s.weight_path + _SCALE_SUFFIX)
-    flat[s.weight_path] = (wq.astype(dtype) * scale.astype(dtype))
+    wp = s if isinstance(s, str) else s.weight_path  # a Site or a weight path
+    wq = flat.pop(wp + _INT8_SUFFIX)
+    scale = flat.pop(wp + _SCALE_SUFFIX)
+    flat[wp] = (wq.astype(dtype) * scale.astype(dtype))
   return tree_lib.unflatten(flat)
 
 
@@ -157,35 +161,91 @@ def static_scales(ranges: dict, q) -> dict:
           for p, (lo, hi) in ranges.items()}
 
 
-def activation_scope(sites: Iterable[Site], q, scales: dict | None = None,
-                     lsq_steps: dict | None = None):
-  """Context under which each dense/conv site's *input* is fake-quantized before its matmul."""
-  dense = {s.path for s in sites if s.kind in _ACT_KINDS}
-  if q.activations == 'none' or not dense:
-    return contextlib.nullcontext()
+def act_paths(sites: Iterable[Site]) -> list[str]:
+  """The module paths of the sites whose *input* is quantized (dense and conv layers)."""
+  return [s.path for s in sites if s.kind in _ACT_KINDS]
 
-  def wrap(path, module, call, x):
-    del module
+
+def _targets(q):
+  return [q.targets, r'/embedding$'] if q.embeddings else q.targets
+
+
+def activation_scope(q, scales: dict | None = None, lsq_steps: dict | None = None):
+  """Context under which the input of every Dense/DenseGeneral/Conv layer whose kernel
+  ``quant.targets`` selects is fake-quantized before its matmul.
+
+  The layers are recognised as they are called (type and kernel path), so nothing about the
+  model is stored. ``scales`` (static: layer path -> ``(scale, zero_point)``) and ``lsq_steps``
+  (layer path -> step) are data; the static scales are held constant (``stop_gradient``).
+
+  >>> with activation_scope(config.quant):  # doctest: +SKIP  (dynamic ranges)
+  ...   logits = model.apply({'params': params}, **inputs)
+  """
+  if q.activations == 'none':
+    return contextlib.nullcontext()
+  pred = tree_lib.make_selector(_targets(q))
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name != '__call__' or not isinstance(mod, _MATMULS):
+      return next_fun(*args, **kwargs)
+    path = '/'.join(mod.path)
+    if not pred(f'{path}/kernel', None):
+      return next_fun(*args, **kwargs)
+    x = args[0] if args else next(iter(kwargs.values()))
     if q.activations == 'lsq':
       # The optimizer may push a step through zero; LSQ needs it positive.
       step = jnp.maximum(lsq_steps[path], ops.MIN_SCALE).astype(x.dtype)
       xq = ops.lsq_fake_quant(x, step, q.act_bits)
     elif q.activations == 'static':
-      scale, zero = scales[path]
-      xq = ops.fake_quant(x, scale.astype(x.dtype), zero.astype(x.dtype), q.act_bits,
-                          q.act_symmetric)
+      if path not in scales:
+        raise KeyError(f'no calibrated activation range for {path}')
+      scale, zero = (jax.lax.stop_gradient(v).astype(x.dtype) for v in scales[path])
+      xq = ops.fake_quant(x, scale, zero, q.act_bits, q.act_symmetric)
     else:
       xq = ops.fake_quant_minmax(x, q.act_bits, symmetric=q.act_symmetric)
-    return call(xq)
+    if args:
+      return next_fun(xq, *args[1:], **kwargs)
+    first = next(iter(kwargs))
+    return next_fun(**{**kwargs, first: xq})
 
-  return layer_scope(_MATMULS, dense, wrap)
+  return nn.intercept_methods(interceptor)
+
+
+def _signature(tree) -> tuple:
+  """``((path, shape, dtype), ...)`` of a tree of arrays, tracers or shapes: a hashable key."""
+  return tuple((p, tuple(x.shape), np.dtype(x.dtype)) for p, x in tree_lib.flatten(tree).items())
+
+
+@functools.lru_cache(maxsize=64)
+def _sites_for(module, params_sig: tuple, inputs_sig: tuple, targets, embeddings: bool
+               ) -> tuple[Site, ...]:
+  """:func:`find_quant_sites` of a (hashable) model for parameters and inputs of these shapes.
+
+  A cache of a pure function, keyed on everything it reads: the sites depend on the model and
+  the shapes, never on values. Besides skipping a trace, it keeps the abstract forward that
+  finds the layers out of the step, where outer interceptors would see it (an uncached first
+  call made inside such a context would show them abstract values).
+  """
+  params = tree_lib.unflatten({p: jax.ShapeDtypeStruct(s, d) for p, s, d in params_sig})
+  inputs = {p: np.zeros(s, d) for p, s, d in inputs_sig}  # numpy: never staged into a trace
+  q = types.SimpleNamespace(targets=targets if isinstance(targets, str) else list(targets),
+                            embeddings=embeddings)
+  return tuple(find_quant_sites(module, params, inputs, q))
 
 
 class Quantized(Method):
   """A PEFT method with QAT and/or a QLoRA base; built by :func:`wrap` from ``config.quant``.
 
-  The parameter tree is the method's own; with ``quant.activations='lsq'`` it becomes
-  ``{'method': <method's tree>, 'lsq': {layer path: step}}``.
+  The parameter tree is the method's own; with ``quant.activations='lsq'`` it is
+  ``{'method': <method's tree>, 'lsq': {layer path: {'act_step'}}}`` and, once calibrated, with
+  ``'static'`` it is ``{'method': <method's tree>, 'static': {layer path: {'act_scale',
+  'act_zero'}}}``. The static scales are data that never train: the forward reads them under
+  ``stop_gradient`` (their gradient is exactly zero) and the optimizer's weight decay skips
+  ``act_scale`` / ``act_zero`` leaves, so AdamW leaves them unchanged.
+
+  The object holds only its config: the quantized layers are found again from the model
+  (:meth:`sites`) wherever they are needed, so one object serves any number of models.
 
   >>> method = wrap(peft.build(config.peft), config.quant)      # doctest: +SKIP
   >>> peft_params = method.init(rng, model, params, inputs)     # doctest: +SKIP
@@ -196,8 +256,6 @@ class Quantized(Method):
     check_config(quant_cfg)
     self.inner, self.q = inner, quant_cfg
     self.name = inner.name
-    self.sites: list[Site] | None = None
-    self.scales: dict | None = None  # static activation scales, after calibrate()
 
   # ------------------------------------------------------------------ tree layout
   @property
@@ -208,8 +266,17 @@ class Quantized(Method):
   def lsq(self) -> bool:
     return self.qat and self.q.activations == 'lsq'
 
-  def _parts(self, peft_params) -> tuple[Any, dict | None]:
-    return (peft_params['method'], peft_params['lsq']) if self.lsq else (peft_params, None)
+  @property
+  def static(self) -> bool:
+    return self.qat and self.q.activations == 'static'
+
+  def _parts(self, peft_params) -> tuple[Any, dict | None, dict | None]:
+    """``(method's tree, LSQ steps or None, static scales or None)``."""
+    if self.lsq:
+      return peft_params['method'], peft_params['lsq'], None
+    if self.static and isinstance(peft_params, dict) and set(peft_params) == {'method', 'static'}:
+      return peft_params['method'], None, peft_params['static']
+    return peft_params, None, None
 
   @property
   def trainable_base(self):
@@ -219,15 +286,19 @@ class Quantized(Method):
   def needs_calibration(self) -> bool:
     return self.qat and self.q.activations in ('static', 'lsq')
 
-  def _need_sites(self) -> list[Site]:
-    if self.sites is None:
-      raise RuntimeError('Quantized.init must run before the method is applied')
-    return self.sites
+  def sites(self, module, base_params, inputs) -> list[Site]:
+    """The layers ``quant.targets`` selects in this model (float ``base_params``, arrays or
+    shapes): :func:`find_quant_sites`, memoized on the model and the shapes (see
+    :func:`_sites_for`), so the step's trace does not trace the model a second time."""
+    targets = self.q.targets
+    return list(_sites_for(module, _signature(base_params), _signature(inputs),
+                           targets if isinstance(targets, str) else tuple(targets),
+                           bool(self.q.embeddings)))
 
   # ------------------------------------------------------------------ Method interface
   def init(self, rng, module, base_params, inputs) -> dict:
     inner = self.inner.init(rng, module, base_params, inputs)
-    self.sites = find_quant_sites(module, base_params, inputs, self.q)
+    sites = self.sites(module, base_params, inputs)  # validates quant.targets on this model
     if self.qat and self.q.of == 'effective':
       try:
         self.inner.merge(base_params, inner)
@@ -236,54 +307,69 @@ class Quantized(Method):
                           f'peft.method={self.inner.name!r} is not: {e}') from None
     if not self.lsq:
       return inner
-    dense = [s for s in self.sites if s.kind in _ACT_KINDS]
     # Placeholder steps; calibrate() sets them from real activations before training.
     return {'method': inner,
-            'lsq': tree_lib.unflatten({f'{s.path}/act_step': jnp.ones((), jnp.float32)
-                                       for s in dense})}
+            'lsq': tree_lib.unflatten({f'{p}/act_step': jnp.ones((), jnp.float32)
+                                       for p in act_paths(sites)})}
 
-  def prepare_base(self, base_params, peft_params) -> dict:
-    base = self.inner.prepare_base(base_params, self._parts(peft_params)[0])
+  def prepare_base(self, base_params, peft_params, *, module=None, inputs=None) -> dict:
+    """The inner method's base; with QLoRA its frozen quantized weights stored in int8.
+
+    QLoRA needs ``module`` and ``inputs`` (a sample batch): which axes of each kernel are its
+    output channels is the layer's, not the weight's, to say.
+    """
+    base = self.inner.prepare_base(base_params, self._parts(peft_params)[0], module=module,
+                                   inputs=inputs)
     if self.q.qlora:
-      base = store_int8(base, self._frozen_sites(base), self.q)
+      if module is None or inputs is None:
+        raise ValueError('QLoRA: prepare_base(base, peft, module=..., inputs=...) needs the model '
+                         'and a sample of its inputs to find the layers it stores in int8')
+      base = store_int8(base, self._frozen(self.sites(module, base, inputs), base), self.q)
     return base
 
   def base_logical_specs(self, base_specs):
-    """QLoRA's int8 weight keeps the kernel's axes; its scales keep the output axes only."""
+    """QLoRA's int8 weight keeps the kernel's axes; its (small) scales are replicated."""
     specs = self.inner.base_logical_specs(base_specs)
     if not self.q.qlora:
       return specs
     flat = tree_lib.flatten(specs)
-    for s in self._frozen_sites(specs):
-      axes = flat.pop(s.weight_path)
-      axes = tuple(axes) if axes is not None else (None,) * (len(s.in_shape) + len(s.out_shape))
-      flat[s.weight_path + _INT8_SUFFIX] = P(*axes)
-      n_in = len(s.in_shape)  # the scale keeps size-1 dims where the weight is reduced
-      kept = ([axes[0]] + [None] * (len(axes) - 1) if s.kind == 'embed'
-              else [None] * n_in + list(axes[n_in:]))
-      if not self.q.per_channel:
-        kept = [None] * len(axes)
-      flat[s.weight_path + _SCALE_SUFFIX] = P(*kept)
+    for wp in self._frozen_paths(flat):
+      axes = flat.pop(wp)
+      flat[wp + _INT8_SUFFIX] = P(*axes)
+      flat[wp + _SCALE_SUFFIX] = P(*(None,) * len(axes))
     return tree_lib.unflatten(flat)
 
-  def _frozen_sites(self, base_params) -> list[Site]:
+  def _frozen_paths(self, flat: dict) -> list[str]:
     """QLoRA stores only weights that stay frozen (a trained weight must stay float)."""
-    pred = tree_lib.make_selector(self.inner.trainable_base)
-    flat = tree_lib.flatten(base_params)
-    return [s for s in self._need_sites()
-            if s.weight_path in flat and not pred(s.weight_path, flat[s.weight_path])]
+    chosen = tree_lib.make_selector(_targets(self.q))
+    trained = tree_lib.make_selector(self.inner.trainable_base)
+    return [p for p, v in flat.items() if chosen(p, v) and not trained(p, v)]
+
+  def _frozen(self, sites: list[Site], base_params) -> list[Site]:
+    frozen = set(self._frozen_paths(tree_lib.flatten(base_params)))
+    return [s for s in sites if s.weight_path in frozen]
 
   def calibrate(self, module, base_params, peft_params, batches, input_keys) -> dict:
-    """Static ranges (or LSQ's initial steps) from ``batches``; returns the peft params.
+    """Static scales (or LSQ's initial steps) from ``batches``; returns the peft params with
+    them (``'static'`` / ``'lsq'`` entries): the method object keeps nothing.
 
     The ranges are those of the float model with the method applied, in eval mode.
     """
     from peftjax.peft.base import apply  # the registry's forward; imported here: no cycle
-    inner, lsq = self._parts(peft_params)
-    base = self.forward_base(base_params, peft_params, quantize=False)
+    inner, lsq, _ = self._parts(peft_params)
+    batches = list(batches)
+    if not batches:
+      raise ConfigError('no calibration batches observed; quant.calibration_batches must be >= 1')
+    sample = {k: batches[0][k] for k in input_keys}
+    base = self.forward_base(base_params, peft_params, quantize=False, module=module,
+                             inputs=sample)
     fwd = lambda p, b: apply(module, self.inner, p, inner, {k: b[k] for k in input_keys})
-    ranges = calibrate_ranges(fwd, base, self._need_sites(), batches, self.q)
-    self.scales = static_scales(ranges, self.q)
+    sites = self.sites(module, base, sample)
+    ranges = calibrate_ranges(fwd, base, sites, batches, self.q)
+    if self.static:
+      scales = static_scales(ranges, self.q)
+      return {'method': inner, 'static': tree_lib.unflatten(
+          {f'{p}/{k}': v for p, sz in scales.items() for k, v in zip(_STATIC, sz)})}
     if lsq is None:
       return peft_params
     qmax = ops.qrange(self.q.act_bits, True)[1]
@@ -293,51 +379,73 @@ class Quantized(Method):
              for p, (lo, hi) in ranges.items()}
     return {'method': inner, 'lsq': tree_lib.unflatten(steps)}
 
-  def forward_base(self, base_params, peft_params, *, quantize: bool = True) -> dict:
-    """The weights the step computes with: dequantized (QLoRA), merged ('effective'), fake-quantized."""
-    inner, _ = self._parts(peft_params)
+  def static_scales(self, peft_params) -> dict | None:
+    """Layer path -> ``(scale, zero_point)`` of calibrated static activations (else None)."""
+    static = self._parts(peft_params)[2]
+    if static is None:
+      return None
+    flat = tree_lib.flatten(static)
+    paths = sorted({p.rsplit('/', 1)[0] for p in flat})
+    return {p: tuple(flat[f'{p}/{k}'] for k in _STATIC) for p in paths}
+
+  def forward_base(self, base_params, peft_params, *, quantize: bool = True, module=None,
+                   inputs=None) -> dict:
+    """The weights the step computes with: dequantized (QLoRA), merged ('effective'), fake-quantized.
+
+    Fake-quantizing needs ``module`` and ``inputs`` (``peft.apply`` passes them) to find the
+    layers and their output channels.
+    """
+    inner = self._parts(peft_params)[0]
     if self.q.qlora:
-      base_params = load_int8(base_params, self._stored_sites(base_params))
-    base_params = self.inner.forward_base(base_params, inner)
+      base_params = load_int8(base_params, self._stored(base_params))
+    base_params = self.inner.forward_base(base_params, inner, module=module, inputs=inputs)
     if not (self.qat and quantize):
       return base_params
+    if module is None or inputs is None:
+      raise ValueError('QAT: forward_base(base, peft, module=..., inputs=...) needs the model '
+                       'and its inputs to find the layers it quantizes (peft.apply passes them)')
     if self.q.of == 'effective':
       base_params = self.inner.merge(base_params, inner)
-    return fake_quant_weights(base_params, self._need_sites(), self.q)
+    return fake_quant_weights(base_params, self.sites(module, base_params, inputs), self.q)
 
-  def _stored_sites(self, base_params) -> list[Site]:
-    flat = tree_lib.flatten(base_params)
-    return [s for s in self._need_sites() if s.weight_path + _INT8_SUFFIX in flat]
+  @staticmethod
+  def _stored(base_params) -> list[str]:
+    """The weight paths QLoRA holds in int8 (``<weight>/int8`` leaves)."""
+    return [p[:-len(_INT8_SUFFIX)] for p in tree_lib.flatten(base_params)
+            if p.endswith(_INT8_SUFFIX)]
 
   @contextlib.contextmanager
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
-    inner, lsq = self._parts(peft_params)
+    inner, lsq, _ = self._parts(peft_params)
     if lsq is not None:
       lsq = {p[:-len('/act_step')]: v for p, v in tree_lib.flatten(lsq).items()}
     with contextlib.ExitStack() as stack:
       if not (self.qat and self.q.of == 'effective'):  # 'effective' already merged the method
         stack.enter_context(self.inner.intercept(inner, rng=rng, deterministic=deterministic))
       if self.qat:
-        if self.q.activations == 'static' and self.scales is None:
+        scales = self.static_scales(peft_params)
+        if self.static and scales is None:
           raise RuntimeError("quant.activations='static': call calibrate() before training")
         # Entered last = innermost: it quantizes what the layer itself reads, not the
         # method's float branches.
-        stack.enter_context(activation_scope(self._need_sites(), self.q, self.scales, lsq))
+        stack.enter_context(activation_scope(self.q, scales, lsq))
       yield
 
   def merge(self, base_params, peft_params) -> dict:
     """The float model with the method folded in (QLoRA: from the dequantized base)."""
-    inner, _ = self._parts(peft_params)
+    inner = self._parts(peft_params)[0]
     if self.q.qlora:
-      base_params = load_int8(base_params, self._stored_sites(base_params))
+      base_params = load_int8(base_params, self._stored(base_params))
     return self.inner.merge(base_params, inner)
 
   def logical_specs(self, base_specs, peft_params) -> Any:
-    inner, lsq = self._parts(peft_params)
+    inner, lsq, static = self._parts(peft_params)
     specs = self.inner.logical_specs(base_specs, inner)
-    if lsq is None:
-      return specs
-    return {'method': specs, 'lsq': jax.tree.map(lambda _: None, lsq)}
+    if lsq is not None:
+      return {'method': specs, 'lsq': jax.tree.map(lambda _: None, lsq)}
+    if static is not None:
+      return {'method': specs, 'static': jax.tree.map(lambda _: None, static)}
+    return specs
 
 
 def wrap(method: Method, quant_cfg) -> Method:
