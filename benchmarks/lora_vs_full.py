@@ -2,7 +2,7 @@
 
 The quickstart model (MiniLM-L6 + a 2-class head) on a batch of 32 Rotten Tomatoes reviews x 64
 tokens. Both candidates are
-the trainer's own jitted, donated step (``train.make_train_step``) with AdamW and dropout 0.1:
+the trainer's own jitted, donated step (``step.make_train_step``) with AdamW and dropout 0.1:
 
 * LoRA: ``configs/quickstart.py`` as is (r=8 on query and value);
 * full: the same config with ``peft.method='full'``.
@@ -40,9 +40,12 @@ from peftjax import models  # noqa: E402
 from peftjax import optim  # noqa: E402
 from peftjax import peft  # noqa: E402
 from peftjax import quant  # noqa: E402
-from peftjax import train  # noqa: E402
+from peftjax import run as run_lib  # noqa: E402
+from peftjax import step as step_lib  # noqa: E402
 from peftjax import tree as tree_lib  # noqa: E402
+from peftjax.components import moe_aux  # noqa: E402
 from peftjax.models.build import sample_inputs  # noqa: E402
+from peftjax.tasks.classification import Classification  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results' / 'lora_vs_full.json'
 TARGETS = {'step_time_ratio': ('<=', 0.70), 'flops_ratio': ('<=', 0.70),
@@ -71,26 +74,26 @@ def build_candidate(config, built, batch) -> dict:
     peft_params = method.calibrate(built.module, base, peft_params, [batch], built.input_keys)
   base_trainable, frozen = tree_lib.partition(base, method.trainable_base)
   trainable = _copy({'base': base_trainable, 'peft': peft_params})
-  # -- as train.train_and_evaluate builds them
+  # -- as train.train_and_evaluate builds them; the one loop component these configs can turn
+  # on is MoE's auxiliary losses (experiments/moe/report.py times MoE configs with this step)
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  opt_state = jax.jit(tx.init)(trainable)
-  rng = jax.random.key_data(jax.random.key(config.seed + 2))
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,
-           'rng': rng}
-  forward = train.make_forward(built, method)
-  step = jax.jit(train.make_train_step(forward, tx, built.input_keys), donate_argnums=(0,))
+  state = run_lib.TrainState.create(tx, trainable, seed=config.seed)
+  forward = run_lib.make_forward(built, method)
+  comps = [c for c in [moe_aux.from_config(config, None)] if c is not None]
+  step = jax.jit(step_lib.make_train_step(forward, tx, Classification(config), comps),
+                 donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = timing.compile_fn(step, state, frozen, batch)
   return {'method': method, 'state': state, 'frozen': frozen, 'compiled': compiled,
           'compile_s': time.perf_counter() - t0,
           'size': tree_lib.size_report(trainable, frozen),
-          'opt_state_bytes': tree_lib.nbytes(opt_state),
+          'opt_state_bytes': tree_lib.nbytes(state.opt_state),
           'flops': timing.cost_flops(compiled), 'memory': timing.memory_bytes(compiled)}
 
 
 def merged_forward(built, lora: dict, batch) -> Callable[[], Any]:
   """A jitted deterministic forward of the merged LoRA model on ``batch`` (no donation)."""
-  params = lora['state']['params']
+  params = lora['state'].params
   base = tree_lib.combine(lora['frozen'], params['base'])
   merged = _copy(lora['method'].merge(base, params['peft']))
   inputs = {k: batch[k] for k in built.input_keys}
@@ -171,7 +174,8 @@ def run(args) -> dict:
       'num_layers': built.module.cfg.num_layers,
       'batch_size': args.batch,
       'max_length': args.length,
-      'peft': {k: lora_cfg.peft[k] for k in ('method', 'rank', 'alpha', 'dropout', 'targets')},
+      'peft': {'method': lora_cfg.peft.method,
+               **{k: lora_cfg.peft.lora[k] for k in ('rank', 'alpha', 'dropout', 'targets')}},
       'optimizer': {**{k: lora_cfg.optim[k] for k in ('learning_rate', 'schedule', 'warmup_steps',
                                                       'weight_decay', 'clip_norm')},
                     'name': 'adamw', 'total_steps': lora_cfg.train.steps},

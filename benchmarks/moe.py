@@ -2,8 +2,8 @@
 
 A BERT-style encoder with MiniLM-L6's dimensions (hidden 384, 12 heads, 6 layers, vocabulary
 30522, FFN 1536 per expert) + a 2-class head, trained on one batch of 32 Rotten Tomatoes reviews
-x 64 tokens by the trainer's own jitted, donated step (``train.make_train_step``: cross-entropy
-+ 0.01 x balance loss + 0.001 x z-loss, value_and_grad, clipping + AdamW, dropout 0.1), with
+x 64 tokens by the trainer's own jitted, donated step (``step.make_train_step`` with the
+``moe_aux`` component: cross-entropy + 0.01 x balance loss + 0.001 x z-loss, value_and_grad, clipping + AdamW, dropout 0.1), with
 every layer's FFN an MoE layer (random init):
 
 * ``moe_vs_dense_step_ratio`` -- top-2 of 8 experts, sort-based dispatch, capacity factor 1.25,
@@ -55,15 +55,18 @@ from peftjax import models  # noqa: E402
 from peftjax import moe as moe_lib  # noqa: E402
 from peftjax import optim  # noqa: E402
 from peftjax import peft  # noqa: E402
+from peftjax import run as run_lib  # noqa: E402
+from peftjax import step as step_lib  # noqa: E402
 from peftjax import timing  # noqa: E402
-from peftjax import train  # noqa: E402
 from peftjax import tree as tree_lib  # noqa: E402
+from peftjax.components import moe_aux  # noqa: E402
 from peftjax.models.bert import BertClassifier  # noqa: E402
 from peftjax.models.bert import BertConfig  # noqa: E402
 from peftjax.models.bert import _gelu  # noqa: E402
 from peftjax.models.build import Built  # noqa: E402
 from peftjax.models.build import sample_inputs  # noqa: E402
 from peftjax.moe import MoeConfig  # noqa: E402
+from peftjax.tasks.classification import Classification  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results' / 'moe.json'
 TARGETS = {'moe_vs_dense_step_ratio': ('<=', 1.6), 'experts_scaling_ratio': ('<=', 1.3)}
@@ -127,7 +130,7 @@ def _cost(compiled) -> dict:
 def _fwd_bwd(forward, frozen, stepper, batch, config, args):
   """The train step's loss and gradients only (no optimizer update), on the stepper's params.
 
-  The same loss as ``train.make_train_step`` (cross-entropy + the MoE auxiliary terms, dropout
+  The same loss as ``step.make_train_step`` (cross-entropy + the MoE auxiliary terms, dropout
   on); nothing is donated, the gradients are returned (so they are materialized, as in a step).
   """
   coefs = dict(balance_coef=config.moe.balance_coef, z_coef=config.moe.z_coef)
@@ -140,10 +143,10 @@ def _fwd_bwd(forward, frozen, stepper, batch, config, args):
     return loss + aux_loss
 
   rng = jax.random.key(config.seed + 3)
-  compiled = _compile(jax.jit(jax.value_and_grad(loss_fn)), args, stepper.state['params'],
+  compiled = _compile(jax.jit(jax.value_and_grad(loss_fn)), args, stepper.state.params,
                       frozen, batch, rng)
   # The stepper donates its state every call: read the current parameters at call time.
-  run = lambda: compiled(stepper.state['params'], frozen, batch, rng)
+  run = lambda: compiled(stepper.state.params, frozen, batch, rng)
   return run, compiled
 
 
@@ -152,8 +155,8 @@ def _candidate(name: str, args, config, batch, layers: int, moe, intermediate: i
   """The trainer's step for one model: ``{'run', 'cost', 'memory', ...}`` (compiled, not run).
 
   As ``train.train_and_evaluate`` builds it: full fine-tuning (every parameter trainable),
-  ``optim.make_optimizer`` (clipping + AdamW), ``train.make_train_step`` with the config's MoE
-  loss weights, jitted with the state donated.
+  ``optim.make_optimizer`` (clipping + AdamW), ``step.make_train_step`` with the config's MoE
+  loss weights (the ``moe_aux`` component), jitted with the state donated.
   """
   t0 = time.perf_counter()
   built = _built(args, layers, moe, intermediate, seed=config.seed)
@@ -161,17 +164,15 @@ def _candidate(name: str, args, config, batch, layers: int, moe, intermediate: i
   trainable, frozen = tree_lib.partition(built.params, method.trainable_base)
   built.params = None  # the state holds the parameters from here on
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': {'base': trainable, 'peft': {}},
-           'opt_state': jax.jit(tx.init)({'base': trainable, 'peft': {}}),
-           'rng': jax.random.key_data(jax.random.key(config.seed + 2))}
-  forward = train.make_forward(built, method)
-  step = jax.jit(train.make_train_step(forward, tx, INPUT_KEYS,
-                                       balance_coef=config.moe.balance_coef,
-                                       z_coef=config.moe.z_coef), donate_argnums=(0,))
+  state = run_lib.TrainState.create(tx, {'base': trainable, 'peft': {}}, seed=config.seed)
+  forward = run_lib.make_forward(built, method)
+  aux = moe_aux.component(config.moe.balance_coef, config.moe.z_coef)
+  step = jax.jit(step_lib.make_train_step(forward, tx, Classification(config), [aux]),
+                 donate_argnums=(0,))
   compiled = _compile(step, args, state, frozen, batch)
   out = {'cost': _cost(compiled), 'memory': timing.memory_bytes(compiled),
-         'params': tree_lib.size_report(state['params'], frozen)['trainable_params'],
-         'opt_state_bytes': tree_lib.nbytes(state['opt_state'])}
+         'params': tree_lib.size_report(state.params, frozen)['trainable_params'],
+         'opt_state_bytes': tree_lib.nbytes(state.opt_state)}
   out['run'] = stepper = timing.DonatingStepper(compiled, state, frozen, batch)
   del state
   if fwd_bwd:
@@ -401,8 +402,9 @@ def run(args) -> dict:
       'onehot_scaling': args.onehot_scaling,
       'batch_size': args.batch, 'max_length': args.length, 'vocab_size': args.vocab,
       'tokens': 'the first Rotten Tomatoes training batch (seed 0), the same for every candidate',
-      'train_step': ('train.make_train_step: CE + balance_coef*balance + z_coef*z, '
-                     'value_and_grad, clip 1.0 + AdamW, dropout 0.1, jitted, state donated'),
+      'train_step': ('step.make_train_step + components.moe_aux: CE + balance_coef*balance + '
+                     'z_coef*z, value_and_grad, clip 1.0 + AdamW, dropout 0.1, jitted, '
+                     'state donated'),
       'aux_coefs': {'balance': config.moe.balance_coef, 'z': config.moe.z_coef},
       'optimizer': {**{k: config.optim[k] for k in ('learning_rate', 'schedule', 'warmup_steps',
                                                     'weight_decay', 'clip_norm')},

@@ -52,8 +52,8 @@ from jax import monitoring  # noqa: E402
 from benchmarks import lora_vs_full  # noqa: E402
 from configs import quickstart  # noqa: E402
 from peftjax import data as data_lib  # noqa: E402
+from peftjax import run as run_lib  # noqa: E402
 from peftjax import timing  # noqa: E402
-from peftjax import train  # noqa: E402
 from peftjax import tree as tree_lib  # noqa: E402
 from peftjax.serving import AdapterLibrary  # noqa: E402
 
@@ -110,20 +110,20 @@ def _random_adapter(trainable: dict, seed: int) -> dict:
   return tree_lib.map_with_path(draw, jax.device_get(trainable))
 
 
-def _library(task, adapters: list[dict], args) -> AdapterLibrary:
-  built = task['built']
-  base = tree_lib.combine(task['frozen'], task['trainable']['base'])
+def _library(setup, adapters: list[dict], args) -> AdapterLibrary:
+  built = setup.built
+  base = setup.base()
   lib = AdapterLibrary(built.module, base, input_keys=built.input_keys, max_rank=args.rank,
                        base_source=str(data_lib.minilm_dir()))
   for i, tr in enumerate(adapters):
-    lib.add_trained(f'a{i}', tr, task['method'].name, task['config'].peft)
+    lib.add_trained(f'a{i}', tr, setup.method.name, setup.config.peft)
   return lib
 
 
-def _batch(task, args) -> dict:
+def _batch(setup, args) -> dict:
   """The first ``batch`` test reviews, tokenized and padded to ``length``."""
-  b = task['data'].eval_batches('test', args.batch)[0]
-  return {k: jnp.asarray(b[k]) for k in task['built'].input_keys}
+  b = setup.data.eval_batches('test', args.batch)[0]
+  return {k: jnp.asarray(b[k]) for k in setup.built.input_keys}
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -179,12 +179,11 @@ def run(args) -> dict:
   counter = CompileCounter()
   t0 = time.perf_counter()
   config = _config(args)
-  task = train.build_task(config)
-  task['config'] = config
-  inputs = _batch(task, args)
-  adapters = [_random_adapter(task['trainable'], seed=1000 + i) for i in range(args.adapters)]
-  lib_many = _library(task, adapters, args)
-  lib_few = _library(task, adapters[:args.few], args)
+  setup = run_lib.build_setup(config)
+  inputs = _batch(setup, args)
+  adapters = [_random_adapter(setup.trainable, seed=1000 + i) for i in range(args.adapters)]
+  lib_many = _library(setup, adapters, args)
+  lib_few = _library(setup, adapters[:args.few], args)
   setup_s = time.perf_counter() - t0
 
   # ------------------------------------------------------------------ index patterns
@@ -196,7 +195,7 @@ def run(args) -> dict:
   single = lib_few.index('a0')
 
   # ------------------------------------------------------------------ correctness, then compile
-  module = task['built'].module
+  module = setup.built.module
   merged = jax.tree.map(jnp.asarray, lib_few.merged_params('a0'))
   merged_fn = jax.jit(lambda p, x: module.apply({'params': p}, **x, deterministic=True))
   t1 = time.perf_counter()
@@ -275,7 +274,8 @@ def run(args) -> dict:
       'num_layers': module.cfg.num_layers,
       'batch_size': args.batch, 'max_length': args.length,
       'adapters': args.adapters, 'few_adapters': args.few, 'rank': args.rank,
-      'peft': {k: config.peft[k] for k in ('method', 'rank', 'alpha', 'targets')},
+      'peft': {'method': config.peft.method,
+               **{k: config.peft.lora[k] for k in ('rank', 'alpha', 'targets')}},
       'adapter_values': ('random: lora_a ~ N(0, 1/d_in), lora_b ~ N(0, 0.02^2), head ~ '
                          'N(0, 0.02^2); distinct per adapter'),
       'tokens': f'the first {args.batch} Rotten Tomatoes test reviews, padded to {args.length}',

@@ -2,7 +2,7 @@
 
 The quickstart model (MiniLM-L6 + a 2-class head, LoRA r=8 on query/value) on a batch of 32
 Rotten Tomatoes reviews x 64 tokens. Every candidate is the trainer's own jitted, donated step
-(``train.make_train_step``, built as ``benchmarks/lora_vs_full.py`` builds it) with AdamW and
+(``step.make_train_step``, built as ``benchmarks/lora_vs_full.py`` builds it) with AdamW and
 dropout 0.1; only the config differs:
 
 * f32: ``configs/quickstart.py`` as is (``dtype='float32'``, ``model.remat='none'``);
@@ -112,7 +112,7 @@ def run(args) -> dict:
   # Master weights: after the timed steps the bf16 run's trainable state is still float32.
   bf16_state = runners['bf16'].state
   master_dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(
-      {'params': bf16_state['params'], 'opt_state': bf16_state['opt_state']})
+      {'params': bf16_state.params, 'opt_state': bf16_state.opt_state})
       if np.issubdtype(x.dtype, np.floating)})
 
   ms = {k: timing.median_ms(t) for k, t in times.items()}
@@ -152,7 +152,8 @@ def run(args) -> dict:
       'num_layers': cands['f32']['num_layers'],
       'batch_size': args.batch,
       'max_length': args.length,
-      'peft': {k: c.peft[k] for k in ('method', 'rank', 'alpha', 'dropout', 'targets')},
+      'peft': {'method': c.peft.method,
+               **{k: c.peft.lora[k] for k in ('rank', 'alpha', 'dropout', 'targets')}},
       'dropout_rate': c.model.dropout_rate,
       'grad_barrier': c.model.grad_barrier,
       'remat_policies': policies,

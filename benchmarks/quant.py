@@ -101,7 +101,7 @@ def run(args) -> dict:
              for n, b in built_steps.items()}
   steps = timing.interleaved(runners, steps=args.steps, warmup=args.warmup)
   qlora = built_steps['qlora']
-  qlora_base = tree_lib.combine(qlora['frozen'], qlora['state']['params']['base'])
+  qlora_base = tree_lib.combine(qlora['frozen'], qlora['state'].params['base'])
 
   ms = {n: timing.median_ms(t) for n, t in {**infer, **steps}.items()}
   result = {

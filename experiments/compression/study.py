@@ -75,15 +75,15 @@ def _share_run(root: pathlib.Path, bits: int) -> dict:
   if out.exists():
     return json.loads(out.read_text())
   from peftjax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from peftjax import run as run_lib  # pylint: disable=g-import-not-at-top
   from peftjax import storage  # pylint: disable=g-import-not-at-top
-  from peftjax import train  # pylint: disable=g-import-not-at-top
   from peftjax.compress import deep  # pylint: disable=g-import-not-at-top
   from peftjax.compress import huffman  # pylint: disable=g-import-not-at-top
   config = study.get_config('teacher')
   config.compress.share.update(bits=bits, finetune_steps=SHARE_FINETUNE_STEPS, learning_rate=1e-5,
                                targets=deep_compression.get_config('minilm').compress.share.targets)
-  _, built = train.load_finished(str(root / 'teacher'))
-  pretrained = train.resolve_pretrained(config.model)
+  _, built = run_lib.load_finished(str(root / 'teacher'))
+  pretrained = run_lib.resolve_pretrained(config.model)
   data = data_lib.build(config.data, tokenizer_path=f'{pretrained}/tokenizer.json')
   shared, acc = deep.share_stage(config, built, data, built.params)
   size = huffman.compressed_size(shared)['total']

@@ -21,8 +21,7 @@ from experiments.method_comparison.report import seed_summary
 from experiments.moe import config as study
 from peftjax import moe as moe_lib
 from peftjax import peft
-from peftjax import train
-from peftjax import tree as tree_lib
+from peftjax import run
 
 HERE = pathlib.Path(__file__).resolve().parent
 NOTES = """
@@ -54,12 +53,11 @@ def utilisation(overrides: dict, run_dir: pathlib.Path | None, batches: int = 0)
   """
   c = sweep.apply_overrides(study.get_config(), overrides)
   if run_dir is None:
-    task = train.build_task(c)
-    base = tree_lib.combine(task['frozen'], task['trainable']['base'])
-    params = {'base': base, 'peft': task['trainable']['peft']}
+    setup = run.build_setup(c)
+    params = {'base': setup.base(), 'peft': setup.trainable['peft']}
   else:
-    task, params = train.restore_trained(c, str(run_dir))
-  built, method = task['built'], task['method']
+    setup, params = run.restore_trained(c, str(run_dir))
+  built, method = setup.built, setup.method
 
   @jax.jit
   def loads(batch):
@@ -71,7 +69,7 @@ def utilisation(overrides: dict, run_dir: pathlib.Path | None, batches: int = 0)
     return {layer: s['expert_load'] * real for layer, s in stats.items()}
 
   total: dict[str, np.ndarray] = {}
-  for i, b in enumerate(task['data'].eval_batches(c.data.test_split, c.train.eval_batch_size)):
+  for i, b in enumerate(setup.data.eval_batches(c.data.test_split, c.train.eval_batch_size)):
     if batches and i >= batches:
       break
     for layer, v in jax.device_get(loads(b)).items():
@@ -88,9 +86,9 @@ def step_time_ratios(steps: int) -> dict[str, float]:
   runners = {}
   for label, overrides in study.RUNS.items():
     c = sweep.apply_overrides(study.get_config(), {**overrides, 'seed': 0})
-    task = train.build_task(c)
-    batch = task['data'].train_batches(c.train.batch_size, c.seed)[0]
-    cand = lora_vs_full.build_candidate(c, task['built'], batch)
+    setup = run.build_setup(c)
+    batch = setup.data.train_batches(c.train.batch_size, c.seed)[0]
+    cand = lora_vs_full.build_candidate(c, setup.built, batch)
     runners[label] = timing.DonatingStepper(cand['compiled'], cand['state'], cand['frozen'],
                                             batch)
     print(f'compiled: {label}', flush=True)
