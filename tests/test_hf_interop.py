@@ -718,7 +718,7 @@ def test_full_depth_cls_pooler_run_exports_to_peft_and_merged(tmp_path):
   """A run of every linear layer with BERT's pooler ('all-linear' style) -> delta checkpoint ->
   PEFT export (PEFT's all-linear config) and merged export, both serving its logits."""
   from configs import tiny
-  from peftjax import train
+  from peftjax import run
   from peftjax.serving import hf
   from peftjax.serving.files import library_from_files
   c = tiny.get_config()
@@ -726,17 +726,17 @@ def test_full_depth_cls_pooler_run_exports_to_peft_and_merged(tmp_path):
   c.model.pooling = 'cls_pooler'
   c.peft.lora.rank = 2
   c.peft.lora.targets = r'(query|key|value|out|intermediate|output|pooler)/kernel$'
-  task = train.build_task(c)
-  assert 'pooler' in task['trainable']['peft']
+  setup = run.build_setup(c)
+  assert 'pooler' in setup.trainable['peft']
   rng = np.random.default_rng(0)
   trainable = tree.map_with_path(
       lambda p, x: np.asarray(x) + rng.normal(0, 0.05, np.shape(x)).astype(np.float32),
-      task['trainable'])
+      setup.trainable)
   path = tmp_path / 'adapter.safetensors'
-  train.write_adapter(path, c, task, trainable, task['frozen'])
+  run.write_adapter(path, c, setup, trainable, setup.frozen)
   inputs = {k: v[:, :12] for k, v in _inputs(np.load(FIXTURES / 'reference.npz')).items()}
-  base = tree.combine(task['frozen'], trainable['base'])
-  want = np.asarray(jax.jit(lambda p, l, x: peft.apply(task['built'].module, task['method'], p,
+  base = tree.combine(setup.frozen, trainable['base'])
+  want = np.asarray(jax.jit(lambda p, l, x: peft.apply(setup.built.module, setup.method, p,
                                                        l, x))(base, trainable['peft'], inputs))
 
   lib, _, _ = library_from_files({'orig': str(path)})

@@ -11,7 +11,7 @@ import pytest
 from configs import tiny
 from peftjax import peft
 from peftjax import predict
-from peftjax import train
+from peftjax import run
 from peftjax import tree
 
 TEXTS = ['A wonderful, moving film.', 'Dull and far too long.', 'The plot follows a detective.',
@@ -19,18 +19,18 @@ TEXTS = ['A wonderful, moving film.', 'Dull and far too long.', 'The plot follow
 
 
 def _adapter(tmp, method: str, seed: int):
-  """A tiny-config task of ``method`` with random (non-identity) parameters, saved as a delta
-  checkpoint; returns (path, task, trainable, frozen)."""
+  """A tiny-config setup of ``method`` with random (non-identity) parameters, saved as a delta
+  checkpoint; returns (path, setup, trainable)."""
   c = tiny.get_config()
   c.peft.method = method
-  task = train.build_task(c)
+  setup = run.build_setup(c)
   rng = np.random.default_rng(seed)
   trainable = tree.map_with_path(
       lambda p, x: np.asarray(x) + rng.normal(0, 0.3, np.shape(x)).astype(np.float32),
-      task['trainable'])
+      setup.trainable)
   path = tmp / f'{method}.safetensors'
-  train.write_adapter(path, c, task, trainable, task['frozen'])
-  return path, task, trainable
+  run.write_adapter(path, c, setup, trainable, setup.frozen)
+  return path, setup, trainable
 
 
 @pytest.fixture(scope='module')
@@ -39,12 +39,12 @@ def adapters(tmp_path_factory):
   return {'lora': _adapter(tmp, 'lora', 0), 'ia3': _adapter(tmp, 'ia3', 1)}
 
 
-def _reference(task, trainable, texts) -> np.ndarray:
+def _reference(setup, trainable, texts) -> np.ndarray:
   """Class probabilities of ``texts``, all with this adapter alone (the training forward)."""
   from peftjax.data.tokenize import Tokenizer
-  tok = Tokenizer(f"{task['built'].source}/tokenizer.json", max_length=16)
-  base = tree.combine(task['frozen'], trainable['base'])
-  logits = jax.jit(lambda i: peft.apply(task['built'].module, task['method'], base,
+  tok = Tokenizer(f"{setup.built.source}/tokenizer.json", max_length=16)
+  base = tree.combine(setup.frozen, trainable['base'])
+  logits = jax.jit(lambda i: peft.apply(setup.built.module, setup.method, base,
                                         trainable['peft'], i))(tok.encode(texts))
   return np.asarray(jax.nn.softmax(logits))
 
@@ -124,9 +124,9 @@ def test_export_merged_and_peft_reproduce_the_adapter(adapters, tmp_path):
   from peftjax.serving import hf
   from peftjax.serving.files import library_from_files
   from peftjax.data.tokenize import Tokenizer
-  path, task, trainable = adapters['lora']
-  want = _reference(task, trainable, TEXTS)
-  inputs = Tokenizer(f"{task['built'].source}/tokenizer.json", max_length=16).encode(TEXTS)
+  path, setup, trainable = adapters['lora']
+  want = _reference(setup, trainable, TEXTS)
+  inputs = Tokenizer(f"{setup.built.source}/tokenizer.json", max_length=16).encode(TEXTS)
   # merged: a plain HF BERT directory whose forward equals the adapter's
   merged = export.run(str(path), str(tmp_path / 'merged'), fmt='merged')
   cfg, params, pooling, names = load_bert_classifier(merged)
