@@ -7,13 +7,20 @@ A method is a functional transform over the parameter pytree:
 * ``trainable_base`` — a selector of *base* leaves that also train (a fresh head, biases...);
 * ``intercept(peft_params, rng, deterministic)`` — a context manager under which
   ``module.apply`` runs with the method in effect; the model's code is never edited;
-* ``prepare_base(base_params, peft_params)`` — the base the method trains against, made once
-  after ``init`` (identity for most methods; PiSSA keeps the residual of W there);
-* ``forward_base(base_params, peft_params)`` — the weights a forward pass uses, made inside the
-  step (identity; QAT fake-quantizes them);
+* ``prepare_base(base_params, peft_params, *, module=None, inputs=None)`` — the base the method
+  trains against, made once after ``init`` (identity for most methods; PiSSA keeps the residual
+  of W there; QLoRA stores it in int8 and needs the model to find its layers);
+* ``forward_base(base_params, peft_params, *, module=None, inputs=None)`` — the weights a forward
+  pass uses, made inside the step (identity; QAT fake-quantizes them); :func:`apply` passes the
+  model;
 * ``merge(base_params, peft_params)`` — fold the method into the base weights, where possible;
 * ``logical_specs(base_specs, peft_params)`` — logical axis names for its parameters, so they
   shard like the weights they adapt.
+
+Methods are pure: the object holds only its config. What ``init`` discovers about a model (the
+layers it adapts) is recovered from what it returns — the tree's paths and shapes, the base,
+and the layer being called — and what calibration produces is returned in the tree, so one
+method object serves any number of models.
 """
 from __future__ import annotations
 

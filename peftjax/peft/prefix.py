@@ -174,8 +174,9 @@ class Prefix(Method):
   def merge(self, base_params, peft_params) -> dict:
     raise NotImplementedError(
         'prefix tuning cannot be merged into the base weights: prefixes are extra keys and '
-        'values, not a change of any weight. Use Prefix.materialize(peft_params, base_params) to drop the '
-        'reparameterization MLP and ship the prefixes (load them with peft.prefix.reparam=False).')
+        'values, not a change of any weight. Use Prefix.materialize(peft_params, base_params) to '
+        'drop the reparameterization MLP and ship the prefixes (load them with '
+        'peft.prefix.reparam=False).')
 
   def logical_specs(self, base_specs, peft_params):
     """Prefixes shard their heads like the key/value kernels; the MLP is replicated."""
