@@ -73,7 +73,8 @@ def library_from_files(adapters: dict[str, str], *, base: str = '', max_rank: in
     model_cfg.pretrained = base
   built = models.build(model_cfg, num_classes=len(classes),
                        pretrained_dir=str(pretrained) if pretrained else None)
-  ranks = [int(m['peft_config'].get('rank', 1)) for m in manifests.values()
+  # Manifests come upgraded to the sectioned peft config (delta.read_manifest).
+  ranks = [int(m['peft_config'].get('lora', {}).get('rank', 1)) for m in manifests.values()
            if 'lora' in m['method']]
   lib = AdapterLibrary(built.module, built.params, input_keys=built.input_keys,
                        max_rank=max_rank or max(ranks, default=1), base_source=built.source)
