@@ -69,7 +69,7 @@ def build_candidate(config, built, batch) -> dict:
   method = quant.wrap(peft.build(config.peft), config.quant)  # QAT/QLoRA when the config asks
   inputs = sample_inputs(built.input_keys, length=config.data.max_length)
   peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
-  base = method.prepare_base(built.params, peft_params)
+  base = method.prepare_base(built.params, peft_params, module=built.module, inputs=inputs)
   if getattr(method, 'needs_calibration', False):
     peft_params = method.calibrate(built.module, base, peft_params, [batch], built.input_keys)
   base_trainable, frozen = tree_lib.partition(base, method.trainable_base)

@@ -109,10 +109,10 @@ def build_setup(config) -> Setup:
   if config.get('compress') is not None:
     built, plan = compress_lib.prepare(config, built, data, load_finished)
   method = quant.wrap(peft.build(config.peft), config.quant)
-  peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params,
-                            task.sample_inputs(built, data))
+  inputs = task.sample_inputs(built, data)
+  peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
   validate_lib.validate_params(config, built.params, peft_params)  # peft.head, lr_multipliers
-  base = method.prepare_base(built.params, peft_params)
+  base = method.prepare_base(built.params, peft_params, module=built.module, inputs=inputs)
   base_trainable, frozen = tree_lib.partition(base, method.trainable_base)
   setup = Setup(config=config, task=task, data=data, built=built, method=method,
                 trainable={'base': base_trainable, 'peft': peft_params}, frozen=frozen,

@@ -216,7 +216,7 @@ def test_lora_qat_pruning_and_distillation_compose_in_one_jitted_step():
   c.quant.qat, c.quant.targets = True, r'encoder/.*kernel$'
   m = quant.wrap(tinybert.method('lora', targets=r'attention/(query|value)/kernel$')[0], c.quant)
   peft_params = m.init(jax.random.key(1), b.module, b.params, tinybert.inputs())
-  base = m.prepare_base(b.params, peft_params)
+  base = m.prepare_base(b.params, peft_params, module=b.module, inputs=tinybert.inputs())
   # Prune the (trainable) head and a frozen kernel: the frozen one once, the head every step.
   masks = prune.magnitude_masks(base, 0.5, targets=r'(classifier|layer_0/output/dense)/kernel$')
   base = prune.apply_masks(base, masks)
