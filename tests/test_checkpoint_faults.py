@@ -208,7 +208,7 @@ def test_fresh_starts_over_in_a_workdir_of_another_config(copy):
   assert code == 0, err[-3000:]
   assert 'resumed' not in out
   assert sorted(p.name for p in (copy / 'checkpoints').iterdir()) == ['2']
-  assert json.loads((copy / 'config.json').read_text())['peft']['rank'] == 16
+  assert json.loads((copy / 'config.json').read_text())['peft']['lora']['rank'] == 16
   assert (copy / 'sweep.log').read_text() == 'the sweep writes here\n'
   records = [json.loads(l) for l in (copy / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if r['split'] == 'train'] == [2]
