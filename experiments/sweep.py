@@ -172,9 +172,12 @@ def parse_run(config, argv: list[str], described=None):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from peftjax import cli  # pylint: disable=g-import-not-at-top
-  names = [a.split('=', 1)[0].split('.', 1)[1] for a in argv
-           if re.match(r'--?(no)?config\.', a)]
-  cli.check_override_names(config, list(dict.fromkeys(names)))
+  values = {}  # dotted name -> the value given (for a renamed field's message)
+  for a in argv:
+    if re.match(r'--?(no)?config\.', a):
+      key, _, value = a.partition('=')
+      values.setdefault(key.split('.', 1)[1], value)
+  cli.check_override_names(config, list(values), values=values)
   fv = flags.FlagValues()
   for desc in described if described is not None else main_flags():
     _define(fv, desc)
