@@ -479,8 +479,9 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
                                       state.params['peft'], micro // accum)
         state = state.replace(params=trainable, opt_state=unfreeze.transplant(
             jax.jit(tx.init)(trainable), state.opt_state))
-        _log(f'step {micro // accum}: new partition; {tree_lib.count(trainable):,d} '
-             'parameters train now')
+        why = ', '.join(c.name for c in components if micro // accum in c.changes_at)
+        _log(f'step {micro // accum}: {why}; {tree_lib.count(trainable):,d} parameters train '
+             'now')
       batch = _put_batch(train_batches[micro], bsh)
       state, metrics = train_step(state, frozen, batch, consts)
       m = jax.device_get(metrics)

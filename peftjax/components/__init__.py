@@ -27,7 +27,7 @@ from peftjax.components.base import trainable_selector
 
 REGISTRY: list[tuple[str, Callable]] = [
     ('calibration', calibration.from_config),
-    ('unfreeze', unfreeze.from_config),
+    ('unfreezing', unfreeze.from_config),
     ('lowrank', lowrank.from_config),
     ('moe_aux', moe_aux.from_config),
     ('distill', distill.from_config),

@@ -11,6 +11,6 @@ def from_config(config, setup) -> Component | None:
   if not schedule:
     return None
   unfreeze_lib.check_targets(schedule, setup.built.params)
-  return Component('unfreeze',
+  return Component('unfreezing',
                    trainable=lambda sel, update: unfreeze_lib.selector(sel, schedule, update),
                    changes_at=frozenset(unfreeze_lib.boundaries(schedule)))

@@ -294,8 +294,7 @@ class AdapterLibrary:
     if ad.ia3_out or ad.ia3_in:
       vecs = {**{f'{p}/ia3_out/scale': v for p, v in ad.ia3_out.items()},
               **{f'{p}/ia3_in/scale': v for p, v in ad.ia3_in.items()}}
-      params = ia3_lib.fold(params, [self._sites[p] for p in ad.ia3_out],
-                            [self._sites[p] for p in ad.ia3_in], tree_lib.unflatten(vecs))
+      params = ia3_lib.fold(params, tree_lib.unflatten(vecs))  # the paths are in the tree
     if ad.lora:
       lp = {}
       for p, (a, b) in ad.lora.items():
