@@ -25,11 +25,11 @@ needs the data set or the model's parameter paths (:func:`validate_data`,
 from __future__ import annotations
 
 import ast
-import numbers
 import os
 import pathlib
 import re
 
+from peftjax import fields
 from peftjax.errors import ConfigError
 from peftjax.peft import sections as peft_sections
 
@@ -59,40 +59,9 @@ TUPLE_FORMS = {
 }
 
 
-def _fail(field: str, value, valid: str):
-  raise ConfigError(f'config.{field}={value!r} is invalid; valid: {valid}')
-
-
-def _check(cond: bool, field: str, value, valid: str):
-  if not cond:
-    _fail(field, value, valid)
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _int(field: str, v, lo: int, valid: str):
-  _check(_is_int(v) and v >= lo, field, v, valid)
-
-
-def _num(field: str, v, ok, valid: str):
-  _check(_is_num(v) and ok(v), field, v, valid)
-
-
-def _regex(field: str, value):
-  patterns = [value] if isinstance(value, str) else list(value)
-  for p in patterns:
-    if not isinstance(p, str):
-      _fail(field, p, 'a Python regular expression (a string)')
-    try:
-      re.compile(p)
-    except re.error as e:
-      _fail(field, p, f'a Python regular expression ({e})')
+# The field checks every section owner shares (peftjax/fields.py).
+_fail, _check, _is_int, _is_num = fields.fail, fields.check, fields.is_int, fields.is_num
+_int, _num, _regex = fields.integer, fields.number, fields.regex
 
 
 # ---------------------------------------------------------------------------- tuple fields

@@ -14,18 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from peftjax import fields
 from peftjax import tree as tree_lib
 from peftjax import unfreeze
 from peftjax.components.base import Component
-from peftjax.errors import ConfigError
 
 
 def _check(section) -> None:
   for field in ('alpha', 'beta'):
-    v = section[field]
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-      raise ConfigError(f'config.l2sp.{field}={v!r} is invalid; valid: a number >= 0 '
-                        '(0 = off)')
+    fields.number(f'l2sp.{field}', section[field], lambda v: v >= 0, 'a number >= 0 (0 = off)')
 
 
 def penalty(base: dict, reference: dict, head: tree_lib.Selector, *, alpha: float,

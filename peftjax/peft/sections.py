@@ -22,9 +22,7 @@ into sections, so old files keep loading.
 """
 from __future__ import annotations
 
-import numbers
-import re
-
+from peftjax import fields
 from peftjax.errors import ConfigError
 
 # The registry's names (peftjax.peft.method_names(); tests/test_config_errors.py keeps them
@@ -161,31 +159,5 @@ CHECKS = {'lora': check_lora, 'ia3': check_ia3, 'adapter': check_adapter,
 # ---------------------------------------------------------------------------- helpers
 
 
-def _fail(field: str, value, valid: str):
-  raise ConfigError(f'config.{field}={value!r} is invalid; valid: {valid}')
-
-
-def _check(cond: bool, field: str, value, valid: str):
-  if not cond:
-    _fail(field, value, valid)
-
-
-def _int(field: str, v, lo: int, valid: str):
-  _check(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo, field, v, valid)
-
-
-def _num(field: str, v, ok, valid: str):
-  _check(isinstance(v, numbers.Real) and not isinstance(v, bool) and ok(v), field, v, valid)
-
-
-def _bool(field: str, v):
-  _check(isinstance(v, bool), field, v, 'True or False')
-
-
-def _regex(field: str, value):
-  if not isinstance(value, str):
-    _fail(field, value, 'a Python regular expression (a string)')
-  try:
-    re.compile(value)
-  except re.error as e:
-    _fail(field, value, f'a Python regular expression ({e})')
+_fail, _check, _int, _num = fields.fail, fields.check, fields.integer, fields.number
+_bool, _regex = fields.boolean, fields.regex
