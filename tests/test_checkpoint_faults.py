@@ -287,7 +287,10 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
 
 def test_ctrl_c_before_training_exits_130_in_one_line(tmp_path):
   wd = tmp_path / 'run'
-  p = _main([*TINY, f'--workdir={wd}'])
+  # The first evaluation one example at a time over the whole test split (seconds), so that the
+  # signal lands before training even when a loaded machine delays this process.
+  p = _main([*TINY, f'--workdir={wd}', '--config.train.eval_batch_size=1',
+             '--config.data.max_eval_examples=-1'])
   for line in p.stdout:  # the first line is printed once the run holds its workdir
     if line.startswith('data: '):
       break
