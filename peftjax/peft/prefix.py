@@ -27,6 +27,13 @@ to ship is ``num_layers * 2 * n * D`` numbers::
     logits = peft.apply(model, serve, params, trained, inputs)
 
 Prefixes cannot be folded into the weights (they are extra keys/values), so ``merge`` raises.
+
+``init`` refuses (:class:`~peftjax.errors.ConfigError`) a model none of whose called modules
+declares ``prefix_kv`` -- found by tracing the model abstractly (:func:`peftjax.peft.prompt.survey`),
+not from its parameter names, so a model whose names merely look like BERT's is not silently
+left untouched (every gradient 0) -- and one whose hook has no ``layer_i/attention/key`` kernels
+under it. Its token-activation init runs the model on a ``(1, n)`` batch; a model that cannot
+take that length is refused with a ConfigError too, not a flax shape error.
 """
 from __future__ import annotations
 
@@ -35,16 +42,22 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import intercept
+from peftjax.peft import layers
+from peftjax.peft import prompt as prompt_lib
+from peftjax.peft import sections
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
-from peftjax.peft import sections
+from peftjax.peft.base import takes_deterministic
 from peftjax.peft.prompt import hook_scope
 
 _KEY_KERNEL = re.compile(r'layer_(\d+)/attention/key/kernel$')
+_HOOK = 'prefix_kv'
 
 
 def attention_shape(base_params) -> tuple[int, int, int, int]:
@@ -55,37 +68,103 @@ def attention_shape(base_params) -> tuple[int, int, int, int]:
     raise ConfigError(f'prefix tuning needs base leaves matching {_KEY_KERNEL.pattern!r} for '
                       f'layers 0..N-1 (found layers {sorted(shapes)}); peft.method=prefix '
                       'supports BERT-family encoders')
+  if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 3:
+    raise ConfigError(f'prefix tuning needs every layer_i/attention/key/kernel shaped (D, heads, '
+                      f'head_dim) alike; found {shapes}')
   (d, h, dh), = set(shapes.values())
   return len(shapes), d, h, dh
 
 
-def _token_key_values(module, base_params, inputs, n: int, rng) -> jax.Array:
+def _subtree(base_params, path: str):
+  """The params under module path ``path`` ('' is the whole tree), as the hooked module sees
+  them."""
+  for part in filter(None, path.split('/')):
+    base_params = base_params[part]
+  return base_params
+
+
+def hook_owner(module, base_params, inputs) -> tuple[str, prompt_lib.Survey]:
+  """``(path, survey)`` of the outermost module declaring the ``prefix_kv`` hook; refuses a
+  model without one (its prefixes would reach no attention layer: every gradient 0)."""
+  s = prompt_lib.survey(module, base_params, inputs)
+  if _HOOK not in s.hooks:
+    raise ConfigError(
+        f'peft.method=prefix needs a `prefix_kv` hook: a module whose __call__ declares a '
+        f'`prefix_kv` keyword and puts the prefixes in front of its attention keys/values; '
+        f'{s.model} has none (its forward calls {s.called_text()}), so the prefixes would '
+        "reach nothing (a model's parameter names are not a hook). Valid: a model with such a "
+        "hook (e.g. peftjax's BERT, peftjax.models.BertClassifier / BertEncoder), or "
+        'peft.method=prompt, which needs only an embedding layer on the token ids')
+  path = s.hooks[_HOOK]
+  try:
+    sub = _subtree(base_params, path)
+  except (KeyError, TypeError):
+    sub = base_params
+  try:
+    attention_shape(sub)
+  except ConfigError as e:
+    raise ConfigError(f'peft.method=prefix: {s.model} declares the `prefix_kv` hook (at '
+                      f'{path or "the model"!r}), but the hook reads its attention layout off '
+                      f'the key kernels under it: {e}') from e
+  return path, s
+
+
+def _token_key_values(module, base_params, inputs, n: int, rng, s=None) -> jax.Array:
   """Every layer's keys and values of ``n`` random vocabulary tokens, ``(n, L * 2 * D)``.
 
   Laid out as the reparameterization MLP's output: per token, layer-major, keys then values.
+  Runs the model on a ``(1, n)`` batch; a model that cannot take that length is refused with a
+  :class:`~peftjax.errors.ConfigError`.
   """
+  owner, s = hook_owner(module, base_params, inputs) if s is None else s
   flat = tree_lib.flatten(base_params)
+  under = f'{owner}/' if owner else ''
   key_paths = sorted((int(m.group(1)), p[:-len('/kernel')]) for p in flat
-                     if (m := _KEY_KERNEL.search(p)))
-  vocab = next(x.shape[0] for p, x in flat.items() if p.endswith('word_embeddings/embedding'))
+                     if p.startswith(under) and (m := _KEY_KERNEL.search(p)))
+  if s.embed_shape is None:
+    raise ConfigError(f'peft.method=prefix initializes the prefixes from the keys/values of '
+                      f'real tokens, which needs an embedding layer on the token ids; {s.model} '
+                      f'has none (called: {s.called_text()})')
+  vocab = s.embed_shape[0]
+  token = s.token_input
   # Skip the first 1000 ids of a real vocabulary: BERT keeps special and unused tokens there.
   ids = jax.random.randint(rng, (1, n), 1000 if vocab > 2000 else 0, vocab)
-  tokens = {k: (ids if k == 'input_ids' else
-                jnp.ones_like(ids) if k == 'attention_mask' else jnp.zeros_like(ids))
-            for k in inputs}
+
+  def dummy(k, v):
+    if k == token:
+      return ids.astype(v.dtype)
+    if tuple(np.shape(v)) == s.token_shape:  # the per-token inputs: masks all ones, others 0
+      return (jnp.ones if k in s.mask_inputs else jnp.zeros)((1, n), v.dtype)
+    return jnp.zeros((1,) + tuple(np.shape(v))[1:], v.dtype)
+
+  tokens = {k: dummy(k, v) for k, v in inputs.items()}
+  paths = {p for _, kp in key_paths for p in (kp, kp[:-len('key')] + 'value')}
   seen = {}
 
-  def grab(path, mod, call, x):
-    del mod
-    seen[path] = call(x)
-    return seen[path]
+  def grab(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and layers.kind(context.module) == 'dense':
+      path = layers.path(context.module)
+      if path in paths:
+        seen[path] = out
+    return out
 
-  paths = {p for _, kp in key_paths for p in (kp, kp[:-len('key')] + 'value')}
-  from peftjax.peft.base import layer_scope  # pylint: disable=g-import-not-at-top
-  with layer_scope((nn.DenseGeneral,), paths, grab):
-    module.apply({'params': base_params}, **tokens)
-  per_layer = [jnp.stack([seen[kp][0], seen[kp[:-len('key')] + 'value'][0]])  # (2, n, H, Dh)
-               for _, kp in key_paths]
+  mode = {'deterministic': True} if takes_deterministic(module) else {}
+  try:
+    with intercept.intercept_methods(grab):
+      module.apply({'params': base_params}, **tokens, **mode)
+    per_layer = [jnp.stack([seen[kp][0], seen[kp[:-len('key')] + 'value'][0]])  # (2, n, H, Dh)
+                 for _, kp in key_paths]
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the model's own error, any kind)
+    text = ' '.join(str(e).split())[:300]
+    raise ConfigError(
+        f'peft.method=prefix initializes the prefixes from the model\'s own keys and values of '
+        f'peft.prefix.length={n} random tokens, running {s.model} on a (1, {n}) batch of '
+        f'{", ".join(tokens)}; the model fails on it ({type(e).__name__}: {text}). Valid: a '
+        f'peft.prefix.length the model accepts as a sequence length (its inputs here are '
+        f'{s.token_shape}: e.g. peft.prefix.length<={s.token_shape[-1]})') from e
   kv = jnp.stack(per_layer)  # (L, 2, n, H, Dh)
   return kv.transpose(2, 0, 1, 3, 4).reshape(n, -1)
 
@@ -116,11 +195,13 @@ class Prefix(Method):
     (least squares, exact for ``n <= prefix.hidden``) so that the MLP produces exactly those
     prefixes at step 0; both variants start from the same prefixes for the same rng.
     """
-    num_layers, d, _, _ = attention_shape(base_params)
+    owner, s = hook_owner(module, base_params, inputs)  # refuses a model without the hook
+    shape = attention_shape(_subtree(base_params, owner))
+    _, d, _, _ = shape
     n, hidden = self.cfg.prefix.length, self.cfg.prefix.hidden
     k_emb, k_hid, k_tok = jax.random.split(rng, 3)
     lecun = jax.nn.initializers.lecun_normal()
-    target = _token_key_values(module, base_params, inputs, n, k_tok)  # (n, L * 2 * D)
+    target = _token_key_values(module, base_params, inputs, n, k_tok, (owner, s))  # (n, L*2*D)
     embedding = jax.random.normal(k_emb, (n, d), jnp.float32)
     hidden_kernel = lecun(k_hid, (d, hidden), jnp.float32)
     h = jnp.tanh(embedding @ hidden_kernel)
@@ -131,10 +212,9 @@ class Prefix(Method):
         'mlp': {'hidden': {'kernel': hidden_kernel, 'bias': jnp.zeros((hidden,), jnp.float32)},
                 'out': {'kernel': out_kernel.astype(jnp.float32), 'bias': bias}},
     }
-    del num_layers
     if self.cfg.prefix.reparam:
       return reparam
-    return {'prefix': self._prefixes(reparam, True, attention_shape(base_params))}
+    return {'prefix': self._prefixes(reparam, True, shape)}
 
   def _prefixes(self, peft_params, reparam: bool, shape=None):
     """``(num_layers, 2, n, heads, head_dim)`` from either tree; the MLP's needs the model's

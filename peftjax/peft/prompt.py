@@ -1,37 +1,67 @@
 """Prompt tuning (Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
 
 The method trains ``n = peft.prompt.length`` soft-prompt vectors ``(n, D)`` and nothing else of the
-encoder (the head trains too, through ``peft.head``). They reach the model through its
-``prompt_embeds`` hook point: an interceptor on the ``__call__`` of any module that declares a
-``prompt_embeds`` keyword (``BertEncoder``) fills it in, so the model never knows which method
-runs. What the hook does with them (see ``peftjax/models/bert.py``):
+model (the head trains too, through ``peft.head``). They reach the model in one of two ways,
+chosen per forward by looking at the model (an abstract trace, cached), never by its names:
 
-* the prompts are prepended to the embedding sum of the real tokens, before the embedding
-  LayerNorm; real tokens keep their positions, prompts get no position/type embedding;
-* the attention mask is extended with ones, so every token attends to every prompt, while
-  padding stays masked;
-* the encoder output is ``(B, n + L, D)``; ``BertClassifier`` pools over the ``L`` real tokens
-  only (mean or [CLS]), as the pretrained model pools.
+1. **A ``prompt_embeds`` hook** -- when some module of the model declares a ``prompt_embeds``
+   keyword in its ``__call__`` (peftjax's ``BertEncoder``), an interceptor fills it in (the
+   outermost such module) and the model decides what to do with them. BERT's hook (see
+   ``peftjax/models/bert.py``):
 
-Initialisation (``peft.prompt.init``):
+   * the prompts are prepended to the embedding sum of the real tokens, before the embedding
+     LayerNorm; real tokens keep their positions, prompts get no position/type embedding;
+   * the attention mask is extended with ones, so every token attends to every prompt, while
+     padding stays masked;
+   * the encoder output is ``(B, n + L, D)``; ``BertClassifier`` pools over the ``L`` real
+     tokens only (mean or [CLS]), as the pretrained model pools.
 
-* ``'vocab'`` -- copies of ``n`` random rows of the word-embedding table (Lester et al. found
-  vocabulary init far better than uniform random);
-* ``'text'`` -- the word embeddings of ``peft.prompt.init_text``'s tokens, tokenized with the
+2. **The generic input-embedding hook** -- any other model with an embedding layer (linen
+   ``nn.Embed``, or an NNX ``Embed`` seen through :mod:`peftjax.models.nnx_bridge`):
+
+   * the *input embedding* is the first embedding layer the model calls on one of its integer
+     inputs (the *token input*, e.g. ``input_ids``); the prompts' width ``D`` is its table's;
+   * every ``__call__`` of that layer on the token input returns the ``n`` prompts prepended
+     along the sequence axis (the token input's last axis): ``(B, L, D) -> (B, n + L, D)``;
+   * *the mask rule*: every model input whose name contains ``'mask'`` (any case) and whose
+     shape equals the token input's (``attention_mask``, ``padding_mask``...) is extended the
+     same way with ones, so the prompts are real, attended positions and padding stays masked;
+     other inputs are passed unchanged;
+   * the model then returns ``n`` more positions wherever it returns per-token outputs,
+     prompts first; a pooled output (a mask-aware mean pool counts the prompts as tokens) or a
+     per-sequence head needs nothing. A task that reads per-token outputs strips them with
+     :func:`drop_prompts` (``out[:, n:]``).
+
+   A model that cannot run with ``n`` extra positions (it adds a position table sized from the
+   ids' length, or combines the embeddings with another per-token input) is refused at
+   ``init`` with a :class:`~peftjax.errors.ConfigError`; give it a ``prompt_embeds`` hook
+   (prepend where the model can, e.g. after adding positions, as ``bert.py`` does).
+
+Initialisation (``peft.prompt.init``), from the input embedding's table (the one the model
+embeds its tokens with, found as above):
+
+* ``'vocab'`` -- copies of ``n`` random rows of the table (Lester et al. found vocabulary init
+  far better than uniform random);
+* ``'text'`` -- the table's rows of ``peft.prompt.init_text``'s tokens, tokenized with the
   bundled MiniLM tokenizer (``peftjax.data.minilm_dir() / 'tokenizer.json'``, whose ids are the
   bundled encoder's vocabulary) without [CLS]/[SEP], repeated or cut to ``n``. E.g. a
   task description: ``--config.peft.prompt.init_text='classify the sentiment of this review'``.
 
 The parameter tree is ``{'prompt': (n, D)}``. The model is *not* unchanged at init (the prompts
-are new tokens the encoder attends to), and prompts cannot be merged into the weights:
+are new tokens the model attends to), and prompts cannot be merged into the weights:
 :meth:`PromptTuning.merge` raises.
+
+This module also holds what prompt and prefix tuning share: :func:`survey` (which module types a
+forward calls, which hook keywords they declare, the input embedding and the mask inputs) and
+:func:`hook_scope` (filling a hook keyword in).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
-import re
+import threading
 
 import flax.linen as nn
 import jax
@@ -41,12 +71,15 @@ from jax.sharding import PartitionSpec as P
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import intercept
+from peftjax.peft import layers
+from peftjax.peft import sections
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
-from peftjax.peft import sections
+from peftjax.peft.base import takes_deterministic
 
 PROMPT_INITS = ('vocab', 'text')
-_WORD_EMBEDDINGS = r'word_embeddings/embedding$'
+HOOKS = ('prompt_embeds', 'prefix_kv')  # the hook keywords peftjax's methods fill in
 
 
 @functools.cache
@@ -56,6 +89,222 @@ def accepts_kwarg(module_type: type, name: str) -> bool:
     return name in inspect.signature(module_type.__call__).parameters
   except (TypeError, ValueError):
     return False
+
+
+# ---------------------------------------------------------------------------- the survey
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+  """What one abstract forward of a model shows: the facts prompt and prefix tuning rely on.
+
+  ``hooks`` maps each hook keyword of :data:`HOOKS` some called module declares to the path of
+  the outermost such module (the one the hook is filled in on). ``embed_*`` describe the input
+  embedding (``None`` if the model has none); ``by_identity`` is whether that layer receives
+  the token input itself (else an integer array of its shape, e.g. a cast copy).
+  """
+  model: str
+  called: tuple[str, ...]
+  hooks: dict
+  embed_path: str | None = None
+  embed_shape: tuple | None = None
+  token_input: str | None = None
+  token_shape: tuple | None = None
+  by_identity: bool = True
+  mask_inputs: tuple[str, ...] = ()
+
+  def called_text(self, limit: int = 8) -> str:
+    more = f', ... ({len(self.called)} types)' if len(self.called) > limit else ''
+    return ', '.join(self.called[:limit]) + more
+
+
+_QUIET = threading.local()  # set while a survey runs inside a forward: the prompts stay out
+
+
+def _quiet() -> bool:
+  return getattr(_QUIET, 'on', False)
+
+
+@contextlib.contextmanager
+def _quietly():
+  before = _quiet()
+  _QUIET.on = True
+  try:
+    yield
+  finally:
+    _QUIET.on = before
+
+
+def _first_arg(args, kwargs):
+  if args:
+    return args[0]
+  return next(iter(kwargs.values()), None)
+
+
+def _is_int_array(x) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.integer)
+
+
+def _safe_path(mod) -> str:
+  try:
+    return layers.path(mod)
+  except Exception:  # pylint: disable=broad-except  (a non-layer NNX object: no path to report)
+    return type(mod).__name__
+
+
+class _Recorder:
+  """An interceptor noting module types, hook declarers and the input embedding."""
+
+  def __init__(self, model_name: str):
+    self.model_name = model_name
+    self.inputs = {}  # the forward's named inputs (tracers), set inside the traced function
+    self.called, self.hooks = {}, {}
+    self.embed = None  # (path, table shape, token input name, by identity)
+
+  def __call__(self, next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name == '__call__':
+      self.called.setdefault(type(mod).__name__, None)
+      for name in HOOKS:
+        if name not in self.hooks and accepts_kwarg(type(mod), name):
+          self.hooks[name] = _safe_path(mod)  # calls enter outer first: the outermost wins
+      if layers.kind(mod) == 'embed':
+        self._embed(mod, _first_arg(args, kwargs))
+    return next_fun(*args, **kwargs)
+
+  def _embed(self, mod, x):
+    if (self.embed is not None and self.embed[3]) or not _is_int_array(x):
+      return
+    named = [k for k, v in self.inputs.items() if v is x]
+    if named:
+      by_identity = True
+    else:  # e.g. ids cast or reshaped to the same shape: matched by shape, kept only if first
+      named = [k for k, v in self.inputs.items() if _is_int_array(v) and v.shape == x.shape]
+      by_identity = False
+      if not named or self.embed is not None:
+        return
+    table = layers.params(mod)['embedding']
+    self.embed = (layers.path(mod), tuple(table.shape), named[0], by_identity)
+
+  def result(self) -> Survey:
+    if self.embed is None:
+      return Survey(self.model_name, tuple(self.called), dict(self.hooks))
+    path, shape, token, by_identity = self.embed
+    token_shape = tuple(self.inputs[token].shape)
+    masks = tuple(k for k, v in self.inputs.items()
+                  if 'mask' in k.lower() and tuple(np.shape(v)) == token_shape)
+    return Survey(self.model_name, tuple(self.called), dict(self.hooks), path, shape, token,
+                  token_shape, by_identity, masks)
+
+
+def _mode(module) -> dict:
+  """``deterministic=True`` if the model takes it (as :func:`peftjax.peft.apply` passes it)."""
+  return {'deterministic': True} if takes_deterministic(module) else {}
+
+
+def survey(module, base_params, inputs) -> Survey:
+  """Traces ``module`` on ``inputs`` abstractly (no compute) and reports what it calls.
+
+  >>> s = survey(BertClassifier(cfg, 3), params, inputs)  # doctest: +SKIP
+  >>> s.hooks, s.embed_path, s.mask_inputs                # doctest: +SKIP
+  ({'prompt_embeds': 'encoder', 'prefix_kv': 'encoder'},
+   'encoder/embeddings/word_embeddings', ('attention_mask',))
+  """
+  rec = _Recorder(type(module).__name__)
+
+  def forward(params, named):
+    rec.inputs = named
+    with _quietly(), intercept.intercept_methods(rec):
+      return module.apply({'params': params}, **named, **_mode(module))
+
+  jax.eval_shape(forward, base_params, dict(inputs))
+  return rec.result()
+
+
+def _split_static(tree):
+  """``(arrays, rebuild)``: the array leaves of ``tree``, and a function putting them back (the
+  other leaves -- ``deterministic=True``... -- stay Python values, as the model expects)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  is_array = [hasattr(x, 'shape') and hasattr(x, 'dtype') for x in leaves]
+  arrays = [x for x, a in zip(leaves, is_array) if a]
+
+  def rebuild(new_arrays):
+    it = iter(new_arrays)
+    return treedef.unflatten([next(it) if a else x for x, a in zip(leaves, is_array)])
+
+  static = tuple((a, None if a else x) for x, a in zip(leaves, is_array))
+  return arrays, rebuild, (treedef, static)
+
+
+def _named_args(fun, args, kwargs) -> dict:
+  """The arguments of a call by parameter name (positional ones bound by ``fun``'s signature)."""
+  if not args:
+    return dict(kwargs)
+  try:
+    sig = inspect.signature(fun)
+  except (TypeError, ValueError):
+    return dict(kwargs)
+  names = [p.name for p in sig.parameters.values()
+           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  return {**dict(zip(names, args)), **kwargs}
+
+
+def _replace_args(fun, args, kwargs, new: dict):
+  """``(args, kwargs)`` with the arguments named in ``new`` replaced (positional or keyword)."""
+  kwargs = {**kwargs, **{k: v for k, v in new.items() if k in kwargs}}
+  if args:
+    try:
+      sig = inspect.signature(fun)
+      names = [p.name for p in sig.parameters.values()
+               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+      args = tuple(new.get(n, a) if n not in kwargs else a for n, a in zip(names, args)) + tuple(
+          args[len(names):])
+    except (TypeError, ValueError):
+      pass
+  return args, kwargs
+
+
+_ROOT_SURVEYS: dict = {}  # (root, abstract call) -> Survey; each model/shape is traced once
+
+
+def _root_survey(context, args, kwargs) -> Survey:
+  """The survey of the model's own call (the root module, inside its forward), cached."""
+  root = context.module
+  linen = isinstance(root, nn.Module)
+  variables = root.variables if linen else {}
+  arrays, rebuild, static = _split_static((variables, args, kwargs))
+  method = type(root).__call__ if linen else context.orig_method
+  unbound = root.clone(parent=None) if linen else None
+  try:
+    key = (unbound if linen else type(root), static,
+           tuple((tuple(x.shape), str(x.dtype)) for x in arrays))
+    hash(key)
+  except TypeError:  # an unhashable field or argument: trace every time
+    key = None
+  if key is not None and key in _ROOT_SURVEYS:
+    return _ROOT_SURVEYS[key]
+  rec = _Recorder(type(root).__name__)
+
+  def forward(new_arrays):
+    v, a, k = rebuild(new_arrays)
+    rec.inputs = _named_args(method, (None,) + tuple(a) if linen else a, k)
+    rec.inputs.pop('self', None)
+    with _quietly(), intercept.intercept_methods(rec):
+      if linen:
+        rngs = {name: jax.random.key(0) for name in getattr(root.scope, 'rngs', {})}
+        return unbound.apply(v, *a, **k, rngs=rngs, mutable=True)
+      return context.orig_method(*a, **k)
+
+  jax.eval_shape(forward, arrays)
+  result = rec.result()
+  if key is not None:
+    if len(_ROOT_SURVEYS) > 64:
+      _ROOT_SURVEYS.clear()
+    _ROOT_SURVEYS[key] = result
+  return result
+
+
+# ---------------------------------------------------------------------------- hooks
 
 
 @contextlib.contextmanager
@@ -75,7 +324,7 @@ def hook_scope(name: str, value):
   inside = [False]  # trace-time state: is a hooked call on the Python stack?
 
   def interceptor(next_fun, args, kwargs, context):
-    if (inside[0] or context.method_name != '__call__'
+    if (inside[0] or _quiet() or context.method_name != '__call__'
         or not accepts_kwarg(type(context.module), name)):
       return next_fun(*args, **kwargs)
     inside[0] = True
@@ -85,17 +334,151 @@ def hook_scope(name: str, value):
     finally:
       inside[0] = False
 
-  with nn.intercept_methods(interceptor):
+  with intercept.intercept_methods(interceptor):
     yield
 
 
-def word_embeddings(base_params):
-  """The ``(vocab, D)`` word-embedding table of the base model (path ``.../word_embeddings``)."""
-  hits = [x for p, x in tree_lib.flatten(base_params).items() if re.search(_WORD_EMBEDDINGS, p)]
-  if len(hits) != 1:
-    raise ConfigError(f'prompt tuning needs exactly one base leaf matching {_WORD_EMBEDDINGS!r} '
-                      f'(found {len(hits)}); peft.method=prompt supports BERT-family encoders')
-  return hits[0]
+def _prepend(x, rows, axis: int):
+  """``rows`` ``(n, D)`` in front of ``x`` ``(..., L, D)`` along ``axis`` (the sequence axis)."""
+  shape = list(x.shape)
+  shape[axis] = rows.shape[0]
+  rows = jnp.asarray(rows, x.dtype).reshape((1,) * axis + rows.shape)
+  return jnp.concatenate([jnp.broadcast_to(rows, shape), x], axis=axis)
+
+
+def _ones_first(mask, n: int):
+  """``mask`` with ``n`` ones in front of its last (sequence) axis: prompts are never padding."""
+  ones = jnp.ones(mask.shape[:-1] + (n,), mask.dtype)
+  return jnp.concatenate([ones, mask], axis=-1)
+
+
+@contextlib.contextmanager
+def prompt_scope(prompts, report: dict | None = None):
+  """Context under which the model runs with ``prompts`` ``(n, D)`` (see the module docstring).
+
+  At the model's own call (the root module) it surveys the model (abstractly, once per model
+  and input shapes): a declared ``prompt_embeds`` hook is filled in; otherwise the mask inputs
+  are extended with ones and the input embedding's output gets the prompts in front.
+  ``report``, if given, is filled with what was done (``'mode'``, ``'embedded'`` -- the
+  embedding calls that got the prompts --, ``'masks'``), for :meth:`PromptTuning.init`'s checks.
+
+  >>> with prompt_scope(prompts):                              # doctest: +SKIP
+  ...   logits = model.apply({'params': params}, **inputs)   # (B, n + L) positions inside
+  """
+  report = {} if report is None else report
+  report.update(mode=None, embedded=[], masks=[])
+  n = int(np.shape(prompts)[0])
+  state = {'depth': 0, 'plan': None, 'token': None, 'hooked': False, 'rootless': None}
+
+  def embed_call(next_fun, args, kwargs, mod):
+    plan, x = state['plan'], _first_arg(args, kwargs)
+    if not _is_int_array(x):
+      return None
+    path = layers.path(mod)
+    if plan is None:  # no root call seen (layers run on their own): the first integer embedding
+      state['rootless'] = state['rootless'] or path
+      if path != state['rootless']:
+        return None
+    elif path != plan.embed_path or not (
+        x is state['token'] if plan.by_identity else tuple(x.shape) == plan.token_shape):
+      return None
+    out = next_fun(*args, **kwargs)
+    report['embedded'].append(path)
+    return _prepend(out, prompts, x.ndim - 1)
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if _quiet() or context.method_name != '__call__':
+      return next_fun(*args, **kwargs)
+    root = state['depth'] == 0 and layers.kind(mod) is None
+    if root:
+      plan = (None if accepts_kwarg(type(mod), 'prompt_embeds')
+              else _root_survey(context, args, kwargs))
+      if plan is None or 'prompt_embeds' in plan.hooks:
+        state['plan'], report['mode'] = 'hook', 'hook'
+      else:
+        state['plan'], report['mode'] = plan, 'generic'
+        method = type(mod).__call__ if isinstance(mod, nn.Module) else context.orig_method
+        offset = (None,) if isinstance(mod, nn.Module) else ()
+        named = _named_args(method, offset + tuple(args), kwargs)
+        state['token'] = named.get(plan.token_input)
+        new = {k: _ones_first(named[k], n) for k in plan.mask_inputs if k in named}
+        report['masks'].extend(new)
+        if new:
+          a, kwargs = _replace_args(method, offset + tuple(args), kwargs, new)
+          args = a[len(offset):]
+    plan = state['plan']
+    state['depth'] += 1
+    try:
+      if plan == 'hook':
+        if not state['hooked'] and accepts_kwarg(type(mod), 'prompt_embeds'):
+          state['hooked'] = True
+          try:
+            return next_fun(*args, **{**kwargs, 'prompt_embeds': prompts})
+          finally:
+            state['hooked'] = False
+      elif layers.kind(mod) == 'embed' and (plan is None or plan.embed_path is not None):
+        out = embed_call(next_fun, args, kwargs, mod)
+        if out is not None:
+          return out
+      return next_fun(*args, **kwargs)
+    finally:
+      state['depth'] -= 1
+      if root:  # the model's call is over: the next one is surveyed afresh
+        state['plan'] = state['token'] = None
+
+  with intercept.intercept_methods(interceptor):
+    yield
+
+
+def drop_prompts(per_token, num_tokens: int, axis: int = 1):
+  """The real tokens' part of a per-token output of a prompt-tuned model (prompts come first).
+
+  >>> drop_prompts(jnp.zeros((2, 5 + 8, 4)), 8).shape
+  (2, 8, 4)
+  """
+  start = per_token.shape[axis] - num_tokens
+  return jax.lax.slice_in_dim(per_token, start, per_token.shape[axis], axis=axis)
+
+
+def input_embedding(module, base_params, inputs, s: Survey | None = None):
+  """``(path, table)``: the model's input embedding (see the module docstring) and its table.
+
+  Raises a :class:`~peftjax.errors.ConfigError` if the model embeds none of its inputs.
+  """
+  s = s or survey(module, base_params, inputs)
+  if s.embed_path is None:
+    ints = [k for k, v in inputs.items() if _is_int_array(v)]
+    raise ConfigError(
+        f'peft.method=prompt needs an input embedding: an embedding layer (nn.Embed, NNX Embed) '
+        f'called on one of the model\'s integer inputs ({", ".join(ints) or "none"}); '
+        f'{s.model} calls none (called: {s.called_text()}). Valid: a model that embeds its '
+        'token ids with such a layer, or one with a `prompt_embeds` hook and such a layer')
+  flat = tree_lib.flatten(base_params)
+  table = flat.get(f'{s.embed_path}/embedding') if s.embed_path else None
+  if table is None or tuple(table.shape) != s.embed_shape:
+    table = _captured_table(module, base_params, inputs, s.embed_path)
+  return s.embed_path, table
+
+
+def _captured_table(module, base_params, inputs, path):
+  """The table the layer at ``path`` uses, read inside a forward (a model whose parameter tree
+  does not mirror its layer paths); jit keeps only the read, not the forward."""
+  def grab(params, named):
+    box = []
+
+    def rec(next_fun, args, kwargs, context):
+      mod = context.module
+      if (not box and context.method_name == '__call__' and layers.kind(mod) == 'embed'
+          and layers.path(mod) == path):
+        box.append(layers.params(mod)['embedding'])
+      return next_fun(*args, **kwargs)
+
+    with _quietly(), intercept.intercept_methods(rec):
+      module.apply({'params': params}, **named, **_mode(module))
+    return box[0]
+
+  return jax.jit(grab)(base_params, dict(inputs))
 
 
 def text_token_ids(text: str) -> np.ndarray:
@@ -125,9 +508,13 @@ class PromptTuning(Method):
     sections.check_prompt(peft_cfg.prompt)
 
   def init(self, rng, module, base_params, inputs) -> dict:
-    """``{'prompt': (n, D)}``: rows of the word-embedding table (random or the text's tokens)."""
-    del module, inputs
-    table = word_embeddings(base_params)
+    """``{'prompt': (n, D)}``: rows of the input embedding's table (random or the text's tokens).
+
+    Also runs the model abstractly with the prompts, so a model that cannot take them fails
+    here with a :class:`~peftjax.errors.ConfigError`, not in the first training step.
+    """
+    s = survey(module, base_params, inputs)
+    _, table = input_embedding(module, base_params, inputs, s)
     n = self.cfg.prompt.length
     if self.cfg.prompt.init == 'vocab':
       ids = jax.random.randint(rng, (n,), 0, table.shape[0])
@@ -140,11 +527,51 @@ class PromptTuning(Method):
                           f'{int(ids.max())} >= the model vocabulary ({table.shape[0]}); '
                           "'text' init needs the bundled tokenizer's vocabulary; use 'vocab'")
       ids = np.resize(ids, n)  # repeat cyclically, or cut, to n
-    return {'prompt': jnp.asarray(table, jnp.float32)[ids]}
+    prompts = jnp.asarray(table, jnp.float32)[ids]
+    self._dry_run(module, base_params, inputs, prompts, s)
+    return {'prompt': prompts}
+
+  def _dry_run(self, module, base_params, inputs, prompts, s: Survey) -> None:
+    """The model traced with the prompts in: a failure is the model not taking ``n`` more
+    positions; a silent miss (prompts or masks never reached) is refused too."""
+    report = {}
+
+    def forward(params, named, p):
+      with prompt_scope(p, report):
+        return module.apply({'params': params}, **named, **_mode(module))
+
+    n = prompts.shape[0]
+    how = (f'the {n} prompts are prepended to the output of its input embedding '
+           f'{s.embed_path!r} (and ones to {", ".join(s.mask_inputs) or "no mask input"})')
+    fix = ('Fix: give the model a `prompt_embeds` hook -- a keyword of its __call__ taking the '
+           '(n, D) prompts and prepending them where the model can (e.g. after adding position '
+           'embeddings; see peftjax/models/bert.py) -- or use a method that adds no positions '
+           '(peft.method=lora, ia3, adapter, prefix on a model with a prefix_kv hook)')
+    try:
+      jax.eval_shape(forward, base_params, dict(inputs), prompts)
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any failure: a model/shape error)
+      if 'prompt_embeds' in s.hooks:
+        raise ConfigError(f'peft.method=prompt: {s.model} fails with prompts in its '
+                          f'`prompt_embeds` hook (at {s.hooks["prompt_embeds"]!r}, '
+                          f'peft.prompt.length={n}): {type(e).__name__}: {e}') from e
+      raise ConfigError(
+          f'peft.method=prompt: {s.model} cannot run with {n} extra positions '
+          f'(peft.prompt.length={n}): {how}, and the model then fails with '
+          f'{type(e).__name__}: {_short(e)}. It has no `prompt_embeds` hook (e.g. it adds a '
+          f'position table sized from the ids\' length). {fix}') from e
+    if report['mode'] == 'generic':
+      missing = [k for k in s.mask_inputs if k not in report['masks']]
+      if not report['embedded'] or missing:
+        what = ('its input embedding was never called on the token input' if
+                not report['embedded'] else f'its mask input(s) {missing} were not reached')
+        raise ConfigError(f'peft.method=prompt: {s.model}: {how}, but {what} (the model\'s own '
+                          f'call is not visible to the method). {fix}')
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del rng, deterministic  # the embedding dropout already covers the prompts
-    return hook_scope('prompt_embeds', peft_params['prompt'])
+    return prompt_scope(peft_params['prompt'])
 
   def merge(self, base_params, peft_params) -> dict:
     raise NotImplementedError(
@@ -156,3 +583,8 @@ class PromptTuning(Method):
     """The prompts shard their embedding axis like the word embeddings do."""
     del base_specs, peft_params
     return {'prompt': P(None, 'embed')}
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+  text = ' '.join(str(e).split())
+  return text if len(text) <= limit else text[:limit] + '...'
