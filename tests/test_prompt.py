@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import tinybert
@@ -135,3 +136,160 @@ def test_merge_raises(built):
 def test_logical_specs(built):
   method, p, _ = tinybert.init('prompt')
   assert tuple(method.logical_specs(built.logical_specs, p)['prompt']) == (None, 'embed')
+
+
+# ---------------------------------------------------------------------------- the generic hook
+# Models written only here, as users write them: no `prompt_embeds` hook, names unlike BERT's.
+
+V, DT, C = 50, 8, 3  # vocabulary, width, classes of the small text model
+
+
+class TextModel(nn.Module):
+  """nn.Embed -> two Dense layers -> a mask-aware mean pool -> a head."""
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask):
+    x = nn.Embed(V, DT, name='tok')(input_ids)
+    x = nn.gelu(nn.Dense(16, name='up')(x))
+    x = nn.Dense(DT, name='down')(x)
+    m = attention_mask[..., None].astype(x.dtype)
+    pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    return nn.Dense(C, name='head')(pooled)
+
+
+class PositionTable(nn.Module):
+  """Adds a learned position table sized from the ids' length: cannot take extra positions."""
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask):
+    x = nn.Embed(V, DT, name='tok')(input_ids)
+    pos = self.param('pos', nn.initializers.normal(0.02), (16, DT))
+    x = x + pos[:input_ids.shape[1]]
+    return nn.Dense(C, name='head')((x * attention_mask[..., None]).mean(1))
+
+
+def _text_setup(model=None):
+  model = model or TextModel()
+  ids = (jnp.arange(24, dtype=jnp.int32).reshape(4, 6) * 7) % V
+  mask = jnp.ones_like(ids).at[0, 4:].set(0).at[2, 5:].set(0)
+  params = model.init(jax.random.key(0), ids, mask)['params']
+  return model, params, {'input_ids': ids, 'attention_mask': mask}
+
+
+def _text_reference(params, prompts, inputs):
+  """TextModel's forward written out by hand with the prompts prepended to the embeddings and
+  ones to the mask."""
+  ids, mask = inputs['input_ids'], inputs['attention_mask']
+  n = prompts.shape[0]
+  x = params['tok']['embedding'][ids]
+  x = jnp.concatenate([jnp.broadcast_to(prompts, (ids.shape[0], n, DT)), x], axis=1)
+  m = jnp.concatenate([jnp.ones((ids.shape[0], n)), mask], axis=1)[..., None]
+  dense = lambda name, h: h @ params[name]['kernel'] + params[name]['bias']
+  x = dense('down', nn.gelu(dense('up', x)))
+  return dense('head', (x * m).sum(1) / m.sum(1))
+
+
+def test_survey_finds_the_input_embedding_and_mask():
+  model, params, inputs = _text_setup()
+  s = prompt_lib.survey(model, params, inputs)
+  assert (s.embed_path, s.embed_shape, s.token_input, s.mask_inputs) == (
+      'tok', (V, DT), 'input_ids', ('attention_mask',))
+  assert s.hooks == {} and s.called[0] == 'TextModel'
+
+
+def test_generic_hook_equals_hand_prepended_reference():
+  model, params, inputs = _text_setup()
+  method, _ = tinybert.method('prompt', length=3)
+  p = method.init(jax.random.key(1), model, params, inputs)
+  assert p['prompt'].shape == (3, DT)
+  # 'vocab' init: random rows of the input embedding's table.
+  table = np.asarray(params['tok']['embedding'])
+  for row in np.asarray(p['prompt']):
+    assert (np.abs(table - row).max(axis=1) == 0).any()
+  base = model.apply({'params': params}, **inputs)
+  out = peft.apply(model, method, params, p, inputs)
+  assert not np.allclose(out, base, atol=1e-4)  # the prompts change the output at init
+  np.testing.assert_allclose(out, _text_reference(params, p['prompt'], inputs), atol=1e-5)
+  # Random prompts too (not only vocabulary rows), and under jit.
+  q = {'prompt': jax.random.normal(jax.random.key(2), (3, DT))}
+  jitted = jax.jit(lambda q_: peft.apply(model, method, params, q_, inputs))
+  np.testing.assert_allclose(jitted(q), _text_reference(params, q['prompt'], inputs), atol=1e-5)
+  # Padding stays masked: a padded token's id changes nothing.
+  other = dict(inputs, input_ids=inputs['input_ids'].at[0, 5].set(3))
+  np.testing.assert_allclose(peft.apply(model, method, params, p, other), out, atol=1e-6)
+
+
+def test_generic_hook_gradients_and_training():
+  model, params, inputs = _text_setup()
+  method, _ = tinybert.method('prompt', length=3)
+  p = method.init(jax.random.key(1), model, params, inputs)
+  labels = jnp.array([0, 1, 2, 1])
+
+  def loss(p_):
+    logits = peft.apply(model, method, params, p_, inputs)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+
+  g = jax.grad(loss)(p)['prompt']
+  assert g.shape == (3, DT) and bool(jnp.all(g != 0))  # every prompt entry gets a gradient
+  tx = optax.adam(0.1)
+
+  @jax.jit
+  def step(p_, opt):
+    updates, opt = tx.update(jax.grad(loss)(p_), opt)
+    return optax.apply_updates(p_, updates), opt
+
+  opt, losses = tx.init(p), [float(loss(p))]
+  for _ in range(5):
+    p, opt = step(p, opt)
+    losses.append(float(loss(p)))
+  assert losses[-1] < losses[0] - 0.01, losses
+
+
+def test_per_token_outputs_have_n_more_positions_and_drop_prompts_strips_them():
+  class PerToken(nn.Module):
+    @nn.compact
+    def __call__(self, input_ids, attention_mask):
+      return nn.Dense(2, name='out')(nn.Embed(V, DT, name='tok')(input_ids)) * attention_mask[
+          ..., None]
+
+  model, params, inputs = _text_setup(PerToken())
+  method, _ = tinybert.method('prompt', length=3)
+  p = method.init(jax.random.key(1), model, params, inputs)
+  out = peft.apply(model, method, params, p, inputs)
+  assert out.shape == (4, 3 + 6, 2)
+  np.testing.assert_allclose(prompt_lib.drop_prompts(out, 6),
+                             model.apply({'params': params}, **inputs), atol=1e-6)
+
+
+def test_model_that_cannot_take_extra_positions_is_refused():
+  model, params, inputs = _text_setup(PositionTable())
+  method, _ = tinybert.method('prompt', length=3)
+  with pytest.raises(ConfigError, match=r'PositionTable cannot run with 3 extra positions.*'
+                     r"'tok'.*prompt_embeds"):
+    method.init(jax.random.key(1), model, params, inputs)
+
+
+def test_model_without_an_input_embedding_is_refused():
+  class Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(x)
+
+  x = jnp.ones((2, 4))
+  model = Dense()
+  params = model.init(jax.random.key(0), x)['params']
+  method, _ = tinybert.method('prompt', length=3)
+  with pytest.raises(ConfigError, match=r'needs an input embedding.*Dense calls none'):
+    method.init(jax.random.key(1), model, params, {'x': x})
+
+
+def test_bert_keeps_its_prompt_embeds_hook(built):
+  """BERT declares the hook: it is used (real tokens keep their positions), not the generic
+  prepend, and no mask input is extended by the method."""
+  method, p, _ = tinybert.init('prompt', length=4)
+  report = {}
+  with prompt_lib.prompt_scope(p['prompt'], report):
+    logits = built.module.apply({'params': built.params}, **tinybert.inputs())
+  assert report == {'mode': 'hook', 'embedded': [], 'masks': []}
+  np.testing.assert_array_equal(logits, peft.apply(built.module, method, built.params, p,
+                                                   tinybert.inputs()))

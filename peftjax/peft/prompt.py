@@ -91,6 +91,25 @@ def accepts_kwarg(module_type: type, name: str) -> bool:
     return False
 
 
+def _classes(mod):
+  """The classes whose ``__call__`` answers for ``mod``: a linen module's own; for a non-linen
+  view (the NNX bridge's ``NNXLayer``) those of the model object it wraps, whose interceptable
+  subclass declares only ``*args, **kwargs``."""
+  if isinstance(mod, nn.Module):
+    return (type(mod),)
+  inner = getattr(mod, 'module', mod)
+  return tuple(c for c in type(inner).__mro__ if '__call__' in vars(c))
+
+
+def declares(mod, name: str) -> bool:
+  """Whether the module of this call declares the hook keyword ``name`` in its ``__call__``."""
+  return any(accepts_kwarg(c, name) for c in _classes(mod))
+
+
+def _type_name(mod) -> str:
+  return type(getattr(mod, 'module', mod) if not isinstance(mod, nn.Module) else mod).__name__
+
+
 # ---------------------------------------------------------------------------- the survey
 
 
@@ -164,9 +183,9 @@ class _Recorder:
   def __call__(self, next_fun, args, kwargs, context):
     mod = context.module
     if context.method_name == '__call__':
-      self.called.setdefault(type(mod).__name__, None)
+      self.called.setdefault(_type_name(mod), None)
       for name in HOOKS:
-        if name not in self.hooks and accepts_kwarg(type(mod), name):
+        if name not in self.hooks and declares(mod, name):
           self.hooks[name] = _safe_path(mod)  # calls enter outer first: the outermost wins
       if layers.kind(mod) == 'embed':
         self._embed(mod, _first_arg(args, kwargs))
@@ -267,33 +286,35 @@ def _replace_args(fun, args, kwargs, new: dict):
 _ROOT_SURVEYS: dict = {}  # (root, abstract call) -> Survey; each model/shape is traced once
 
 
+def _root_plan(context, args, kwargs) -> Survey:
+  """What to do in this forward, decided at the model's own call (the root module)."""
+  if isinstance(context.module, nn.Module):
+    return _root_survey(context, args, kwargs)
+  return _static_plan(context, args, kwargs)
+
+
 def _root_survey(context, args, kwargs) -> Survey:
-  """The survey of the model's own call (the root module, inside its forward), cached."""
+  """The survey of a linen model's own call, inside its forward (cached per model and shapes):
+  the unbound model re-traced abstractly on the same variables and arguments."""
   root = context.module
-  linen = isinstance(root, nn.Module)
-  variables = root.variables if linen else {}
-  arrays, rebuild, static = _split_static((variables, args, kwargs))
-  method = type(root).__call__ if linen else context.orig_method
-  unbound = root.clone(parent=None) if linen else None
+  arrays, rebuild, static = _split_static((root.variables, args, kwargs))
+  unbound = root.clone(parent=None)
   try:
-    key = (unbound if linen else type(root), static,
-           tuple((tuple(x.shape), str(x.dtype)) for x in arrays))
+    key = (unbound, static, tuple((tuple(x.shape), str(x.dtype)) for x in arrays))
     hash(key)
   except TypeError:  # an unhashable field or argument: trace every time
     key = None
   if key is not None and key in _ROOT_SURVEYS:
     return _ROOT_SURVEYS[key]
   rec = _Recorder(type(root).__name__)
+  rngs = {name: jax.random.key(0) for name in getattr(root.scope, 'rngs', {})}
 
   def forward(new_arrays):
     v, a, k = rebuild(new_arrays)
-    rec.inputs = _named_args(method, (None,) + tuple(a) if linen else a, k)
+    rec.inputs = _named_args(type(root).__call__, (None,) + tuple(a), k)
     rec.inputs.pop('self', None)
     with _quietly(), intercept.intercept_methods(rec):
-      if linen:
-        rngs = {name: jax.random.key(0) for name in getattr(root.scope, 'rngs', {})}
-        return unbound.apply(v, *a, **k, rngs=rngs, mutable=True)
-      return context.orig_method(*a, **k)
+      return unbound.apply(v, *a, **k, rngs=rngs, mutable=True)
 
   jax.eval_shape(forward, arrays)
   result = rec.result()
@@ -302,6 +323,36 @@ def _root_survey(context, args, kwargs) -> Survey:
       _ROOT_SURVEYS.clear()
     _ROOT_SURVEYS[key] = result
   return result
+
+
+def _static_plan(context, args, kwargs) -> Survey:
+  """The plan for a non-linen model (an NNX model through the bridge), without re-running it
+  (its layers hold rng state a second trace must not touch): a hook if any module of its graph
+  declares ``prompt_embeds``; else the token input is its first integer input not named like a
+  mask, the input embedding the first embedding layer called on that very array (learned in
+  the forward), the masks by the mask rule. ``init`` checks this against the full survey."""
+  root = context.module
+  inner = getattr(root, 'module', None)
+  hooks = {}
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top  (only NNX models get here)
+    nodes = [m for _, m in nnx.iter_graph(inner)] if isinstance(inner, nnx.Module) else []
+  except Exception:  # pylint: disable=broad-except
+    nodes = []
+  for node in nodes:
+    for name in HOOKS:
+      if name not in hooks and isinstance(node, object) and any(
+          accepts_kwarg(c, name) for c in type(node).__mro__ if '__call__' in vars(c)):
+        hooks[name] = ''
+  named = _named_args(context.orig_method, args, kwargs)
+  ints = [k for k, v in named.items() if _is_int_array(v) and 'mask' not in k.lower()]
+  if not ints:
+    return Survey(type(inner or root).__name__, (), hooks)
+  token_shape = tuple(named[ints[0]].shape)
+  masks = tuple(k for k, v in named.items()
+                if 'mask' in k.lower() and tuple(np.shape(v)) == token_shape)
+  return Survey(type(inner or root).__name__, (), hooks, None, None, ints[0], token_shape, True,
+                masks)
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -325,7 +376,7 @@ def hook_scope(name: str, value):
 
   def interceptor(next_fun, args, kwargs, context):
     if (inside[0] or _quiet() or context.method_name != '__call__'
-        or not accepts_kwarg(type(context.module), name)):
+        or not declares(context.module, name)):
       return next_fun(*args, **kwargs)
     inside[0] = True
     try:
@@ -368,7 +419,7 @@ def prompt_scope(prompts, report: dict | None = None):
   report = {} if report is None else report
   report.update(mode=None, embedded=[], masks=[])
   n = int(np.shape(prompts)[0])
-  state = {'depth': 0, 'plan': None, 'token': None, 'hooked': False, 'rootless': None}
+  state = {'depth': 0, 'plan': None, 'token': None, 'hooked': False, 'embed_path': None}
 
   def embed_call(next_fun, args, kwargs, mod):
     plan, x = state['plan'], _first_arg(args, kwargs)
@@ -376,11 +427,12 @@ def prompt_scope(prompts, report: dict | None = None):
       return None
     path = layers.path(mod)
     if plan is None:  # no root call seen (layers run on their own): the first integer embedding
-      state['rootless'] = state['rootless'] or path
-      if path != state['rootless']:
-        return None
-    elif path != plan.embed_path or not (
-        x is state['token'] if plan.by_identity else tuple(x.shape) == plan.token_shape):
+      state['embed_path'] = state['embed_path'] or path
+    elif not (x is state['token'] if plan.by_identity else tuple(x.shape) == plan.token_shape):
+      return None
+    elif state['embed_path'] is None:  # a static plan: the first embedding of the token input
+      state['embed_path'] = path
+    if path != state['embed_path']:
       return None
     out = next_fun(*args, **kwargs)
     report['embedded'].append(path)
@@ -392,12 +444,12 @@ def prompt_scope(prompts, report: dict | None = None):
       return next_fun(*args, **kwargs)
     root = state['depth'] == 0 and layers.kind(mod) is None
     if root:
-      plan = (None if accepts_kwarg(type(mod), 'prompt_embeds')
-              else _root_survey(context, args, kwargs))
+      plan = None if declares(mod, 'prompt_embeds') else _root_plan(context, args, kwargs)
       if plan is None or 'prompt_embeds' in plan.hooks:
         state['plan'], report['mode'] = 'hook', 'hook'
       else:
         state['plan'], report['mode'] = plan, 'generic'
+        state['embed_path'] = plan.embed_path
         method = type(mod).__call__ if isinstance(mod, nn.Module) else context.orig_method
         offset = (None,) if isinstance(mod, nn.Module) else ()
         named = _named_args(method, offset + tuple(args), kwargs)
@@ -411,13 +463,13 @@ def prompt_scope(prompts, report: dict | None = None):
     state['depth'] += 1
     try:
       if plan == 'hook':
-        if not state['hooked'] and accepts_kwarg(type(mod), 'prompt_embeds'):
+        if not state['hooked'] and declares(mod, 'prompt_embeds'):
           state['hooked'] = True
           try:
             return next_fun(*args, **{**kwargs, 'prompt_embeds': prompts})
           finally:
             state['hooked'] = False
-      elif layers.kind(mod) == 'embed' and (plan is None or plan.embed_path is not None):
+      elif layers.kind(mod) == 'embed' and (plan is None or plan.token_input is not None):
         out = embed_call(next_fun, args, kwargs, mod)
         if out is not None:
           return out
@@ -425,7 +477,7 @@ def prompt_scope(prompts, report: dict | None = None):
     finally:
       state['depth'] -= 1
       if root:  # the model's call is over: the next one is surveyed afresh
-        state['plan'] = state['token'] = None
+        state['plan'] = state['token'] = state['embed_path'] = None
 
   with intercept.intercept_methods(interceptor):
     yield
@@ -563,9 +615,9 @@ class PromptTuning(Method):
           f'position table sized from the ids\' length). {fix}') from e
     if report['mode'] == 'generic':
       missing = [k for k in s.mask_inputs if k not in report['masks']]
-      if not report['embedded'] or missing:
-        what = ('its input embedding was never called on the token input' if
-                not report['embedded'] else f'its mask input(s) {missing} were not reached')
+      if set(report['embedded']) != {s.embed_path} or missing:
+        what = (f'its mask input(s) {missing} were not reached' if missing else
+                f'the forward put them after {sorted(set(report["embedded"])) or "no layer"}')
         raise ConfigError(f'peft.method=prompt: {s.model}: {how}, but {what} (the model\'s own '
                           f'call is not visible to the method). {fix}')
 
