@@ -1,5 +1,6 @@
 """Prefix tuning: exact counts, the hook (None is a no-op, attention reference, padding masked),
 reparameterized == materialized, a jitted step that moves only the prefix params and the head."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,3 +168,75 @@ def test_init_prefixes_are_the_models_own_keys_and_values_of_real_tokens(built, 
     att = acts[f'layer_{layer}']['attention']
     np.testing.assert_allclose(prefixes[layer, 0], att['key']['__call__'][0][0], atol=1e-4)
     np.testing.assert_allclose(prefixes[layer, 1], att['value']['__call__'][0][0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- refusals
+# Models written only here: parameter names like BERT's, but no `prefix_kv` hook.
+
+
+class LookAlike(nn.Module):
+  """encoder/embeddings/word_embeddings + encoder/layer_i/attention/{query,key,value}, as BERT
+  names them, but plain attention that takes no prefixes."""
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None):
+    x = nn.Embed(100, D, name='encoder/embeddings/word_embeddings')(input_ids)
+    for i in range(L):
+      proj = lambda name, i=i: nn.DenseGeneral((H, DH), name=f'encoder/layer_{i}/attention/{name}')
+      q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
+      s = jnp.einsum('bqhd,bkhd->bhqk', q, k) + jnp.where(attention_mask[:, None, None] > 0, 0.,
+                                                          -1e9)
+      x = x + jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s), v).reshape(x.shape)
+    return nn.Dense(3, name='classifier')(x.mean(1))
+
+
+class FixedLength(nn.Module):
+  """peftjax's BERT encoder (it has the hook) behind a reshape to rows of 8 tokens: it runs on
+  length-8 batches only."""
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None):
+    ids, mask = input_ids.reshape(-1, 8), attention_mask.reshape(-1, 8)
+    hidden = BertEncoder(BERT, name='encoder')(ids, mask)
+    return nn.Dense(3, name='classifier')(hidden.mean(1))
+
+
+def _init_params(model):
+  ids = jnp.ones((4, 8), jnp.int32)
+  return nn.meta.unbox(model.init(jax.random.key(0), ids, ids)['params'])
+
+
+def test_look_alike_without_prefix_kv_hook_is_refused():
+  model = LookAlike()
+  params = _init_params(model)
+  # The names the old check relied on are all there ...
+  assert 'encoder/layer_1/attention/key/kernel' in {'/'.join(k.split('/')[-5:]) for k in
+                                                    tree.flatten(params)}
+  method, _ = tinybert.method('prefix', length=4)
+  # ... but no module declares the hook: refused at init, naming the hook, the model and what
+  # is valid, instead of training prefixes that reach nothing (every gradient 0).
+  with pytest.raises(ConfigError, match=r'`prefix_kv` hook.*LookAlike has none.*peftjax\'s '
+                     r'BERT.*peft.method=prompt'):
+    method.init(jax.random.key(1), model, params, tinybert.inputs())
+
+
+def test_survey_records_the_hook_owner(built):
+  from peftjax.peft import prefix as prefix_lib
+  path, s = prefix_lib.hook_owner(built.module, built.params, tinybert.inputs())
+  assert path == 'encoder' and s.model == 'BertClassifier'
+  assert {'BertEncoder', 'SelfAttention'} <= set(s.called)
+
+
+def test_init_on_a_length_the_model_refuses_is_a_config_error():
+  model = FixedLength()
+  params = _init_params(model)
+  inputs = tinybert.inputs()
+  method, _ = tinybert.method('prefix', length=3)
+  with pytest.raises(ConfigError, match=r'peft.prefix.length=3 random tokens.*\(1, 3\).*'
+                     r'FixedLength fails on it \(TypeError: cannot reshape'):
+    method.init(jax.random.key(1), model, params, inputs)
+  # A length it accepts works, and the prefixes change the output.
+  method, _ = tinybert.method('prefix', length=8)
+  p = method.init(jax.random.key(1), model, params, inputs)
+  assert not np.allclose(peft.apply(model, method, params, p, inputs),
+                         model.apply({'params': params}, **inputs), atol=1e-5)

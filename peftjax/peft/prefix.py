@@ -162,9 +162,9 @@ def _token_key_values(module, base_params, inputs, n: int, rng, s=None) -> jax.A
     raise ConfigError(
         f'peft.method=prefix initializes the prefixes from the model\'s own keys and values of '
         f'peft.prefix.length={n} random tokens, running {s.model} on a (1, {n}) batch of '
-        f'{", ".join(tokens)}; the model fails on it ({type(e).__name__}: {text}). Valid: a '
-        f'peft.prefix.length the model accepts as a sequence length (its inputs here are '
-        f'{s.token_shape}: e.g. peft.prefix.length<={s.token_shape[-1]})') from e
+        f'{", ".join(tokens)}; {s.model} fails on it ({type(e).__name__}: {text}). Valid: a '
+        f'peft.prefix.length the model accepts as a sequence length (it runs on the sample '
+        f'batch, shaped {s.token_shape})') from e
   kv = jnp.stack(per_layer)  # (L, 2, n, H, Dh)
   return kv.transpose(2, 0, 1, 3, 4).reshape(n, -1)
 
