@@ -235,17 +235,20 @@ class NNXLayer:
     return getattr(self.module, _PATH_ATTR, '')
 
   def peft_params(self) -> dict:
-    return _str_keys(nnx.state(self.module, nnx.Param).to_pure_dict())
+    return _str_keys(nnx.to_pure_dict(nnx.state(self.module, nnx.Param)))
 
   def peft_contracted_axes(self, x_ndim: int) -> tuple:
-    """The input axes contracted, in the kernel's stored order (an ``nnx.LinearGeneral``
-    stores its kernel in the order of its ``axis``, unlike linen, which sorts it; so these are
-    ascending only when ``axis`` is)."""
+    """The input axes contracted (non-negative, ascending): the kernel's stored order.
+
+    ``nnx.LinearGeneral`` contracts its ``axis`` sorted (as linen does), whatever order it is
+    listed in; ``in_features`` must follow that sorted order. A matmul-shaped ``nnx.Einsum``'s
+    kernel lists its contracted labels in the input's order.
+    """
     m = self.module
     if isinstance(m, nnx.LinearGeneral):
       if m.batch_axis:
         raise ConfigError(f'{self.peft_path()}: LinearGeneral with batch_axis is not supported')
-      return tuple(a % x_ndim for a in m.axis)
+      return tuple(sorted(a % x_ndim for a in m.axis))
     if isinstance(m, nnx.Einsum):
       x, k, _, ell, _ = _parse_einsum(self._einsum_str())
       offset = x_ndim - len(x) if ell else 0
@@ -396,8 +399,8 @@ class NNXModel:
       raise ValueError(f'params hold leaves the NNX model does not have, e.g. '
                        f'{["/".join(p) for p in list(extra)[:3]]}; merge the method first')
     rest = [(path, value) for path, _, value in _rekey(self.rest, rngs or {})]
-    model = nnx.merge(self.graphdef, nnx.State.from_flat_path(known),
-                      nnx.State.from_flat_path(rest))
+    model = nnx.merge(self.graphdef, nnx.from_flat_state(known),
+                      nnx.from_flat_state(rest))
     if deterministic is not None:
       for _, mod in _modules(model):
         if 'deterministic' in vars(mod):
@@ -441,7 +444,7 @@ class NNXModel:
     kind = {'batch_stats': nnx.BatchStat, 'intermediates': nnx.Intermediate}.get(name)
     if kind is None:
       return {}
-    return _str_keys(nnx.state(model, kind).to_pure_dict())
+    return _str_keys(nnx.to_pure_dict(nnx.state(model, kind)))
 
 
 def from_nnx(model: nnx.Module, *, input_keys, source: str = 'nnx') -> Built:
