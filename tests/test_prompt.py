@@ -293,3 +293,32 @@ def test_bert_keeps_its_prompt_embeds_hook(built):
   assert report == {'mode': 'hook', 'embedded': [], 'masks': []}
   np.testing.assert_array_equal(logits, peft.apply(built.module, method, built.params, p,
                                                    tinybert.inputs()))
+
+
+def test_generic_hook_on_an_nnx_model():
+  """The same text model in NNX, through peftjax.models.nnx_bridge: equal to the reference."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  nnx_bridge = pytest.importorskip('peftjax.models.nnx_bridge')
+
+  class NText(nnx.Module):
+    def __init__(self, rngs):
+      self.tok = nnx.Embed(V, DT, rngs=rngs)
+      self.up, self.down = nnx.Linear(DT, 16, rngs=rngs), nnx.Linear(16, DT, rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.head = nnx.Linear(DT, C, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask):
+      x = self.down(nnx.gelu(self.up(self.tok(input_ids))))
+      m = attention_mask[..., None].astype(x.dtype)
+      return self.head(self.drop((x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)))
+
+  b = nnx_bridge.from_nnx(NText(nnx.Rngs(0)), input_keys=('input_ids', 'attention_mask'))
+  _, _, inputs = _text_setup()
+  method, _ = tinybert.method('prompt', length=3)
+  p = method.init(jax.random.key(1), b.module, b.params, inputs)
+  out = peft.apply(b.module, method, b.params, p, inputs)
+  np.testing.assert_allclose(out, _text_reference(b.params, p['prompt'], inputs), atol=1e-5)
+  # A training forward (dropout on) runs too, and the prompts get gradients.
+  g = jax.grad(lambda q: peft.apply(b.module, method, b.params, q, inputs, rng=jax.random.key(3),
+                                    deterministic=False).sum())(p)['prompt']
+  assert bool(jnp.all(g != 0))

@@ -341,7 +341,7 @@ def _static_plan(context, args, kwargs) -> Survey:
     nodes = []
   for node in nodes:
     for name in HOOKS:
-      if name not in hooks and isinstance(node, object) and any(
+      if name not in hooks and any(
           accepts_kwarg(c, name) for c in type(node).__mro__ if '__call__' in vars(c)):
         hooks[name] = ''
   named = _named_args(context.orig_method, args, kwargs)
