@@ -283,3 +283,130 @@ def test_lora_on_a_batched_einsum_is_refused_naming_why():
   module, params, inputs = e.build()
   with pytest.raises(ConfigError, match='matmul'):
     _method(e, 'lora').init(jax.random.key(0), module, params, inputs)
+
+
+# ------------------------------------------------------------------ the trainer
+VOCAB = 1024
+
+
+class TextClassifier(nnx.Module):
+  """A small NNX text classifier: embedding (ids mod VOCAB), a multi-axis projection and its
+  inverse, an FFN with dropout, a masked mean pool, a head."""
+
+  def __init__(self, num_classes: int, rngs: nnx.Rngs, width: int = 32):
+    self.embed = nnx.Embed(VOCAB, width, rngs=rngs)
+    self.split = nnx.LinearGeneral(width, (4, 8), rngs=rngs)
+    self.join = nnx.LinearGeneral((4, 8), width, axis=(-2, -1), rngs=rngs)
+    self.up = nnx.Linear(width, 2 * width, rngs=rngs)
+    self.down = nnx.Linear(2 * width, width, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+    self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask):
+    x = self.embed(input_ids % VOCAB)
+    x = x + self.join(jnp.tanh(self.split(x)))
+    x = x + self.down(self.drop(nnx.gelu(self.up(x))))
+    m = attention_mask[..., None].astype(x.dtype)
+    return self.head((x * m).sum(1) / jnp.maximum(m.sum(1), 1.0))
+
+
+class NnxTextTask(Classification):
+  """The classification task with the model above: the only thing a user writes."""
+  name = 'nnx_text_test'
+
+  def build_model(self, config, data):
+    model = TextClassifier(data.info.num_classes, nnx.Rngs(config.seed, dropout=config.seed + 1))
+    return from_nnx(model, input_keys=('input_ids', 'attention_mask'))
+
+  def sample_inputs(self, built, data):  # the text task's dummy batch has token_type_ids too
+    inputs = super().sample_inputs(built, data)
+    return {k: inputs[k] for k in built.input_keys}
+
+
+tasks.register('nnx_text_test', NnxTextTask)
+
+
+def _nnx_config():
+  c = tiny.get_config()
+  c.task = 'nnx_text_test'
+  c.peft.method = 'lora'
+  c.peft.lora.targets = r'(join|up|down)/kernel$'
+  c.peft.lora.rank = 4
+  c.peft.head = r'^head/'
+  c.optim.learning_rate = 3e-3
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 4
+  c.train.save_adapter = True
+  c.train.eval_before = False
+  c.data.max_eval_examples = 32
+  return c
+
+
+def test_train_and_evaluate_trains_checkpoints_resumes_and_exports_lora_on_an_nnx_model(tmp_path):
+  config = _nnx_config()
+  full = tmp_path / 'full'
+  summary = train.train_and_evaluate(config, str(full))
+  # LoRA on join (4x8 -> 32), up (32 -> 64), down (64 -> 32) at rank 4, and the head 32 -> 2.
+  r = 4
+  want = r * (32 + 32) + r * (32 + 64) + r * (64 + 32) + 32 * 2 + 2
+  assert summary['trainable_params'] == want
+  params, manifest = delta.load_delta(full / 'adapter.safetensors')
+  assert manifest['method'] == 'lora' and manifest['params']['sha256'] == summary['trainable_sha256']
+  lora = params['peft']
+  assert set(lora) == {'join', 'up', 'down'}
+  assert lora['join']['lora_a'].shape == (4, 8, r) and lora['join']['lora_b'].shape == (r, 32)
+  assert np.abs(lora['up']['lora_b']).sum() > 0  # B left its zero init: LoRA trained
+  # Resume: a run that has only the step-4 checkpoint continues to the same final weights.
+  ckpts = sorted(p.name for p in (full / 'checkpoints').iterdir())
+  assert '4' in ckpts, ckpts
+  part = tmp_path / 'part'
+  shutil.copytree(full, part, ignore=shutil.ignore_patterns('8', 'summary.json', 'adapter.*'))
+  resumed = train.train_and_evaluate(config, str(part))
+  assert resumed['trainable_sha256'] == summary['trainable_sha256']
+  # The exported adapter served: merged into the base, as a live NNX model of the user's class,
+  # equal to the implicit forward the run trained with.
+  built = NnxTextTask(config).build_model(config, _Data(2))
+  base = {**built.params, **params['base']}  # the trained head over the (seeded) frozen base
+  method = peft.build(config.peft)
+  served = to_nnx(built, method.merge(base, lora))
+  assert type(served) is TextClassifier
+  served.eval()
+  inputs = {'input_ids': jnp.arange(32).reshape(2, 16) * 37, 'attention_mask': jnp.ones((2, 16))}
+  implicit = peft.apply(built.module, method, base, lora, inputs)
+  np.testing.assert_allclose(served(**inputs), implicit, rtol=1e-4, atol=1e-4)
+  assert 0.0 <= summary['accuracy_after'] <= 1.0
+
+
+class _Data:
+  def __init__(self, num_classes):
+    self.info = type('Info', (), {'num_classes': num_classes})()
+
+
+def test_readme_example_a_users_nnx_model_in_a_few_lines():
+  """The README's NNX snippet, verbatim (plus its checks)."""
+  import peftjax as pj  # pylint: disable=g-import-not-at-top,reimported
+
+  class Classifier(nnx.Module):          # your model, unedited
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(1000, 32, rngs=rngs)
+      self.ffn = nnx.Linear(32, 32, rngs=rngs)
+      self.head = nnx.Linear(32, 2, rngs=rngs)
+    def __call__(self, input_ids):
+      return self.head(nnx.relu(self.ffn(self.embed(input_ids))).mean(1))
+
+  built = from_nnx(Classifier(nnx.Rngs(0)), input_keys=('input_ids',))
+  cfg = pj.config('quickstart')
+  cfg.peft.lora.targets, cfg.peft.head = r'ffn/kernel$', r'^head/'
+  method = pj.build_method(cfg.peft)
+  inputs = {'input_ids': jnp.ones((2, 8), jnp.int32)}
+  lora = method.init(jax.random.key(0), built.module, built.params, inputs)
+  logits = pj.apply(built.module, method, built.params, lora, inputs)   # LoRA applied implicitly
+  served = to_nnx(built, pj.merge(method, built.params, lora))          # a plain Classifier again
+
+  assert shapes(lora) == {'ffn': {'lora_a': (32, 8), 'lora_b': (8, 32)}}
+  assert type(served) is Classifier
+  np.testing.assert_allclose(served(**inputs), logits, rtol=1e-5, atol=1e-6)
+  trained = _perturb(lora)
+  np.testing.assert_allclose(to_nnx(built, pj.merge(method, built.params, trained))(**inputs),
+                             pj.apply(built.module, method, built.params, trained, inputs),
+                             rtol=1e-4, atol=1e-5)
