@@ -788,9 +788,11 @@ def test_expert_lora_count_identity_and_specs():
   assert tree.count(lora) == (TD * R + R * TE) + TE * (TD * R + R * TF) + TE * (TF * R + R * TD)
   assert all(np.all(np.asarray(v) == 0) for p, v in flat.items() if p.endswith('lora_b'))
   assert all(np.abs(np.asarray(v)).max() > 0 for p, v in flat.items() if p.endswith('lora_a'))
-  assert {s.path: s.kind for s in m.sites(b.params, lora)} == {f'{PRE}/router': 'dense',
-                                              f'{PRE}/intermediate': 'expert',
-                                              f'{PRE}/output': 'expert'}
+  # From the trees alone a MoE layer's expert kernels look like a stack (one leading axis that
+  # the factors share) and fold like one; only a call of the layer routes them per expert.
+  assert {s.path: (s.kind, s.lead) for s in m.sites(b.params, lora)} == {
+      f'{PRE}/router': ('dense', ()), f'{PRE}/intermediate': ('dense', (TE,)),
+      f'{PRE}/output': ('dense', (TE,))}
   np.testing.assert_array_equal(lora_forward()(b.params, lora), plain_forward()(b.params))
   specs = tree.flatten(m.logical_specs(b.logical_specs, lora))
   P = jax.sharding.PartitionSpec

@@ -15,8 +15,8 @@ exactly unchanged at step 0. ``peft.adapter.kind`` picks the placement:
   runs, so both must be called in that order within one trace (true of every standard
   Transformer block; a ``nn.remat``/``nn.scan`` boundary *between* the two calls would not work).
 
-It runs through ``flax.linen.intercept_methods`` and finds layers by module path, so any linen
-model with those module names works unedited. The tree mirrors the base tree::
+It runs through method interception (:mod:`peftjax.peft.intercept`) and finds layers by module
+path, so any linen or NNX model with those module names works unedited. The tree mirrors the base tree::
 
     encoder/layer_0/attention/out/adapter/{down,up}/{kernel,bias}
     encoder/layer_0/output/adapter/{down,up}/{kernel,bias}
@@ -32,7 +32,6 @@ import re
 import zlib
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,15 +41,15 @@ from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
+from peftjax.peft import layers
 from peftjax.peft import sections
+from peftjax.peft.intercept import intercept_methods
 from peftjax.peft.ia3 import DenseSite
 from peftjax.peft.ia3 import dense_sites
 from peftjax.peft.ia3 import match_module_paths
-from peftjax.peft.lora import contracted_axes
 
 KINDS = ('houlsby', 'pfeiffer', 'parallel')
 ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': lambda h: jax.nn.gelu(h, approximate=False)}
-_DENSE = (nn.Dense, nn.DenseGeneral)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +92,6 @@ def adapter_paths(adapter_params) -> list[str]:
   return sorted(p[:-len(suffix)] for p in tree_lib.flatten(adapter_params) if p.endswith(suffix))
 
 
-def _n_features(module) -> int:
-  """How many trailing output axes a Dense / DenseGeneral layer produces."""
-  return 1 if isinstance(module.features, int) else len(tuple(module.features))
-
-
 @contextlib.contextmanager
 def adapter_scope(adapter_params, activation: str, ffn_inputs: str | None = None):
   """Context under which every adapted layer's output gets its adapter branch added.
@@ -118,20 +112,23 @@ def adapter_scope(adapter_params, activation: str, ffn_inputs: str | None = None
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name != '__call__' or not isinstance(mod, _DENSE):
+    if context.method_name != '__call__' or layers.kind(mod) != 'dense':
       return next_fun(*args, **kwargs)
-    path = '/'.join(mod.path)
+    path = layers.path(mod)
     out_of_src = by_parent.get(path.rpartition('/')[0])
     if src_rx is not None and out_of_src is not None and src_rx.search(path):
       x = args[0] if args else next(iter(kwargs.values()))
-      pending[out_of_src] = (x, len(contracted_axes(mod)))
+      pending[out_of_src] = (x, len(layers.contracted_axes(mod, x.ndim)))
     y = next_fun(*args, **kwargs)
     if path not in outs:
       return y
-    pre = f'{path}/adapter/'
-    p = tree_lib.unflatten({k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)})
+    # This call's adapter: from the layer's params (a scanned layer's slice), else the tree.
+    p = layers.params(mod).get('adapter')
+    if p is None:
+      pre = f'{path}/adapter/'
+      p = tree_lib.unflatten({k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)})
     if src_rx is None:
-      h = _flat_features(y, _n_features(mod))
+      h = _flat_features(y, layers.out_ndim(mod))
     else:
       if path not in pending:
         raise RuntimeError(f'parallel adapter at {path}: no sibling module matching '
@@ -140,7 +137,7 @@ def adapter_scope(adapter_params, activation: str, ffn_inputs: str | None = None
     delta = _adapter(p, h, act, y.dtype)
     return y + delta.reshape(y.shape)
 
-  with nn.intercept_methods(interceptor):
+  with intercept_methods(interceptor):
     yield
 
 
@@ -202,13 +199,18 @@ class Adapter(Method):
     for s in sites:
       key = jax.random.fold_in(rng, zlib.crc32(s.path.encode()))
       bound = 1.0 / np.sqrt(s.d_in)
+      lead = tuple(s.out.lead)  # a stacked layer (nn.scan) gets one adapter per layer
       flat[f'{s.path}/adapter/down/kernel'] = jax.random.uniform(
-          key, (s.d_in, m), jnp.float32, -bound, bound)
-      flat[f'{s.path}/adapter/down/bias'] = jnp.zeros((m,), jnp.float32)
+          key, (*lead, s.d_in, m), jnp.float32, -bound, bound)
+      flat[f'{s.path}/adapter/down/bias'] = jnp.zeros((*lead, m), jnp.float32)
       # Zero up-projection: the branch adds exactly 0 until the first update.
-      flat[f'{s.path}/adapter/up/kernel'] = jnp.zeros((m, s.d_out), jnp.float32)
-      flat[f'{s.path}/adapter/up/bias'] = jnp.zeros((s.d_out,), jnp.float32)
+      flat[f'{s.path}/adapter/up/kernel'] = jnp.zeros((*lead, m, s.d_out), jnp.float32)
+      flat[f'{s.path}/adapter/up/bias'] = jnp.zeros((*lead, s.d_out), jnp.float32)
     return tree_lib.unflatten(flat)
+
+  def layer_tree(self, peft_params) -> dict:
+    """The whole tree: each adapter sits beside the layer whose output it adds to."""
+    return peft_params
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del rng, deterministic  # no adapter dropout; the model's own dropout follows the adapter
@@ -227,14 +229,17 @@ class Adapter(Method):
     """D-sized axes take the adapted kernel's feature axis; the bottleneck is unsharded."""
     specs = tree_lib.flatten(base_specs)
 
-    def axis(path: str, which: str):
+    lp = tree_lib.flatten(peft_params)
+
+    def axis(path: str, which: str, k: int):
       # The bias has the layer's output axes, which splits the kernel's axes into in / out;
       # without a bias only a 2-d kernel splits for sure (else replicate: always valid).
+      # ``k`` leading axes are a stack's (nn.scan), on the kernel and the bias alike.
       w, bias = specs.get(f'{path}/kernel'), specs.get(f'{path}/bias')
-      if w is None or (bias is None and len(w) != 2):
+      if w is None or (bias is None and len(w) != 2 + k):
         return None
-      n_in = len(w) - (len(bias) if bias is not None else 1)
-      axes = tuple(w)[:n_in] if which == 'in' else tuple(w)[n_in:]
+      n_in = len(w) - (len(bias) - k if bias is not None else 1)
+      axes = tuple(w)[k:n_in] if which == 'in' else tuple(w)[n_in:]
       return axes[0] if len(axes) == 1 else None  # flattened multi-axis features: replicate
 
     c = self.cfg.adapter
@@ -242,13 +247,16 @@ class Adapter(Method):
     rx = re.compile(c.ffn_inputs)
     out = {}
     for path in adapter_paths(peft_params):
+      k = lp[f'{path}/adapter/down/kernel'].ndim - 2
+      w = specs.get(f'{path}/kernel')
+      lead = tuple(w)[:k] if w is not None else (None,) * k
       parent = path.rpartition('/')[0]
       src = next((m for m in sorted(modules) if m.rpartition('/')[0] == parent and rx.search(m)),
                  None) if c.kind == 'parallel' else None
-      d_in = axis(src, 'in') if src is not None else axis(path, 'out')
-      d_out = axis(path, 'out')
-      out[f'{path}/adapter/down/kernel'] = P(d_in, None)
-      out[f'{path}/adapter/down/bias'] = P(None)
-      out[f'{path}/adapter/up/kernel'] = P(None, d_out)
-      out[f'{path}/adapter/up/bias'] = P(d_out)
+      d_in = axis(src, 'in', k) if src is not None else axis(path, 'out', k)
+      d_out = axis(path, 'out', k)
+      out[f'{path}/adapter/down/kernel'] = P(*lead, d_in, None)
+      out[f'{path}/adapter/down/bias'] = P(*lead, None)
+      out[f'{path}/adapter/up/kernel'] = P(*lead, None, d_out)
+      out[f'{path}/adapter/up/bias'] = P(*lead, d_out)
     return tree_lib.unflatten(out)

@@ -14,6 +14,8 @@ A method is a functional transform over the parameter pytree:
   pass uses, made inside the step (identity; QAT fake-quantizes them); :func:`apply` passes the
   model;
 * ``merge(base_params, peft_params)`` — fold the method into the base weights, where possible;
+* ``layer_tree(peft_params)`` — the method's per-layer leaves, which :func:`apply` puts beside
+  the weights they adapt, so lifted transforms (``nn.scan``) slice them per layer;
 * ``logical_specs(base_specs, peft_params)`` — logical axis names for its parameters, so they
   shard like the weights they adapt.
 
@@ -28,12 +30,13 @@ import contextlib
 import inspect
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import layers
 from peftjax.peft import sections
+from peftjax.peft.intercept import intercept_methods
 
 _REGISTRY: dict[str, type] = {}
 
@@ -120,29 +123,41 @@ class Method:
     del peft_params
     return base_params
 
+  def layer_tree(self, peft_params) -> dict:
+    """The part of the method's tree that mirrors the model's layers (``<layer>/lora_a``...),
+    put beside their weights in the forward's ``params`` (see :func:`with_layer_trees`);
+    ``{}`` for methods whose parameters are not per layer."""
+    del peft_params
+    return {}
+
   def logical_specs(self, base_specs, peft_params) -> Any:
     del base_specs
     return jax.tree.map(lambda x: None, peft_params)
 
 
 @contextlib.contextmanager
-def layer_scope(types: tuple, paths, wrap: Callable):
-  """Intercepts ``__call__`` of the ``types`` modules whose '/'-path is in ``paths``.
+def layer_scope(types: tuple, paths, wrap: Callable, *, method: str = '__call__'):
+  """Intercepts ``method`` (``__call__`` by default) of the layers whose '/'-path is in ``paths``.
 
-  For each such call, ``wrap(path, module, call, x)`` runs instead of the layer, where ``x`` is
-  the layer's input and ``call(x2)`` runs the original layer on ``x2`` (other arguments kept).
-  The shared core of methods that act on layers from outside the model's code.
+  ``types`` names the layers: kinds of :func:`layers.kind` (``'dense'``, ``'embed'``,
+  ``'conv'``: linen and NNX layers alike) or linen module classes. For each such call,
+  ``wrap(path, module, call, x)`` runs instead of the layer, where ``x`` is the layer's input
+  and ``call(x2)`` runs the original layer on ``x2`` (other arguments kept). The shared core of
+  methods that act on layers from outside the model's code.
 
-  >>> with layer_scope((nn.Dense,), {'head'}, lambda p, m, call, x: 2 * call(x)):  # doctest: +SKIP
+  >>> with layer_scope(('dense',), {'head'}, lambda p, m, call, x: 2 * call(x)):  # doctest: +SKIP
   ...   y = model.apply(variables, x)
   """
   paths = set(paths)
+  kinds = {t for t in types if isinstance(t, str)}
+  classes = tuple(t for t in types if not isinstance(t, str))
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name != '__call__' or not isinstance(mod, types):
+    if context.method_name != method or not (
+        (classes and isinstance(mod, classes)) or (kinds and layers.kind(mod) in kinds)):
       return next_fun(*args, **kwargs)
-    path = '/'.join(mod.path)
+    path = layers.path(mod)
     if path not in paths:
       return next_fun(*args, **kwargs)
     if args:
@@ -150,8 +165,26 @@ def layer_scope(types: tuple, paths, wrap: Callable):
     first = next(iter(kwargs))
     return wrap(path, mod, lambda x2: next_fun(**{**kwargs, first: x2}), kwargs[first])
 
-  with nn.intercept_methods(interceptor):
+  with intercept_methods(interceptor):
     yield
+
+
+def with_layer_trees(base_params, method: 'Method', peft_params) -> dict:
+  """``base_params`` with the method's layer-mirroring leaves beside the weights they adapt.
+
+  A method's leaves that mirror the model (``<layer>/lora_a`` beside ``<layer>/kernel``) go into
+  the ``params`` collection, so each layer call reads its own from its variables
+  (:func:`layers.params`): a lifted transform such as ``nn.scan`` then slices them with the
+  weights, and the update runs per layer inside its body.
+  """
+  extra = tree_lib.flatten(method.layer_tree(peft_params))
+  if not extra:
+    return base_params
+  flat = tree_lib.flatten(base_params)
+  clash = sorted(p for p in extra if p in flat)
+  if clash:
+    raise ValueError(f'{method.name}: its leaves {clash[:3]} have the paths of base weights')
+  return tree_lib.unflatten({**flat, **extra})
 
 
 def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng=None,
@@ -175,6 +208,7 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
   # Models whose __call__ has no `deterministic` argument (many models written elsewhere) run
   # without it; their dropout, if any, still draws from the 'dropout' rng.
   mode = {'deterministic': deterministic} if takes_deterministic(module) else {}
+  base_params = with_layer_trees(base_params, method, peft_params)
   with method.intercept(peft_params, rng=method_rng, deterministic=deterministic):
     if capture is not None:
       out, state = module.apply({'params': base_params}, **inputs, **mode, rngs=rngs,
@@ -191,7 +225,7 @@ def apply(module, method: Method, base_params, peft_params, inputs: dict, *, rng
 def takes_deterministic(module) -> bool:
   """Whether ``module.__call__`` accepts a ``deterministic`` keyword (or any keyword).
 
-  >>> takes_deterministic(nn.Dense(3))
+  >>> takes_deterministic(flax.linen.Dense(3))
   False
   """
   try:
@@ -253,6 +287,17 @@ class Compose(Method):
     for m in self.methods:
       base_params = m.forward_base(base_params, peft_params[m.name], module=module, inputs=inputs)
     return base_params
+
+  def layer_tree(self, peft_params) -> dict:
+    flat = {}
+    for m in self.methods:
+      mine = tree_lib.flatten(m.layer_tree(peft_params[m.name]))
+      clash = sorted(set(mine) & set(flat))
+      if clash:
+        raise ConfigError(f'peft.method={self.name!r}: its methods use the same leaves '
+                          f'{clash[:3]}; valid: methods with distinct parameters')
+      flat.update(mine)
+    return tree_lib.unflatten(flat)
 
   def merge(self, base_params, peft_params) -> dict:
     for m in reversed(self.methods):

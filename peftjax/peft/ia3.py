@@ -10,8 +10,10 @@ IA3 learns elementwise scaling vectors, initialised to ones, on
   down-projection ``output``, whose input is the intermediate activation):
   ``y = layer(l ⊙ x)``, ``l`` of shape ``(F,)``.
 
-It runs through ``flax.linen.intercept_methods``, so any linen model with ``nn.Dense`` /
-``nn.DenseGeneral`` layers works unedited. The tree mirrors the base tree::
+It runs through method interception (:mod:`peftjax.peft.intercept`), so any linen or NNX
+model with dense layers or convolutions works unedited (a convolution's output vector scales
+its output channels, its input vector its input channels). Vectors of layers stacked by
+``nn.scan`` carry the stack's axes (:func:`vector_shapes`) and are sliced per layer. The tree mirrors the base tree::
 
     encoder/layer_0/attention/key/ia3_out/scale     (heads, head_dim)
     encoder/layer_0/output/ia3_in/scale             (F,)
@@ -28,7 +30,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from peftjax import tree as tree_lib
@@ -36,19 +37,21 @@ from peftjax.errors import ConfigError
 from peftjax.peft.base import Method
 from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
+from peftjax.peft import layers
 from peftjax.peft.lora import Site
 from peftjax.peft.lora import _record_modules
-from peftjax.peft.lora import contracted_axes
+from peftjax.peft.lora import call_leaves
 
-_DENSE = (nn.Dense, nn.DenseGeneral)
+_KINDS = ('dense', 'conv')
 
 
 # One dense layer: module path, kernel split into in/out dims, input axes (LoRA's own record).
 DenseSite = Site
 
 
-def dense_sites(module, base_params, inputs) -> dict[str, DenseSite]:
-  """Module path -> :class:`DenseSite` for every ``nn.Dense``/``nn.DenseGeneral`` the forward calls.
+def dense_sites(module, base_params, inputs, kinds: tuple = ('dense',)) -> dict[str, DenseSite]:
+  """Module path -> :class:`DenseSite` for every dense layer (and with ``kinds`` including
+  ``'conv'``, convolution) the forward calls; a stacked layer's (``nn.scan``) has ``lead``.
 
   Found with an abstract forward (``jax.eval_shape``), so nothing is computed.
 
@@ -58,19 +61,21 @@ def dense_sites(module, base_params, inputs) -> dict[str, DenseSite]:
   """
   flat = tree_lib.flatten(base_params)
   out = {}
-  for path, (mod, x_ndim) in _record_modules(module, base_params, inputs).items():
-    if not isinstance(mod, _DENSE) or f'{path}/kernel' not in flat:
+  for path, (mod, x_ndim, call_shape) in _record_modules(module, base_params, inputs).items():
+    k = layers.kind(mod)
+    if k not in kinds or f'{path}/kernel' not in flat or call_shape is None:
       continue
-    if isinstance(mod, nn.DenseGeneral):
-      if mod.batch_dims:
-        continue  # batch_dims layers have no clean in/out split; never selected
-      axis = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
-    else:
-      axis = (-1,)
-    x_axes = tuple(a % x_ndim for a in axis)
     w_shape = tuple(flat[f'{path}/kernel'].shape)
+    lead = w_shape[:len(w_shape) - len(call_shape)]
+    if k == 'conv':
+      out[path] = DenseSite(path, 'conv', call_shape[:-1], call_shape[-1:], (x_ndim - 1,),
+                            lead=lead)
+      continue
+    if isinstance(mod, nn.DenseGeneral) and mod.batch_dims:
+      continue  # batch_dims layers have no clean in/out split; never selected
+    x_axes = layers.contracted_axes(mod, x_ndim)
     n_in = len(x_axes)
-    out[path] = DenseSite(path, 'dense', w_shape[:n_in], w_shape[n_in:], x_axes)
+    out[path] = DenseSite(path, 'dense', call_shape[:n_in], call_shape[n_in:], x_axes, lead=lead)
   return out
 
 
@@ -90,19 +95,35 @@ def match_module_paths(sites: dict[str, Any], pattern: str, field: str) -> list[
   matched = sorted(p for p in sites if rx.search(p))
   if not matched:
     near = tree_lib.closest_paths(pattern, list(sites))
-    raise ConfigError(f'peft.{field}={pattern!r} matches no nn.Dense/nn.DenseGeneral module '
-                      f'path; closest module paths: {near}')
+    raise ConfigError(f'peft.{field}={pattern!r} matches no dense or convolution layer\'s '
+                      f'module path; closest module paths: {near}')
   return matched
 
 
-def _broadcast_in(site: DenseSite, vec, x_ndim: int):
-  """``vec`` (shape ``in_shape``, kernel order) reshaped to broadcast against the input."""
-  order = np.argsort(site.x_axes)  # input axes may be listed out of order, e.g. axis=(-1, -2)
-  vec = jnp.transpose(vec, order)
+def _broadcast_in(x_axes: tuple, vec, x_ndim: int):
+  """An input vector (the kernel's input dims, ascending input axes) shaped to broadcast
+  against the input: its dims go to the contracted axes ``x_axes``."""
   shape = [1] * x_ndim
-  for ax, n in zip(sorted(site.x_axes), np.asarray(site.in_shape)[order]):
+  for ax, n in zip(x_axes, vec.shape[len(vec.shape) - len(x_axes):]):
     shape[ax] = int(n)
   return vec.reshape(shape)
+
+
+def vector_shapes(site: DenseSite) -> tuple[tuple, tuple]:
+  """``(output vector shape, input vector shape)`` at a site.
+
+  An output vector is ``out_shape`` (``(*lead, 1..., *out)`` for a stacked layer, so that
+  ``W * l`` broadcasts over each layer's input axes); an input vector is the kernel's input
+  dims with a stack's ``lead`` (a convolution's spatial dims are 1: it scales channels).
+
+  >>> vector_shapes(DenseSite('l', 'dense', (4,), (3,), (1,), lead=(2,)))
+  ((2, 1, 3), (2, 4))
+  """
+  lead = tuple(site.lead)
+  out = (*lead, *(1,) * len(site.in_shape), *site.out_shape) if lead else tuple(site.out_shape)
+  if site.kind == 'conv':
+    return out, (*lead, *(1,) * (len(site.in_shape) - 1), site.in_shape[-1])
+  return out, (*lead, *site.in_shape)
 
 
 def vector_paths(ia3_params, which: str) -> list[str]:
@@ -119,7 +140,8 @@ def vector_paths(ia3_params, which: str) -> list[str]:
 
 def ia3_scope(ia3_params):
   """Context under which layers with an output vector compute ``l ⊙ layer(x)`` and those with
-  an input vector ``layer(l ⊙ x)``; the input axes are read off the called layer.
+  an input vector ``layer(l ⊙ x)``; the input axes are read off the called layer, the vectors
+  off its ``params`` (a scanned layer's slice).
 
   >>> with ia3_scope(ia3):  # doctest: +SKIP
   ...   logits = model.apply({'params': params}, ids, mask)
@@ -129,21 +151,26 @@ def ia3_scope(ia3_params):
 
   def wrap(path, module, call, x):
     if path in ins:
-      vec = flat[f'{path}/ia3_in/scale']
-      x_axes = tuple(a % x.ndim for a in contracted_axes(module))
-      site = DenseSite(path, 'dense', tuple(vec.shape), (), x_axes)
-      x = x * _broadcast_in(site, vec.astype(x.dtype), x.ndim)
+      vec, = call_leaves(module, path, ('ia3_in/scale',), flat)
+      vec = vec.astype(x.dtype)
+      if layers.kind(module) == 'conv':
+        x = x * vec.reshape(vec.shape[-1])  # channels last
+      else:
+        x = x * _broadcast_in(layers.contracted_axes(module, x.ndim), vec, x.ndim)
     y = call(x)
     if path in outs:
+      vec, = call_leaves(module, path, ('ia3_out/scale',), flat)
       # The output feature dims are trailing, so the vector broadcasts as it is.
-      y = y * flat[f'{path}/ia3_out/scale'].astype(y.dtype)
+      y = y * vec.astype(y.dtype)
     return y
 
-  return layer_scope(_DENSE, outs | ins, wrap)
+  return layer_scope(_KINDS, outs | ins, wrap)
 
 
 def fold(base_params, ia3_params) -> dict:
   """``base_params`` with IA3 vectors folded into the kernels (and output-scaled biases).
+
+  The vectors' shapes make each fold a broadcast (:func:`vector_shapes`).
 
   >>> merged = fold(params, ia3)  # doctest: +SKIP
   """
@@ -155,7 +182,7 @@ def fold(base_params, ia3_params) -> dict:
     flat[f'{path}/kernel'] = (w * vec).astype(w.dtype)  # out dims trailing: broadcasts
     if f'{path}/bias' in flat:
       b = flat[f'{path}/bias']
-      flat[f'{path}/bias'] = (b * vec).astype(b.dtype)
+      flat[f'{path}/bias'] = (b * vec.reshape(b.shape)).astype(b.dtype)
   for path in vector_paths(ia3_params, 'in'):
     vec = vp[f'{path}/ia3_in/scale']
     w = flat[f'{path}/kernel']
@@ -179,7 +206,7 @@ class IA3(Method):
   def init(self, rng, module, base_params, inputs) -> dict:
     """Ones for every matched layer: the model is exactly unchanged at step 0."""
     del rng  # deterministic init
-    sites = dense_sites(module, base_params, inputs)
+    sites = dense_sites(module, base_params, inputs, _KINDS)
     out_paths, in_paths = [], []
     if self.cfg.ia3.targets:
       out_paths = match_module_paths(sites, self.cfg.ia3.targets, 'ia3.targets')
@@ -190,10 +217,14 @@ class IA3(Method):
                         "nothing. Set at least one, e.g. peft.ia3.targets='attention/(key|value)$'")
     flat = {}
     for p in out_paths:
-      flat[f'{p}/ia3_out/scale'] = jnp.ones(sites[p].out_shape, jnp.float32)
+      flat[f'{p}/ia3_out/scale'] = jnp.ones(vector_shapes(sites[p])[0], jnp.float32)
     for p in in_paths:
-      flat[f'{p}/ia3_in/scale'] = jnp.ones(sites[p].in_shape, jnp.float32)
+      flat[f'{p}/ia3_in/scale'] = jnp.ones(vector_shapes(sites[p])[1], jnp.float32)
     return tree_lib.unflatten(flat)
+
+  def layer_tree(self, peft_params) -> dict:
+    """The whole tree: every vector sits beside the kernel it scales."""
+    return peft_params
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del rng, deterministic  # IA3 has no dropout
@@ -213,11 +244,15 @@ class IA3(Method):
     out = {}
     for which in ('out', 'in'):
       for path in vector_paths(peft_params, which):
-        n = vp[f'{path}/ia3_{which}/scale'].ndim
+        shape = vp[f'{path}/ia3_{which}/scale'].shape
         w = specs.get(f'{path}/kernel')
         if w is None:
-          out[f'{path}/ia3_{which}/scale'] = P(*(None,) * n)
+          axes = (None,) * len(shape)
         else:  # an output vector has the kernel's trailing axes, an input vector its leading
-          out[f'{path}/ia3_{which}/scale'] = P(*(tuple(w)[len(w) - n:] if which == 'out'
-                                                 else tuple(w)[:n]))
+          w = tuple(w)
+          axes = (w if len(w) == len(shape) else
+                  w[len(w) - len(shape):] if which == 'out' else w[:len(shape)])
+        # Size-1 dims (a stack's broadcast input axes, a convolution's spatial ones) replicate.
+        out[f'{path}/ia3_{which}/scale'] = P(*(a if n != 1 else None
+                                               for a, n in zip(axes, shape)))
     return tree_lib.unflatten(out)

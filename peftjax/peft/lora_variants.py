@@ -11,15 +11,18 @@ config fields (``rank``, ``alpha``, ``rslora``, ``dropout``, ``targets``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import layers
 from peftjax.peft import lora as lora_lib
 from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
@@ -40,8 +43,17 @@ def pissa_factors(w, site: lora_lib.Site, rank: int, scale: float):
   ``B = sqrt(S_r) V_r^T / sqrt(s)`` so the LoRA scale ``s`` (alpha / r) cancels: the update
   starts at the principal part whatever alpha is, and A and B have equal singular values.
 
+  A stacked layer's weight (``site.lead``, e.g. ``nn.scan``'s layer axis) gets one
+  decomposition per layer.
+
   >>> a, b = pissa_factors(kernel, site, rank=8, scale=2.0)  # doctest: +SKIP
   """
+  if site.lead:
+    one = dataclasses.replace(site, lead=())
+    n = int(np.prod(site.lead))
+    stack = jnp.asarray(w).reshape(n, *site.in_shape, *site.out_shape)
+    a, b = jax.vmap(lambda m: pissa_factors(m, one, rank, scale))(stack)
+    return a.reshape(*site.lead, *a.shape[1:]), b.reshape(*site.lead, *b.shape[1:])
   mat = jnp.asarray(w, jnp.float32).reshape(site.d_in, site.d_out)
   u, sv, vt = jnp.linalg.svd(mat, full_matrices=False)
   root = jnp.sqrt(sv[:rank] / scale)
@@ -116,9 +128,11 @@ def column_norm(site: lora_lib.Site, w, a, b, scale):
 
 
 def _explicit_column_norm(site: lora_lib.Site, w):
-  """``||w||`` per output feature of a formed weight (merge and init)."""
+  """``||w||`` per output feature of a formed weight (merge and init), per stacked layer:
+  shape ``(*lead, *out)``."""
+  n = len(site.lead)
   return jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(w, jnp.float32)),
-                          axis=tuple(range(len(site.in_shape)))))
+                          axis=tuple(range(n, n + len(site.in_shape)))))
 
 
 def dora_scope(dora_params, scale: float, *, dropout: float = 0.0, rng=None,
@@ -134,10 +148,10 @@ def dora_scope(dora_params, scale: float, *, dropout: float = 0.0, rng=None,
   flat = tree_lib.flatten(dora_params)
 
   def wrap(path, module, call, x):
-    a, b, m = (flat[f'{path}/{k}'] for k in ('lora_a', 'lora_b', 'magnitude'))
+    a, b, m = lora_lib.call_leaves(module, path, ('lora_a', 'lora_b', 'magnitude'), flat)
     site = lora_lib.call_site(path, module, x, a, b)
     y = call(x)
-    weights = nn.meta.unbox(module.variables['params'])
+    weights = nn.meta.unbox(layers.params(module))
     norm = jax.lax.stop_gradient(column_norm(site, weights['kernel'], a, b, scale))
     x = lora_lib.branch_dropout(x, dropout, rng, path, deterministic)
     delta = lora_lib._lora_delta(site, x, a, b, scale, y.dtype)
@@ -148,7 +162,7 @@ def dora_scope(dora_params, scale: float, *, dropout: float = 0.0, rng=None,
     bias = bias.astype(y.dtype)
     return ratio * (y - bias + delta) + bias  # the magnitude scales x·W, not the bias
 
-  return layer_scope((nn.Dense, nn.DenseGeneral), lora_lib.factor_paths(dora_params), wrap)
+  return layer_scope(('dense',), lora_lib.factor_paths(dora_params), wrap)
 
 
 @register('dora')
@@ -174,8 +188,8 @@ class DoRA(lora_lib.LoRA):
     embeds = [s.weight_path for s in sites if s.kind != 'dense']
     if embeds:
       raise ConfigError(
-          f'peft.lora.targets={self.cfg.lora.targets!r} matches {embeds[:3]}; DoRA adapts nn.Dense / '
-          'nn.DenseGeneral kernels only, not embeddings (use peft.method=lora for those)')
+          f'peft.lora.targets={self.cfg.lora.targets!r} matches {embeds[:3]}; DoRA adapts dense '
+          'kernels only, not embeddings or convolutions (use peft.method=lora for those)')
     flat = tree_lib.flatten(super().init_factors(rng, sites, base_params))
     base = tree_lib.flatten(base_params)
     for s in sites:
@@ -193,7 +207,10 @@ class DoRA(lora_lib.LoRA):
     flat, lp = tree_lib.flatten(updated), tree_lib.flatten(peft_params)
     for s in sites:
       v = flat[s.weight_path]
-      w = jnp.asarray(v, jnp.float32) * (lp[f'{s.path}/magnitude'] / _explicit_column_norm(s, v))
+      ratio = lp[f'{s.path}/magnitude'] / _explicit_column_norm(s, v)  # (*lead, *out)
+      n = len(s.lead)  # broadcast over each layer's input axes
+      ratio = ratio.reshape(*ratio.shape[:n], *(1,) * len(s.in_shape), *ratio.shape[n:])
+      w = jnp.asarray(v, jnp.float32) * ratio
       flat[s.weight_path] = w.astype(v.dtype)
     return tree_lib.unflatten(flat)
 
@@ -207,8 +224,12 @@ class DoRA(lora_lib.LoRA):
     specs = tree_lib.flatten(base_specs)
     lp = tree_lib.flatten(peft_params)
     for path in lora_lib.factor_paths(peft_params):
-      n_out = lp[f'{path}/magnitude'].ndim  # the magnitude has the kernel's output axes
+      n = lp[f'{path}/magnitude'].ndim  # the kernel's stack axes, then its output axes
       w = specs.get(f'{path}/kernel')
-      out[f'{path}/magnitude'] = P(*(tuple(w)[len(w) - n_out:] if w is not None else
-                                     (None,) * n_out))
+      if w is None:
+        out[f'{path}/magnitude'] = P(*(None,) * n)
+        continue
+      a, b = lp[f'{path}/lora_a'], lp[f'{path}/lora_b']
+      k = a.ndim + b.ndim - 2 - len(w)
+      out[f'{path}/magnitude'] = P(*tuple(w)[:k], *tuple(w)[len(w) - (n - k):])
     return tree_lib.unflatten(out)

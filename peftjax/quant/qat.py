@@ -431,6 +431,11 @@ class Quantized(Method):
         stack.enter_context(activation_scope(self.q, scales, lsq))
       yield
 
+  def layer_tree(self, peft_params) -> dict:
+    if self.qat and self.q.of == 'effective':  # the method is merged into the weights
+      return {}
+    return self.inner.layer_tree(self._parts(peft_params)[0])
+
   def merge(self, base_params, peft_params) -> dict:
     """The float model with the method folded in (QLoRA: from the dequantized base)."""
     inner = self._parts(peft_params)[0]

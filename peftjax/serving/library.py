@@ -73,6 +73,11 @@ class AdapterLibrary:
     inputs = sample_inputs(self.input_keys)
     found = lora_lib.find_sites(module, base_params, inputs, r'(kernel|embedding)$',
                                 field='library', conv=True, experts=True)
+    stacked = sorted(s.path for s in found if s.lead)
+    if stacked:  # one slot table per layer would need the stack's axis in every slot
+      raise AdapterError(f'the adapter library serves unstacked layers; {stacked[:3]} are '
+                         'stacked by nn.scan. Serve a merged model (method.merge), or the '
+                         'model with its stack unrolled')
     self._sites = {s.path: s for s in found if s.kind in ('dense', 'embed')}
     types = (nn.Dense, nn.DenseGeneral, nn.LayerNorm)
     self._biased = {p for p in lora_lib._record_modules(module, base_params, inputs, types)
