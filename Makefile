@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/multi_adapter.py
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/compression_bench.py
+	$(PY) benchmarks/any_model.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

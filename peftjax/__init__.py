@@ -20,6 +20,8 @@ _EXPORTS = {
     'config': 'peftjax.api', 'build_model': 'peftjax.api', 'sample_inputs': 'peftjax.api',
     'build_method': 'peftjax.api', 'method_names': 'peftjax.api', 'apply': 'peftjax.api',
     'merge': 'peftjax.api',
+    # models written elsewhere (Flax NNX)
+    'from_nnx': 'peftjax.models.nnx_bridge', 'to_nnx': 'peftjax.models.nnx_bridge',
     # parameter trees
     'partition': 'peftjax.api', 'combine': 'peftjax.api', 'size_report': 'peftjax.api',
     # training

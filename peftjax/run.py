@@ -110,6 +110,8 @@ def build_setup(config) -> Setup:
     built, plan = compress_lib.prepare(config, built, data, load_finished)
   method = quant.wrap(peft.build(config.peft), config.quant)
   inputs = task.sample_inputs(built, data)
+  # Only what the model takes: a task's sample may hold more inputs than a user's model reads.
+  inputs = {k: v for k, v in inputs.items() if k in built.input_keys} or inputs
   peft_params = method.init(jax.random.key(config.seed + 1), built.module, built.params, inputs)
   validate_lib.validate_params(config, built.params, peft_params)  # peft.head, lr_multipliers
   base = method.prepare_base(built.params, peft_params, module=built.module, inputs=inputs)

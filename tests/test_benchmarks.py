@@ -98,8 +98,17 @@ def test_committed_compression_results_have_the_keys():
   assert r['huffman_roundtrip_exact'] is True
 
 
+def test_committed_any_model_results_have_the_keys():
+  from benchmarks import any_model
+  r = json.loads(pathlib.Path(any_model.RESULTS).read_text())
+  for k in ('scan_vs_unrolled_step_ratio', 'nnx_vs_linen_step_ratio', 'scan_step_ms',
+            'unrolled_step_ms', 'nnx_step_ms'):
+    assert r[k] > 0, k
+  assert r['settings']['model']['layers'] == 12 and r['settings']['timed_steps'] >= 20
+
+
 @pytest.mark.parametrize('name', ['lora_vs_full', 'quant', 'moe', 'multi_adapter', 'precision',
-                                  'compression_bench'])
+                                  'compression_bench', 'any_model'])
 def test_committed_results_name_the_cpu(name):
   # Ratios from a CPU without AVX512-BF16 or AMX say nothing of bf16 on one that has them.
   s = json.loads((RESULTS / f'{name}.json').read_text())['settings']

@@ -184,9 +184,19 @@ def _check_compression(r):
   assert r['huffman_roundtrip_exact'] is True
 
 
+def _check_any_model(r):
+  for k in ('scan_vs_unrolled_step_ratio', 'nnx_vs_linen_step_ratio', 'scan_step_ms',
+            'unrolled_step_ms', 'nnx_step_ms'):
+    assert r[k] > 0, k
+  # r=8 on query and value ((128, 4, 32) kernels) of 2 layers: 2 x 2 x (128*8 + 8*128).
+  assert r['details']['lora_params'] == 2 * 2 * 2048
+  first = r['details']['first_losses']
+  assert set(first) == {'scan', 'unrolled', 'nnx'} and max(first.values()) - min(first.values()) < 1e-3
+
+
 CHECKS = {'lora_vs_full': _check_lora_vs_full, 'quant': _check_quant, 'moe': _check_moe,
           'multi_adapter': _check_multi_adapter, 'precision': _check_precision,
-          'compression_bench': _check_compression}
+          'compression_bench': _check_compression, 'any_model': _check_any_model}
 
 
 def _printed_json(stdout: str) -> dict:

@@ -101,7 +101,9 @@ def _record_modules(module, base_params, inputs, types: tuple | None = None
     mod = context.module
     if context.method_name == '__call__':
       k = layers.kind(mod)
-      wanted = (isinstance(mod, types) if types is not None else k is not None) or _is_moe(mod)
+      # Also a layer that can say why no method adapts it (kind None): for the error message.
+      wanted = ((isinstance(mod, types) if types is not None else
+                 k is not None or hasattr(mod, 'peft_why_not')) or _is_moe(mod))
       p = layers.path(mod) if wanted else None
       if wanted and p not in seen:
         w = layers.params(mod).get(layers.WEIGHT_NAME[k]) if k is not None else None
@@ -142,9 +144,13 @@ def find_sites(module, base_params, inputs, targets: str | list[str], *,
   if unsupported:
     what = ', '.join(['dense layers (kernel)', 'embeddings (embedding)']
                      + (['convolutions (kernel)'] if conv else []))
+    # A layer that knows why it is not adaptable (an NNX Einsum that is not a matmul) says so.
+    why = [w for p, (m, _, _) in modules.items() if any(u.startswith(f'{p}/') for u in unsupported)
+           if (w := getattr(m, 'peft_why_not', lambda: None)())]
     raise ConfigError(
-        f'{field}={targets!r} matches {unsupported[:3]}, which {user} cannot handle; it '
-        f'takes the weights of {what}, e.g. {sorted(weight_paths)[:3]}')
+        f'{field}={targets!r} matches {unsupported[:3]}, which {user} cannot handle'
+        + (f' ({why[0]})' if why else '') +
+        f'; it takes the weights of {what}, e.g. {sorted(weight_paths)[:3]}')
   sites = []
   for wp in matched:
     if wp in expert_paths:
