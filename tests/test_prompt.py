@@ -14,6 +14,7 @@ from peftjax.errors import ConfigError
 from peftjax.models import BertClassifier
 from peftjax.models import BertConfig
 from peftjax.models import BertEncoder
+from peftjax.peft import hooks
 from peftjax.peft import prompt as prompt_lib
 from tinybert import BERT
 from tinybert import D
@@ -191,7 +192,7 @@ def _text_reference(params, prompts, inputs):
 
 def test_survey_finds_the_input_embedding_and_mask():
   model, params, inputs = _text_setup()
-  s = prompt_lib.survey(model, params, inputs)
+  s = hooks.survey(model, params, inputs)
   assert (s.embed_path, s.embed_shape, s.token_input, s.mask_inputs) == (
       'tok', (V, DT), 'input_ids', ('attention_mask',))
   assert s.hooks == {} and s.called[0] == 'TextModel'

@@ -29,7 +29,7 @@ to ship is ``num_layers * 2 * n * D`` numbers::
 Prefixes cannot be folded into the weights (they are extra keys/values), so ``merge`` raises.
 
 ``init`` refuses (:class:`~peftjax.errors.ConfigError`) a model none of whose called modules
-declares ``prefix_kv`` -- found by tracing the model abstractly (:func:`peftjax.peft.prompt.survey`),
+declares ``prefix_kv`` -- found by tracing the model abstractly (:func:`peftjax.peft.hooks.survey`),
 not from its parameter names, so a model whose names merely look like BERT's is not silently
 left untouched (every gradient 0) -- and one whose hook has no ``layer_i/attention/key`` kernels
 under it. Its token-activation init runs the model on a ``(1, n)`` batch; a model that cannot
@@ -47,14 +47,13 @@ from jax.sharding import PartitionSpec as P
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import hooks
 from peftjax.peft import intercept
 from peftjax.peft import layers
-from peftjax.peft import prompt as prompt_lib
 from peftjax.peft import sections
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
 from peftjax.peft.base import takes_deterministic
-from peftjax.peft.prompt import hook_scope
 
 _KEY_KERNEL = re.compile(r'layer_(\d+)/attention/key/kernel$')
 _HOOK = 'prefix_kv'
@@ -83,10 +82,10 @@ def _subtree(base_params, path: str):
   return base_params
 
 
-def hook_owner(module, base_params, inputs) -> tuple[str, prompt_lib.Survey]:
+def hook_owner(module, base_params, inputs) -> tuple[str, hooks.Survey]:
   """``(path, survey)`` of the outermost module declaring the ``prefix_kv`` hook; refuses a
   model without one (its prefixes would reach no attention layer: every gradient 0)."""
-  s = prompt_lib.survey(module, base_params, inputs)
+  s = hooks.survey(module, base_params, inputs)
   if _HOOK not in s.hooks:
     raise ConfigError(
         f'peft.method=prefix needs a `prefix_kv` hook: a module whose __call__ declares a '
@@ -245,10 +244,10 @@ class Prefix(Method):
     del rng, deterministic  # no dropout on the prefixes
     # Loaded prefixes (prefix.reparam=False) need no init: the tree is all there is.
     if not self.cfg.prefix.reparam:
-      return hook_scope('prefix_kv', self._prefixes(peft_params, False))
+      return hooks.hook_scope('prefix_kv', self._prefixes(peft_params, False))
     # Computed inside the traced forward, so gradients reach the embedding and the MLP; the
     # layer and head layout is read off the hooked module's own weights (nothing is stored).
-    return hook_scope('prefix_kv', lambda mod: self._prefixes(
+    return hooks.hook_scope('prefix_kv', lambda mod: self._prefixes(
         peft_params, True, attention_shape(nn.meta.unbox(mod.variables['params']))))
 
   def merge(self, base_params, peft_params) -> dict:

@@ -51,17 +51,12 @@ The parameter tree is ``{'prompt': (n, D)}``. The model is *not* unchanged at in
 are new tokens the model attends to), and prompts cannot be merged into the weights:
 :meth:`PromptTuning.merge` raises.
 
-This module also holds what prompt and prefix tuning share: :func:`survey` (which module types a
-forward calls, which hook keywords they declare, the input embedding and the mask inputs) and
-:func:`hook_scope` (filling a hook keyword in).
+Finding the hook or the input embedding (the survey) and filling a hook in are
+:mod:`peftjax.peft.hooks`'s job, shared with prefix tuning.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import inspect
-import threading
 
 import flax.linen as nn
 import jax
@@ -71,322 +66,14 @@ from jax.sharding import PartitionSpec as P
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import hooks
 from peftjax.peft import intercept
 from peftjax.peft import layers
 from peftjax.peft import sections
 from peftjax.peft.base import Method
 from peftjax.peft.base import register
-from peftjax.peft.base import takes_deterministic
 
 PROMPT_INITS = ('vocab', 'text')
-HOOKS = ('prompt_embeds', 'prefix_kv')  # the hook keywords peftjax's methods fill in
-
-
-@functools.cache
-def accepts_kwarg(module_type: type, name: str) -> bool:
-  """Whether ``module_type.__call__`` declares a keyword ``name`` (a hook point)."""
-  try:
-    return name in inspect.signature(module_type.__call__).parameters
-  except (TypeError, ValueError):
-    return False
-
-
-def _classes(mod):
-  """The classes whose ``__call__`` answers for ``mod``: a linen module's own; for a non-linen
-  view (the NNX bridge's ``NNXLayer``) those of the model object it wraps, whose interceptable
-  subclass declares only ``*args, **kwargs``."""
-  if isinstance(mod, nn.Module):
-    return (type(mod),)
-  inner = getattr(mod, 'module', mod)
-  return tuple(c for c in type(inner).__mro__ if '__call__' in vars(c))
-
-
-def declares(mod, name: str) -> bool:
-  """Whether the module of this call declares the hook keyword ``name`` in its ``__call__``."""
-  return any(accepts_kwarg(c, name) for c in _classes(mod))
-
-
-def _type_name(mod) -> str:
-  return type(getattr(mod, 'module', mod) if not isinstance(mod, nn.Module) else mod).__name__
-
-
-# ---------------------------------------------------------------------------- the survey
-
-
-@dataclasses.dataclass(frozen=True)
-class Survey:
-  """What one abstract forward of a model shows: the facts prompt and prefix tuning rely on.
-
-  ``hooks`` maps each hook keyword of :data:`HOOKS` some called module declares to the path of
-  the outermost such module (the one the hook is filled in on). ``embed_*`` describe the input
-  embedding (``None`` if the model has none); ``by_identity`` is whether that layer receives
-  the token input itself (else an integer array of its shape, e.g. a cast copy).
-  """
-  model: str
-  called: tuple[str, ...]
-  hooks: dict
-  embed_path: str | None = None
-  embed_shape: tuple | None = None
-  token_input: str | None = None
-  token_shape: tuple | None = None
-  by_identity: bool = True
-  mask_inputs: tuple[str, ...] = ()
-
-  def called_text(self, limit: int = 8) -> str:
-    more = f', ... ({len(self.called)} types)' if len(self.called) > limit else ''
-    return ', '.join(self.called[:limit]) + more
-
-
-_QUIET = threading.local()  # set while a survey runs inside a forward: the prompts stay out
-
-
-def _quiet() -> bool:
-  return getattr(_QUIET, 'on', False)
-
-
-@contextlib.contextmanager
-def _quietly():
-  before = _quiet()
-  _QUIET.on = True
-  try:
-    yield
-  finally:
-    _QUIET.on = before
-
-
-def _first_arg(args, kwargs):
-  if args:
-    return args[0]
-  return next(iter(kwargs.values()), None)
-
-
-def _is_int_array(x) -> bool:
-  return hasattr(x, 'shape') and hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.integer)
-
-
-def _safe_path(mod) -> str:
-  try:
-    return layers.path(mod)
-  except Exception:  # pylint: disable=broad-except  (a non-layer NNX object: no path to report)
-    return type(mod).__name__
-
-
-class _Recorder:
-  """An interceptor noting module types, hook declarers and the input embedding."""
-
-  def __init__(self, model_name: str):
-    self.model_name = model_name
-    self.inputs = {}  # the forward's named inputs (tracers), set inside the traced function
-    self.called, self.hooks = {}, {}
-    self.embed = None  # (path, table shape, token input name, by identity)
-
-  def __call__(self, next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name == '__call__':
-      self.called.setdefault(_type_name(mod), None)
-      for name in HOOKS:
-        if name not in self.hooks and declares(mod, name):
-          self.hooks[name] = _safe_path(mod)  # calls enter outer first: the outermost wins
-      if layers.kind(mod) == 'embed':
-        self._embed(mod, _first_arg(args, kwargs))
-    return next_fun(*args, **kwargs)
-
-  def _embed(self, mod, x):
-    if (self.embed is not None and self.embed[3]) or not _is_int_array(x):
-      return
-    named = [k for k, v in self.inputs.items() if v is x]
-    if named:
-      by_identity = True
-    else:  # e.g. ids cast or reshaped to the same shape: matched by shape, kept only if first
-      named = [k for k, v in self.inputs.items() if _is_int_array(v) and v.shape == x.shape]
-      by_identity = False
-      if not named or self.embed is not None:
-        return
-    table = layers.params(mod)['embedding']
-    self.embed = (layers.path(mod), tuple(table.shape), named[0], by_identity)
-
-  def result(self) -> Survey:
-    if self.embed is None:
-      return Survey(self.model_name, tuple(self.called), dict(self.hooks))
-    path, shape, token, by_identity = self.embed
-    token_shape = tuple(self.inputs[token].shape)
-    masks = tuple(k for k, v in self.inputs.items()
-                  if 'mask' in k.lower() and tuple(np.shape(v)) == token_shape)
-    return Survey(self.model_name, tuple(self.called), dict(self.hooks), path, shape, token,
-                  token_shape, by_identity, masks)
-
-
-def _mode(module) -> dict:
-  """``deterministic=True`` if the model takes it (as :func:`peftjax.peft.apply` passes it)."""
-  return {'deterministic': True} if takes_deterministic(module) else {}
-
-
-def survey(module, base_params, inputs) -> Survey:
-  """Traces ``module`` on ``inputs`` abstractly (no compute) and reports what it calls.
-
-  >>> s = survey(BertClassifier(cfg, 3), params, inputs)  # doctest: +SKIP
-  >>> s.hooks, s.embed_path, s.mask_inputs                # doctest: +SKIP
-  ({'prompt_embeds': 'encoder', 'prefix_kv': 'encoder'},
-   'encoder/embeddings/word_embeddings', ('attention_mask',))
-  """
-  rec = _Recorder(type(module).__name__)
-
-  def forward(params, named):
-    rec.inputs = named
-    with _quietly(), intercept.intercept_methods(rec):
-      return module.apply({'params': params}, **named, **_mode(module))
-
-  jax.eval_shape(forward, base_params, dict(inputs))
-  return rec.result()
-
-
-def _split_static(tree):
-  """``(arrays, rebuild)``: the array leaves of ``tree``, and a function putting them back (the
-  other leaves -- ``deterministic=True``... -- stay Python values, as the model expects)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  is_array = [hasattr(x, 'shape') and hasattr(x, 'dtype') for x in leaves]
-  arrays = [x for x, a in zip(leaves, is_array) if a]
-
-  def rebuild(new_arrays):
-    it = iter(new_arrays)
-    return treedef.unflatten([next(it) if a else x for x, a in zip(leaves, is_array)])
-
-  static = tuple((a, None if a else x) for x, a in zip(leaves, is_array))
-  return arrays, rebuild, (treedef, static)
-
-
-def _named_args(fun, args, kwargs) -> dict:
-  """The arguments of a call by parameter name (positional ones bound by ``fun``'s signature)."""
-  if not args:
-    return dict(kwargs)
-  try:
-    sig = inspect.signature(fun)
-  except (TypeError, ValueError):
-    return dict(kwargs)
-  names = [p.name for p in sig.parameters.values()
-           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  return {**dict(zip(names, args)), **kwargs}
-
-
-def _replace_args(fun, args, kwargs, new: dict):
-  """``(args, kwargs)`` with the arguments named in ``new`` replaced (positional or keyword)."""
-  kwargs = {**kwargs, **{k: v for k, v in new.items() if k in kwargs}}
-  if args:
-    try:
-      sig = inspect.signature(fun)
-      names = [p.name for p in sig.parameters.values()
-               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-      args = tuple(new.get(n, a) if n not in kwargs else a for n, a in zip(names, args)) + tuple(
-          args[len(names):])
-    except (TypeError, ValueError):
-      pass
-  return args, kwargs
-
-
-_ROOT_SURVEYS: dict = {}  # (root, abstract call) -> Survey; each model/shape is traced once
-
-
-def _root_plan(context, args, kwargs) -> Survey:
-  """What to do in this forward, decided at the model's own call (the root module)."""
-  if isinstance(context.module, nn.Module):
-    return _root_survey(context, args, kwargs)
-  return _static_plan(context, args, kwargs)
-
-
-def _root_survey(context, args, kwargs) -> Survey:
-  """The survey of a linen model's own call, inside its forward (cached per model and shapes):
-  the unbound model re-traced abstractly on the same variables and arguments."""
-  root = context.module
-  arrays, rebuild, static = _split_static((root.variables, args, kwargs))
-  unbound = root.clone(parent=None)
-  try:
-    key = (unbound, static, tuple((tuple(x.shape), str(x.dtype)) for x in arrays))
-    hash(key)
-  except TypeError:  # an unhashable field or argument: trace every time
-    key = None
-  if key is not None and key in _ROOT_SURVEYS:
-    return _ROOT_SURVEYS[key]
-  rec = _Recorder(type(root).__name__)
-  rngs = {name: jax.random.key(0) for name in getattr(root.scope, 'rngs', {})}
-
-  def forward(new_arrays):
-    v, a, k = rebuild(new_arrays)
-    rec.inputs = _named_args(type(root).__call__, (None,) + tuple(a), k)
-    rec.inputs.pop('self', None)
-    with _quietly(), intercept.intercept_methods(rec):
-      return unbound.apply(v, *a, **k, rngs=rngs, mutable=True)
-
-  jax.eval_shape(forward, arrays)
-  result = rec.result()
-  if key is not None:
-    if len(_ROOT_SURVEYS) > 64:
-      _ROOT_SURVEYS.clear()
-    _ROOT_SURVEYS[key] = result
-  return result
-
-
-def _static_plan(context, args, kwargs) -> Survey:
-  """The plan for a non-linen model (an NNX model through the bridge), without re-running it
-  (its layers hold rng state a second trace must not touch): a hook if any module of its graph
-  declares ``prompt_embeds``; else the token input is its first integer input not named like a
-  mask, the input embedding the first embedding layer called on that very array (learned in
-  the forward), the masks by the mask rule. ``init`` checks this against the full survey."""
-  root = context.module
-  inner = getattr(root, 'module', None)
-  hooks = {}
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top  (only NNX models get here)
-    nodes = [m for _, m in nnx.iter_graph(inner)] if isinstance(inner, nnx.Module) else []
-  except Exception:  # pylint: disable=broad-except
-    nodes = []
-  for node in nodes:
-    for name in HOOKS:
-      if name not in hooks and any(
-          accepts_kwarg(c, name) for c in type(node).__mro__ if '__call__' in vars(c)):
-        hooks[name] = ''
-  named = _named_args(context.orig_method, args, kwargs)
-  ints = [k for k, v in named.items() if _is_int_array(v) and 'mask' not in k.lower()]
-  if not ints:
-    return Survey(type(inner or root).__name__, (), hooks)
-  token_shape = tuple(named[ints[0]].shape)
-  masks = tuple(k for k, v in named.items()
-                if 'mask' in k.lower() and tuple(np.shape(v)) == token_shape)
-  return Survey(type(inner or root).__name__, (), hooks, None, None, ints[0], token_shape, True,
-                masks)
-
-
-# ---------------------------------------------------------------------------- hooks
-
-
-@contextlib.contextmanager
-def hook_scope(name: str, value):
-  """Context under which the *outermost* ``__call__`` declaring keyword ``name`` receives ``value``.
-
-  Only the outermost: a hook point is passed down by the module that owns it (``BertEncoder``
-  hands each layer its slice of ``prefix_kv``; its ``Layer``/``SelfAttention`` declare the same
-  keyword for that), so nested calls keep what their parent gave them.
-
-  ``value`` may be a function of the hooked (bound) module, for a value that depends on the
-  model's weights (prefix tuning reads its layer and head layout so).
-
-  >>> with hook_scope('prompt_embeds', prompts):                      # doctest: +SKIP
-  ...   logits = model.apply({'params': params}, ids, mask)  # the encoder gets the prompts
-  """
-  inside = [False]  # trace-time state: is a hooked call on the Python stack?
-
-  def interceptor(next_fun, args, kwargs, context):
-    if (inside[0] or _quiet() or context.method_name != '__call__'
-        or not declares(context.module, name)):
-      return next_fun(*args, **kwargs)
-    inside[0] = True
-    try:
-      given = value(context.module) if callable(value) else value
-      return next_fun(*args, **{**kwargs, name: given})
-    finally:
-      inside[0] = False
-
-  with intercept.intercept_methods(interceptor):
-    yield
 
 
 def _prepend(x, rows, axis: int):
@@ -422,8 +109,8 @@ def prompt_scope(prompts, report: dict | None = None):
   state = {'depth': 0, 'plan': None, 'token': None, 'hooked': False, 'embed_path': None}
 
   def embed_call(next_fun, args, kwargs, mod):
-    plan, x = state['plan'], _first_arg(args, kwargs)
-    if not _is_int_array(x):
+    plan, x = state['plan'], hooks.first_arg(args, kwargs)
+    if not hooks.is_int_array(x):
       return None
     path = layers.path(mod)
     if plan is None:  # no root call seen (layers run on their own): the first integer embedding
@@ -440,11 +127,12 @@ def prompt_scope(prompts, report: dict | None = None):
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if _quiet() or context.method_name != '__call__':
+    if hooks.quiet() or context.method_name != '__call__':
       return next_fun(*args, **kwargs)
     root = state['depth'] == 0 and layers.kind(mod) is None
     if root:
-      plan = None if declares(mod, 'prompt_embeds') else _root_plan(context, args, kwargs)
+      plan = (None if hooks.declares(mod, 'prompt_embeds')
+              else hooks.root_plan(context, args, kwargs))
       if plan is None or 'prompt_embeds' in plan.hooks:
         state['plan'], report['mode'] = 'hook', 'hook'
       else:
@@ -452,18 +140,18 @@ def prompt_scope(prompts, report: dict | None = None):
         state['embed_path'] = plan.embed_path
         method = type(mod).__call__ if isinstance(mod, nn.Module) else context.orig_method
         offset = (None,) if isinstance(mod, nn.Module) else ()
-        named = _named_args(method, offset + tuple(args), kwargs)
+        named = hooks.named_args(method, offset + tuple(args), kwargs)
         state['token'] = named.get(plan.token_input)
         new = {k: _ones_first(named[k], n) for k in plan.mask_inputs if k in named}
         report['masks'].extend(new)
         if new:
-          a, kwargs = _replace_args(method, offset + tuple(args), kwargs, new)
+          a, kwargs = hooks.replace_args(method, offset + tuple(args), kwargs, new)
           args = a[len(offset):]
     plan = state['plan']
     state['depth'] += 1
     try:
       if plan == 'hook':
-        if not state['hooked'] and declares(mod, 'prompt_embeds'):
+        if not state['hooked'] and hooks.declares(mod, 'prompt_embeds'):
           state['hooked'] = True
           try:
             return next_fun(*args, **{**kwargs, 'prompt_embeds': prompts})
@@ -493,14 +181,14 @@ def drop_prompts(per_token, num_tokens: int, axis: int = 1):
   return jax.lax.slice_in_dim(per_token, start, per_token.shape[axis], axis=axis)
 
 
-def input_embedding(module, base_params, inputs, s: Survey | None = None):
+def input_embedding(module, base_params, inputs, s: hooks.Survey | None = None):
   """``(path, table)``: the model's input embedding (see the module docstring) and its table.
 
   Raises a :class:`~peftjax.errors.ConfigError` if the model embeds none of its inputs.
   """
-  s = s or survey(module, base_params, inputs)
+  s = s or hooks.survey(module, base_params, inputs)
   if s.embed_path is None:
-    ints = [k for k, v in inputs.items() if _is_int_array(v)]
+    ints = [k for k, v in inputs.items() if hooks.is_int_array(v)]
     raise ConfigError(
         f'peft.method=prompt needs an input embedding: an embedding layer (nn.Embed, NNX Embed) '
         f'called on one of the model\'s integer inputs ({", ".join(ints) or "none"}); '
@@ -526,8 +214,8 @@ def _captured_table(module, base_params, inputs, path):
         box.append(layers.params(mod)['embedding'])
       return next_fun(*args, **kwargs)
 
-    with _quietly(), intercept.intercept_methods(rec):
-      module.apply({'params': params}, **named, **_mode(module))
+    with hooks.quietly(), intercept.intercept_methods(rec):
+      module.apply({'params': params}, **named, **hooks.mode(module))
     return box[0]
 
   return jax.jit(grab)(base_params, dict(inputs))
@@ -565,7 +253,7 @@ class PromptTuning(Method):
     Also runs the model abstractly with the prompts, so a model that cannot take them fails
     here with a :class:`~peftjax.errors.ConfigError`, not in the first training step.
     """
-    s = survey(module, base_params, inputs)
+    s = hooks.survey(module, base_params, inputs)
     _, table = input_embedding(module, base_params, inputs, s)
     n = self.cfg.prompt.length
     if self.cfg.prompt.init == 'vocab':
@@ -583,14 +271,14 @@ class PromptTuning(Method):
     self._dry_run(module, base_params, inputs, prompts, s)
     return {'prompt': prompts}
 
-  def _dry_run(self, module, base_params, inputs, prompts, s: Survey) -> None:
+  def _dry_run(self, module, base_params, inputs, prompts, s: hooks.Survey) -> None:
     """The model traced with the prompts in: a failure is the model not taking ``n`` more
     positions; a silent miss (prompts or masks never reached) is refused too."""
     report = {}
 
     def forward(params, named, p):
       with prompt_scope(p, report):
-        return module.apply({'params': params}, **named, **_mode(module))
+        return module.apply({'params': params}, **named, **hooks.mode(module))
 
     n = prompts.shape[0]
     how = (f'the {n} prompts are prepended to the output of its input embedding '
