@@ -25,7 +25,7 @@ from peftjax import tasks
 from peftjax import train
 from peftjax.errors import ConfigError
 from peftjax.models.nnx_bridge import NNXModel, einsum_why_not, from_nnx, to_nnx
-from peftjax.peft import intercept
+from peftjax import intercept
 from peftjax.peft import layers
 from peftjax.tasks.classification import Classification
 

@@ -1,7 +1,7 @@
 """Flax NNX models in peftjax: an ``nnx.Module`` seen as a linen-like module over a plain dict.
 
 peftjax's methods are pure functions over a parameter tree and reach a model's layers by
-interception (:mod:`peftjax.peft.intercept`). :func:`from_nnx` makes an NNX model fit that
+interception (:mod:`peftjax.intercept`). :func:`from_nnx` makes an NNX model fit that
 contract without editing it:
 
 * its ``nnx.Param`` leaves become a plain nested dict (str keys; list indices ``'0'``,
@@ -14,7 +14,7 @@ contract without editing it:
   are attached to the layer at their path as ``nnx.Param`` attributes before the forward, so the
   layer sees them beside its kernel and ``nnx.scan`` / ``nnx.vmap`` slice them like its weights;
 * every module call (``__call__``, and ``nnx.Embed.attend``) runs through
-  :func:`peftjax.peft.intercept.run` when an interceptor is registered: the fresh instances'
+  :func:`peftjax.intercept.run` when an interceptor is registered: the fresh instances'
   classes are swapped for cached subclasses that do so, and the interceptor's
   ``context.module`` is an :class:`NNXLayer` answering :mod:`peftjax.peft.layers`' questions.
 
@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from peftjax.errors import ConfigError
 from peftjax.models.build import Built
-from peftjax.peft import intercept
+from peftjax import intercept
 
 _PATH_ATTR = '_peft_path'
 _SHADOWS: dict[type, type] = {}   # user class -> its interceptable subclass

@@ -15,7 +15,7 @@ exactly unchanged at step 0. ``peft.adapter.kind`` picks the placement:
   runs, so both must be called in that order within one trace (true of every standard
   Transformer block; a ``nn.remat``/``nn.scan`` boundary *between* the two calls would not work).
 
-It runs through method interception (:mod:`peftjax.peft.intercept`) and finds layers by module
+It runs through method interception (:mod:`peftjax.intercept`) and finds layers by module
 path, so any linen or NNX model with those module names works unedited. The tree mirrors the base tree::
 
     encoder/layer_0/attention/out/adapter/{down,up}/{kernel,bias}
@@ -43,7 +43,7 @@ from peftjax.peft.base import Method
 from peftjax.peft.base import register
 from peftjax.peft import layers
 from peftjax.peft import sections
-from peftjax.peft.intercept import intercept_methods
+from peftjax.intercept import intercept_methods
 from peftjax.peft.ia3 import DenseSite
 from peftjax.peft.ia3 import dense_sites
 from peftjax.peft.ia3 import match_module_paths

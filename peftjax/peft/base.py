@@ -36,7 +36,7 @@ from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft import layers
 from peftjax.peft import sections
-from peftjax.peft.intercept import intercept_methods
+from peftjax.intercept import intercept_methods
 
 _REGISTRY: dict[str, type] = {}
 

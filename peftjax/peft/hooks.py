@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.peft import intercept
+from peftjax import intercept
 from peftjax.peft import layers
 from peftjax.peft.base import takes_deterministic
 

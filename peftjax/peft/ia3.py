@@ -10,7 +10,7 @@ IA3 learns elementwise scaling vectors, initialised to ones, on
   down-projection ``output``, whose input is the intermediate activation):
   ``y = layer(l ⊙ x)``, ``l`` of shape ``(F,)``.
 
-It runs through method interception (:mod:`peftjax.peft.intercept`), so any linen or NNX
+It runs through method interception (:mod:`peftjax.intercept`), so any linen or NNX
 model with dense layers or convolutions works unedited (a convolution's output vector scales
 its output channels, its input vector its input channels). Vectors of layers stacked by
 ``nn.scan`` carry the stack's axes (:func:`vector_shapes`) and are sliced per layer. The tree mirrors the base tree::

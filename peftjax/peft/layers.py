@@ -1,6 +1,6 @@
 """What a method needs to know about a layer it adapts, for linen and NNX layers alike.
 
-Methods act on layers from outside the model's code: an interceptor (:mod:`peftjax.peft.intercept`)
+Methods act on layers from outside the model's code: an interceptor (:mod:`peftjax.intercept`)
 hands them the layer being called, and these functions answer the few questions they ask of it,
 so one implementation of LoRA, IA3, adapters... serves every model family:
 

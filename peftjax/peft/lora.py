@@ -6,7 +6,7 @@ convolution -- LoRA adds a rank-r update. In training it is applied *implicitly*
 
     y = x·W + s·(x·A)·B          s = alpha / r,  A: (in..., r),  B: (r, out...),  B = 0 at init
 
-through method interception (:mod:`peftjax.peft.intercept`), so the model's code is untouched
+through method interception (:mod:`peftjax.intercept`), so the model's code is untouched
 and neither ``W + s·A·B`` nor the (in × out) weight gradient is ever formed. :func:`merge` folds
 the update into ``W`` for export and serving; :func:`unmerge` takes it out again.
 
@@ -51,7 +51,7 @@ from peftjax.peft import layers
 from peftjax.peft.base import Method
 from peftjax.peft.base import layer_scope
 from peftjax.peft.base import register
-from peftjax.peft.intercept import intercept_methods
+from peftjax.intercept import intercept_methods
 
 _KINDS = ('dense', 'embed')  # the layers LoRA adapts by default; conv when asked
 _ALL_KINDS = ('dense', 'embed', 'conv')

@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.peft import hooks
-from peftjax.peft import intercept
+from peftjax import intercept
 from peftjax.peft import layers
 from peftjax.peft import sections
 from peftjax.peft.base import Method
