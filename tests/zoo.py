@@ -74,8 +74,12 @@ def adapter(ffn_targets: str, attn_targets: str | None = None) -> dict:
   return out
 
 
+# The baselines select base leaves by regex and never touch a layer, so a few models of each
+# family carry them (the project's own, a stack, a tied LM): repeating them on every model would
+# only repeat the same check.
 BASELINES = {'bitfit': {}, 'full': {}, 'linear_probe': {}}
 NO_HOOKS = {'prefix': 'prefix_kv'}           # prefix tuning needs a prefix_kv hook point
+PROMPT = {'prompt.length': 3, 'prompt.init': 'vocab'}  # the generic input-embedding hook
 NO_EMBED = {'prompt': '(?i)embed', **NO_HOOKS}  # prompt tuning needs an input embedding
 
 
@@ -282,7 +286,7 @@ ENTRIES: list[Entry] = [
         'pissa': lora(r'dense_\d/kernel$'),
         'ia3': ia3(r'dense_0$', r'dense_1$'),
         'adapter': adapter(r'dense_1$'),
-        **BASELINES}, refuses=NO_EMBED),
+        }, refuses=NO_EMBED),
     Entry('cnn', _cnn, head='classifier/', claims={
         'lora': lora(r'(conv_\d|dense_0)/kernel$'),
         'pissa': lora(r'(conv_\d|dense_0)/kernel$'),
@@ -291,46 +295,49 @@ ENTRIES: list[Entry] = [
     Entry('conv_strided', _on(ConvNet, 'image', (8, 8, 3)), head='head/', claims={
         'lora': lora(r'(stem|conv)/kernel$'),
         'ia3': ia3(r'(stem|conv)$'),
-        **BASELINES}, refuses=NO_EMBED),
+        }, refuses=NO_EMBED),
     Entry('scan_stack', _on_ids(ScanStack), head='head/', claims={
         'lora': lora(r'layers/(q|v)/kernel$'),
         'dora': lora(r'layers/(q|v)/kernel$'),
         'pissa': lora(r'layers/(q|v)/kernel$'),
         'ia3': ia3(r'layers/(k|v)$', r'layers/down$'),
         'adapter': adapter(r'layers/down$', _SCAN_ATTN),
+        'prompt': PROMPT,
         **BASELINES}, refuses=NO_HOOKS),
     Entry('remat_stack', _on_ids(RematStack), head='head/', claims={
         'lora': lora(r'block_\d/(q|v)/kernel$'),
         'dora': lora(r'block_\d/(q|v)/kernel$'),
         'ia3': ia3(r'block_\d/(k|v)$', r'block_\d/down$'),
         'adapter': adapter(r'block_\d/down$', r'block_\d/o$'),
-        **BASELINES}, refuses=NO_HOOKS),
+        'prompt': PROMPT,
+        }, refuses=NO_HOOKS),
     Entry('tied_lm', _on_ids(TiedLM), head='', claims={
         'lora': lora(r'(embed/embedding|block_\d/(q|v)/kernel)$'),
         'pissa': lora(r'(embed/embedding|block_\d/(q|v)/kernel)$'),
         'ia3': ia3(r'block_\d/(k|v)$', r'block_\d/down$'),
         'bitfit': {}, 'full': {}},
           # DoRA's magnitude is per output feature of a kernel; an embedding table has none.
-          refuses={'dora': 'embedding', **NO_HOOKS}),
+          # Prompts prepended after the lookup meet a position table sized from the ids.
+          refuses={'dora': 'embedding', 'prompt': 'extra positions', **NO_HOOKS}),
     Entry('reused_layer', _on(Reused, 'x', (T, D)), head='head/', claims={
         'lora': lora(r'shared/kernel$'),
         'dora': lora(r'shared/kernel$'),
         'pissa': lora(r'shared/kernel$'),
         'ia3': ia3(r'shared$', r'shared$'),
         'adapter': adapter(r'shared$'),
-        **BASELINES}, refuses=NO_EMBED),
+        }, refuses=NO_EMBED),
     Entry('dense_general', _on(MultiAxis, 'x', (T, 8)), head='head/', claims={
         'lora': lora(r'(proj|square|merge_uneq|merge_eq)/kernel$'),
         'dora': lora(r'(proj|square|merge_uneq|merge_eq)/kernel$'),
         'pissa': lora(r'(proj|square|merge_uneq|merge_eq)/kernel$'),
         'ia3': ia3(r'(proj|square)$', r'merge_(uneq|eq)$'),
         'adapter': adapter(r'merge_(uneq|eq)$'),
-        **BASELINES}, refuses=NO_EMBED),
+        }, refuses=NO_EMBED),
     Entry('vit_flax_mha', _on(TinyViT, 'image', (8, 8, 3)), head='head/', claims={
         'lora': lora(r'(patch|attn_\d/(query|value))/kernel$'),
         'dora': lora(r'attn_\d/(query|value)/kernel$'),
         'pissa': lora(r'attn_\d/(query|value)/kernel$'),
         'ia3': ia3(r'attn_\d/(key|value)$', r'mlp_out_\d$'),
         'adapter': adapter(r'mlp_out_\d$', r'attn_\d/out$'),
-        **BASELINES}, refuses=NO_EMBED),
+        }, refuses=NO_EMBED),
 ]

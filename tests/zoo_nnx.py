@@ -193,7 +193,7 @@ ENTRIES: list[Entry] = [
         'pissa': lora(r'dense_\d/kernel$'),
         'ia3': ia3(r'dense_0$', r'dense_1$'),
         'adapter': adapter(r'dense_1$'),
-        **BASELINES}, refuses=NO_EMBED),
+        }, refuses=NO_EMBED),
     Entry('nnx_scan_stack', _built(ScanStack, 'ids', _ids), head='head/', family='nnx', claims={
         'lora': lora(r'layers/(q|v)/kernel$'),
         'dora': lora(r'layers/(q|v)/kernel$'),
@@ -214,12 +214,12 @@ ENTRIES: list[Entry] = [
               'pissa': lora(r'(proj|square|merge_uneq|merge_eq)/kernel$'),
               'ia3': ia3(r'(proj|square)$', r'merge_(uneq|eq)$'),
               'adapter': adapter(r'merge_(uneq|eq)$'),
-              **BASELINES}, refuses=NO_EMBED),
+              }, refuses=NO_EMBED),
     Entry('nnx_einsum', _built(EinsumNet, 'x', _normal((T, D))), head='head/', family='nnx',
           claims={
               'lora': lora(r'(up|split|out)/kernel$'),
               'ia3': ia3(r'(up|split)$', r'out$'),
-              **BASELINES}, refuses=NO_EMBED),
+              }, refuses=NO_EMBED),
     # An explicit LoRA target on the batched einsum (label h in input, kernel and output) is
     # refused; the refusals are built with the claims' overrides, so 'full' carries the target.
     Entry('nnx_einsum_batched', _built(EinsumNet, 'x', _normal((T, D))), head='head/',
@@ -229,5 +229,5 @@ ENTRIES: list[Entry] = [
           claims={
               'lora': lora(r'(stem|conv)/kernel$'),
               'ia3': ia3(r'(stem|conv)$'),
-              **BASELINES}, refuses=NO_EMBED),
+              }, refuses=NO_EMBED),
 ]
