@@ -216,7 +216,7 @@ def run(args) -> dict:
   result['nnx_vs_linen_step_ratio'] = ms['nnx'] / ms['unrolled']
   result['nnx_step_ms'] = ms['nnx']
   result['details']['paired_nnx_vs_linen'] = timing.paired_ratio(times['nnx'], times['unrolled'])
-  result['meets_targets'] = {k: _check(result[k], t) for k, t in TARGETS.items()}
+  result['meets_targets'] = {k: timing.meets(result[k], t) for k, t in TARGETS.items()}
   result['settings'] = {
       'model': dims, 'batch_size': args.batch, 'length': args.length,
       'peft': {'method': 'lora', 'rank': 8, 'targets': TARGETS_LORA},
@@ -229,17 +229,14 @@ def run(args) -> dict:
   return result
 
 
-def _check(value: float, target) -> bool:
-  op, bound = target
-  return value <= bound if op == '<=' else value >= bound
-
 
 def report(r: dict) -> str:
   s = r['settings']
+  note = lambda k: timing.target_note(k, r, TARGETS)
   rows = [['scanned / unrolled', r['scan_step_ms'], r['unrolled_step_ms'],
-           r['scan_vs_unrolled_step_ratio'], _target('scan_vs_unrolled_step_ratio', r)],
+           r['scan_vs_unrolled_step_ratio'], note('scan_vs_unrolled_step_ratio')],
           ['NNX / linen (unrolled)', r['nnx_step_ms'], r['unrolled_step_ms'],
-           r['nnx_vs_linen_step_ratio'], _target('nnx_vs_linen_step_ratio', r)]]
+           r['nnx_vs_linen_step_ratio'], note('nnx_vs_linen_step_ratio')]]
   m = s['model']
   return '\n'.join([
       f"LoRA r=8 (query, value) on a {m['layers']}-layer causal LM (d={m['dim']}, "
@@ -248,10 +245,6 @@ def report(r: dict) -> str:
       timing.format_table(rows, ['', 'A step (ms)', 'B step (ms)', 'A/B', 'target']),
   ])
 
-
-def _target(key: str, r: dict) -> str:
-  op, bound = TARGETS[key]
-  return f"{op} {bound} {'ok' if r['meets_targets'][key] else 'MISSED'}"
 
 
 def main(argv=None):

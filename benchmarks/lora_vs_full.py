@@ -102,10 +102,6 @@ def merged_forward(built, lora: dict, batch) -> Callable[[], Any]:
   return lambda: compiled(merged, inputs)
 
 
-def _check(value: float, target) -> bool:
-  op, bound = target
-  return value <= bound if op == '<=' else value >= bound
-
 
 def run(args) -> dict:
   lora_cfg = quickstart.get_config()
@@ -150,7 +146,7 @@ def run(args) -> dict:
       'trainable_fraction': lora['size']['trainable_fraction'],
       'lora_mfu': lora['flops'] / (lora_ms * 1e-3 * matmul_flops),
   }
-  result['meets_targets'] = {k: _check(result[k], t) for k, t in TARGETS.items()}
+  result['meets_targets'] = {k: timing.meets(result[k], t) for k, t in TARGETS.items()}
   result['details'] = {
       'paired_step_time_ratio': timing.paired_ratio(times['lora'], times['full']),
       'lora_step': timing.spread(times['lora']),
@@ -201,15 +197,15 @@ def report(r: dict) -> str:
   d = r['details']
   rows = [
       ['step time (ms, median)', r['lora_step_ms'], r['full_step_ms'], r['step_time_ratio'],
-       _target('step_time_ratio', r)],
+       timing.target_note('step_time_ratio', r, TARGETS)],
       ['GFLOPs per step (cost analysis)', d['lora_gflops_per_step'], d['full_gflops_per_step'],
-       r['flops_ratio'], _target('flops_ratio', r)],
+       r['flops_ratio'], timing.target_note('flops_ratio', r, TARGETS)],
       ['optimizer state (MiB)', d['lora_opt_state_bytes'] / 2**20,
        d['full_opt_state_bytes'] / 2**20, r['opt_state_bytes_ratio'],
-       _target('opt_state_bytes_ratio', r)],
+       timing.target_note('opt_state_bytes_ratio', r, TARGETS)],
       ['peak memory (MiB, memory analysis)', d['lora_memory_bytes']['peak'] / 2**20,
        d['full_memory_bytes']['peak'] / 2**20, r['peak_memory_ratio'],
-       _target('peak_memory_ratio', r)],
+       timing.target_note('peak_memory_ratio', r, TARGETS)],
       ['trainable parameters', d['lora_trainable_params'], d['full_trainable_params'],
        r['trainable_fraction'], '(fraction of all)'],
   ]
@@ -223,14 +219,10 @@ def report(r: dict) -> str:
       f"paired step-time ratio (median of per-round ratios): {d['paired_step_time_ratio']:.3f}",
       f"merged-model forward: {r['infer_ms']:.1f} ms",
       f"matmul probe (interleaved): {d['matmul_gflops']:.1f} GFLOP/s; LoRA MFU "
-      f"{r['lora_mfu']:.3f} ({_target('lora_mfu', r)})",
+      f"{r['lora_mfu']:.3f} ({timing.target_note('lora_mfu', r, TARGETS)})",
   ]
   return '\n'.join(lines)
 
-
-def _target(key: str, r: dict) -> str:
-  op, bound = TARGETS[key]
-  return f"{op} {bound} {'ok' if r['meets_targets'][key] else 'MISSED'}"
 
 
 def main(argv=None):

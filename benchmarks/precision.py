@@ -127,7 +127,7 @@ def run(args) -> dict:
       'f32_peak_bytes': peak['f32'],
       'remat_peak_bytes': peak[f'remat_{head}'],
   }
-  result['meets_targets'] = {k: _check(result[k], t) for k, t in TARGETS.items()}
+  result['meets_targets'] = {k: timing.meets(result[k], t) for k, t in TARGETS.items()}
   result['details'] = {
       'paired_bf16_step_time_ratio': timing.paired_ratio(times['bf16'], times['f32']),
       'steps': {k: timing.spread(t) for k, t in times.items()},
@@ -172,14 +172,6 @@ def run(args) -> dict:
   return result
 
 
-def _check(value: float, target) -> bool:
-  op, bound = target
-  return value <= bound if op == '<=' else value >= bound
-
-
-def _target(key: str, r: dict) -> str:
-  op, bound = TARGETS[key]
-  return f"{op} {bound} {'ok' if r['meets_targets'][key] else 'MISSED'}"
 
 
 def report(r: dict) -> str:
@@ -201,10 +193,10 @@ def report(r: dict) -> str:
       f"jax {s['jax']}; load {d['load_average_before'][0]:.1f} -> "
       f"{d['load_average_after'][0]:.1f})",
       table,
-      f"bf16_step_time_ratio {r['bf16_step_time_ratio']:.3f} ({_target('bf16_step_time_ratio', r)}"
-      f"; paired {d['paired_bf16_step_time_ratio']:.3f})",
+      f"bf16_step_time_ratio {r['bf16_step_time_ratio']:.3f} "
+      f"({timing.target_note('bf16_step_time_ratio', r, TARGETS)}; paired {d['paired_bf16_step_time_ratio']:.3f})",
       f"remat_peak_memory_ratio {r['remat_peak_memory_ratio']:.3f} (policy "
-      f"{r['remat_policy']!r}; {_target('remat_peak_memory_ratio', r)})",
+      f"{r['remat_policy']!r}; {timing.target_note('remat_peak_memory_ratio', r, TARGETS)})",
       f"bf16 trainable + optimizer state dtypes after the steps: {d['bf16_master_dtypes']}",
       f"bf16 HLO: {d['hlo']['bf16']}",
   ])

@@ -237,6 +237,24 @@ def publish(result: dict, text: str, out: str | None) -> None:
     print(json.dumps(result, indent=2))
 
 
+def meets(value: float, target: tuple[str, float]) -> bool:
+  """Whether ``value`` meets ``target``, an ``('<=', bound)`` or ``('>=', bound)`` pair.
+
+  >>> meets(0.6, ('<=', 0.7)), meets(0.6, ('>=', 0.8))
+  (True, False)
+  """
+  op, bound = target
+  if op not in ('<=', '>='):
+    raise ValueError(f"target {target!r}: the operator must be '<=' or '>='")
+  return value <= bound if op == '<=' else value >= bound
+
+
+def target_note(key: str, result: dict, targets: dict) -> str:
+  """``'<= 0.7 ok'`` / ``'>= 0.8 MISSED'``: a report's target column for ``result[key]``."""
+  op, bound = targets[key]
+  return f"{op} {bound} {'ok' if result['meets_targets'][key] else 'MISSED'}"
+
+
 def format_table(rows: list[list[Any]], header: list[str]) -> str:
   """A plain-text table: first column left-aligned, the others right-aligned."""
   cells = [[str(h) for h in header]] + [[_fmt(v) for v in r] for r in rows]

@@ -540,8 +540,8 @@ def test_readme_commands_were_found():
 
 
 def _readme_python() -> str:
-  (code,) = [body for lang, body in _readme_blocks() if lang == 'python']
-  return code
+  """Every Python block of the README, one program per block."""
+  return '\n'.join(body for lang, body in _readme_blocks() if lang == 'python')
 
 
 def test_readme_python_names_exist():

@@ -141,7 +141,8 @@ BERT_SCRIPT = textwrap.dedent('''
     lora = method.init(jax.random.key(1), module, built.params,
                        {'input_ids': ids, 'attention_mask': ids})
     sites = method.sites(built.params, lora)
-    assert sorted(s.kind for s in sites) == ['dense', 'expert', 'expert'], sites
+    # From the trees, the experts' kernels are sites with one leading (expert) axis.
+    assert sorted(s.lead for s in sites) == [(), (E,), (E,)], sites
     base_tr, frozen = tree.partition(built.params, method.trainable_base)
     base_tr_specs, frozen_specs = tree.partition(
         method.base_logical_specs(built.logical_specs), method.trainable_base)
