@@ -100,8 +100,9 @@ def test_make_bench_runs_every_benchmark_as_a_script():
 
 
 # Quick modes: per benchmark, its headline keys and the exact (not timed) figures it must report.
-# The heavy ones take 1-2 min of CPU each; their default-run cover is test_benchmark_starts_as_a_script.
-HEAVY = {'quant', 'moe', 'precision', 'compression_bench'}
+# The heavy ones take 1-2 min of CPU each; their default-run cover is test_benchmark_starts_as_a_script
+# (any_model's agreement of its candidates is test_scan_stack's and test_nnx's in the default run).
+HEAVY = {'quant', 'moe', 'precision', 'compression_bench', 'any_model'}
 
 
 def _check_lora_vs_full(r):

@@ -129,3 +129,38 @@ def test_scanned_factors_shard_on_the_stack_axis(models):
   got = method.logical_specs(specs, tree)['layers']['query']
   assert specs['layers']['query']['kernel'] == P('layers', 'embed', 'mlp')
   assert got == {'lora_a': P('layers', 'embed', None), 'lora_b': P('layers', None, 'mlp')}
+
+
+class Probe(nn.Module):
+  """One Dense per layer; the carry passes through unchanged, the Dense's output is the ys."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x, nn.Dense(D, name='query')(x)
+
+
+class ProbeStack(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    del deterministic  # only the LoRA branch drops out here
+    stack = nn.scan(Probe, variable_axes={'params': 0},
+                    split_rngs={'params': True, 'dropout': True}, length=L)
+    return stack(name='layers')(x, None)[1]  # (L, b, t, D)
+
+
+def test_lora_dropout_draws_a_mask_per_scanned_layer():
+  """Identical layers with identical factors differ in training only by their dropout masks."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, D))
+  model = ProbeStack()
+  params = model.init(jax.random.key(1), x)['params']
+  same = jax.tree.map(lambda v: jnp.broadcast_to(v[:1], v.shape), params)  # layer 0 everywhere
+  method = _method('lora', dropout=0.5)
+  lora = method.init(jax.random.key(2), model, same, {'x': x})
+  lora = jax.tree.map(lambda v: jnp.broadcast_to(_perturb(v)[:1], v.shape), lora)
+  train = peft.apply(model, method, same, lora, {'x': x}, rng=jax.random.key(3),
+                     deterministic=False)
+  evaluate = peft.apply(model, method, same, lora, {'x': x})
+  np.testing.assert_allclose(evaluate[0], evaluate[1], rtol=1e-6)  # the layers are identical
+  assert not np.allclose(train[0], train[1]), 'the scanned layers shared one dropout mask'
+  assert not np.allclose(train[0], evaluate[0])

@@ -234,10 +234,18 @@ def _attend_delta(q, a, b, scale, dtype):
   return jax.lax.dot_general(qb, a, (((qb.ndim - 1,), (1,)), ((), ())))          # (..., V)
 
 
-def branch_dropout(x, rate: float, rng, path: str, deterministic: bool):
-  """Inverted dropout on a LoRA branch input, keyed by the layer path (same mask every call)."""
+def branch_dropout(x, rate: float, rng, path: str, deterministic: bool, module=None):
+  """Inverted dropout on a LoRA branch input, keyed by the layer path.
+
+  With the called ``module``, a linen layer that has a ``'dropout'`` stream draws the key from
+  it: ``nn.scan`` splits that stream per layer (``split_rngs={'dropout': True}``), so the layers
+  of a scanned stack, which share one path, get masks of their own. Otherwise the method's
+  ``rng`` folded with the path (the same mask for every call of that layer in a forward).
+  """
   if rate <= 0.0 or deterministic:
     return x
+  if isinstance(module, nn.Module) and module.has_rng('dropout'):
+    rng = module.make_rng('dropout')
   key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
@@ -386,7 +394,7 @@ def lora_scope(lora_params, scale: float, *, dropout: float = 0.0, rng=None,
     site = call_site(path, module, x, a, b)
     y = call(x)
     if site.kind != 'embed':
-      x = branch_dropout(x, dropout, rng, path, deterministic)
+      x = branch_dropout(x, dropout, rng, path, deterministic, module)
     return y + _lora_delta(site, x, a, b, scale, y.dtype, module)
 
   def attend(path, module, call, q):

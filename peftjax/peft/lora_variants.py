@@ -153,7 +153,7 @@ def dora_scope(dora_params, scale: float, *, dropout: float = 0.0, rng=None,
     y = call(x)
     weights = nn.meta.unbox(layers.params(module))
     norm = jax.lax.stop_gradient(column_norm(site, weights['kernel'], a, b, scale))
-    x = lora_lib.branch_dropout(x, dropout, rng, path, deterministic)
+    x = lora_lib.branch_dropout(x, dropout, rng, path, deterministic, module)
     delta = lora_lib._lora_delta(site, x, a, b, scale, y.dtype)
     ratio = (m / norm).astype(y.dtype)  # (o...): broadcasts over y's trailing feature axes
     bias = weights.get('bias')
