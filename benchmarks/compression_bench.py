@@ -12,7 +12,7 @@ Rotten Tomatoes reviews. Every candidate is one jitted forward of a model this p
 
 All are compiled first, then timed interleaved (teacher, student, heads, svd, teacher, ...);
 the figures are ratios of medians to the teacher. ``deep_compression_size_ratio`` runs the
-Deep Compression pipeline (``peftjax.compress.deep``, ``configs/deep_compression.py``) on
+Deep Compression pipeline (``peftjax.deep_compression``, ``configs/deep_compression.py``) on
 LeNet-300-100 / MNIST-5k in a temporary directory: final bytes / float32 bytes, and whether the
 Huffman round trip rebuilt the model exactly (``huffman_roundtrip_exact``, which also requires
 a 1e6-symbol random round trip of :mod:`peftjax.compress.huffman`).
@@ -43,7 +43,7 @@ from peftjax import data as data_lib  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax import timing  # noqa: E402
 from peftjax import tree as tree_lib  # noqa: E402
-from peftjax.compress import deep  # noqa: E402
+from peftjax import deep_compression as deep  # noqa: E402
 from peftjax.compress import distill  # noqa: E402
 from peftjax.compress import huffman  # noqa: E402
 from peftjax.compress import lowrank  # noqa: E402
