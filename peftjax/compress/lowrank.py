@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree as tree_lib
+from peftjax.peft import layers
 from peftjax.errors import UserInputError
 
 U_NAME, V_NAME = 'kernel_u', 'kernel_v'
@@ -255,10 +256,8 @@ def _factored_call(mod, path: str, x):
     if mod.batch_dims:
       raise UserInputError(f'{path}: low-rank factors are not supported on a DenseGeneral with '
                            f'batch_dims={mod.batch_dims}')
-    axis = (mod.axis,) if isinstance(mod.axis, int) else tuple(mod.axis)
-  else:
-    axis = (-1,)
-  axis = tuple(a % x.ndim for a in axis)
+  # The kernel's order: flax stores DenseGeneral's contracted axes sorted, whatever `axis` says.
+  axis = layers.contracted_axes(mod, x.ndim)
   n_in = u.ndim - 1
   if (len(axis) != n_in or tuple(x.shape[a] for a in axis) != u.shape[:-1]
       or tuple(v.shape[1:]) != _features(mod)):

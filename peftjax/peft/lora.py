@@ -261,18 +261,6 @@ def factor_paths(lora_params) -> list[str]:
                 if p.endswith('/lora_a'))
 
 
-def contracted_axes(module, x_ndim: int | None = None) -> tuple:
-  """The input axes a dense layer contracts: with ``x_ndim``, non-negative and ascending (the
-  kernel's order, see :func:`layers.contracted_axes`); without, as the layer declares them."""
-  if x_ndim is not None:
-    return layers.contracted_axes(module, x_ndim)
-  if isinstance(module, nn.DenseGeneral):
-    if module.batch_dims:
-      raise ConfigError(f"{'/'.join(module.path)}: DenseGeneral with batch_dims is not supported")
-    return (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-  return (-1,)
-
-
 def call_site(path: str, module, x, a, b) -> Site:
   """The :class:`Site` of the layer being called, from the layer, its input and this call's
   factors (a scanned layer's slice).
