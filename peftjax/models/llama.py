@@ -1,0 +1,350 @@
+"""A Llama-family causal language model in flax.linen (Llama, Mistral, Qwen2, SmolLM).
+
+Parameter layout (``layers/...`` carries a leading ``'layers'`` axis with ``scan_layers=True``;
+unrolled, each layer is ``layer_<i>/...`` without it)::
+
+  embed/embedding                     (vocab, embed)           ('vocab', 'embed')
+  layers/attn_norm/scale              (embed,)                 ('norm',)
+  layers/attn/{q,k,v}_proj/kernel     (embed, heads*head_dim)  ('embed', 'heads')
+  layers/attn/{q,k,v}_proj/bias       only with qkv_bias       ('heads',)
+  layers/attn/o_proj/kernel           (heads*head_dim, embed)  ('heads', 'embed')
+  layers/mlp_norm/scale               (embed,)                 ('norm',)
+  layers/mlp/{gate,up}_proj/kernel    (embed, mlp)             ('embed', 'mlp')
+  layers/mlp/down_proj/kernel         (mlp, embed)             ('mlp', 'embed')
+  norm/scale                          (embed,)                 ('norm',)
+  lm_head/kernel                      untied only              ('embed', 'vocab')
+
+Pre-RMSNorm blocks, rotary position embeddings (Hugging Face's half-rotation layout), grouped-query
+attention, SwiGLU. With tied embeddings the logits are ``embed.attend(h)``, so a method that
+adapts the embedding table (LoRA on ``embed``) adapts the output layer the same way.
+
+Inputs: ``attention_mask`` is a *segment id* array: 0 marks padding, and tokens with equal
+nonzero ids form one sequence, so a packed row of several examples needs no other input (a 0/1
+mask is the one-segment case). ``positions`` are the RoPE positions (default: 0, 1, ... per
+row). With a ``cache`` (:func:`init_cache`), the positions are also the cache slots the new keys
+and values are written to, and a query at position ``p`` attends slots ``0..p`` of its row; a
+batch of prompts of different lengths is right-padded and each row decodes from its own length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peftjax.logical import param_init
+from peftjax.models.barrier import grad_barrier
+from peftjax.models.bert import REMAT_POLICIES
+
+# HF ``rope_scaling['rope_type']`` values this model computes; others are refused by name.
+ROPE_TYPES = ('default', 'linear', 'llama3')
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a Llama-family decoder (the fields of a HF ``config.json``, renamed).
+
+  The defaults are SmolLM2-135M's. ``rope_scaling`` is ``None`` or HF's ``rope_scaling`` dict
+  as a tuple of ``(key, value)`` pairs (hashable, so the config can be a module field).
+  """
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  intermediate_size: int = 1536
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 100000.0
+  rope_scaling: tuple | None = None
+  max_position: int = 8192
+  tie_embeddings: bool = True
+  qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+  sliding_window: int = 0  # Mistral: a query attends at most this many keys back; 0 = all
+  scan_layers: bool = True  # one nn.scan over the layers (one compile) or unrolled layers
+  remat: str = 'none'  # per-layer rematerialization, a key of REMAT_POLICIES
+  grad_barrier: bool = True  # a gradient fusion barrier per layer (peftjax/models/barrier.py)
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of num_kv_heads='
+                       f'{self.num_kv_heads}; grouped-query attention needs whole groups')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={self.remat!r}; valid: {", ".join(REMAT_POLICIES)}')
+    kind = dict(self.rope_scaling or ()).get('rope_type', dict(self.rope_scaling or ()).get(
+        'type', 'default'))
+    if kind not in ROPE_TYPES:
+      raise ValueError(f'rope_scaling type {kind!r} is not supported; supported: '
+                       f'{", ".join(ROPE_TYPES)}')
+
+  @property
+  def num_params(self) -> int:
+    """Parameter count (embedding counted once when tied)."""
+    d, m, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+    layer = attn + 3 * d * m + 2 * d
+    return v * d + self.num_layers * layer + d + (0 if self.tie_embeddings else d * v)
+
+  @classmethod
+  def from_hf(cls, hf: dict, **overrides) -> 'LlamaConfig':
+    """The config of a HF ``config.json`` dict (``llama``, ``mistral``, ``qwen2``).
+
+    >>> LlamaConfig.from_hf(json.load(open('config.json')), scan_layers=False)  # doctest: +SKIP
+    """
+    heads = hf['num_attention_heads']
+    scaling = hf.get('rope_scaling')
+    fields = dict(
+        vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
+        intermediate_size=hf['intermediate_size'], num_layers=hf['num_hidden_layers'],
+        num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
+        head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
+        rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+        rope_theta=float(hf.get('rope_theta', 10000.0)),
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        max_position=hf.get('max_position_embeddings', 2048),
+        tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+        qkv_bias=bool(hf.get('attention_bias', hf.get('model_type') == 'qwen2')),
+        # Mistral v0.1 sets a window; later Mistrals, Llama and Qwen2 (use_sliding_window
+        # false) attend everything.
+        sliding_window=0 if hf.get('use_sliding_window') is False else int(
+            hf.get('sliding_window') or 0))
+    return cls(**{**fields, **overrides})
+
+  def to_hf(self) -> dict:
+    """A HF ``LlamaForCausalLM`` ``config.json`` dict for this architecture."""
+    return {
+        'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+        'vocab_size': self.vocab_size, 'hidden_size': self.hidden_size,
+        'intermediate_size': self.intermediate_size, 'num_hidden_layers': self.num_layers,
+        'num_attention_heads': self.num_heads, 'num_key_value_heads': self.num_kv_heads,
+        'head_dim': self.head_dim, 'rms_norm_eps': self.rms_norm_eps,
+        'rope_theta': self.rope_theta,
+        'rope_scaling': dict(self.rope_scaling) if self.rope_scaling else None,
+        'max_position_embeddings': self.max_position,
+        'tie_word_embeddings': self.tie_embeddings, 'attention_bias': self.qkv_bias,
+        'mlp_bias': False, 'hidden_act': 'silu', 'torch_dtype': 'float32'}
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def _init(axes, stddev=0.02):
+  return param_init(nn.initializers.normal(stddev), axes)
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """``x / rms(x) * scale``, the statistics in float32 (as HF computes them)."""
+  eps: float
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', param_init(nn.initializers.ones_init(), ('norm',)),
+                       (x.shape[-1],), jnp.float32)
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    return (scale * h.astype(self.dtype)).astype(self.dtype)
+
+
+def inv_frequencies(cfg: LlamaConfig) -> jax.Array:
+  """RoPE inverse frequencies ``(head_dim // 2,)`` with the config's scaling applied."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = dict(cfg.rope_scaling or ())
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  if kind == 'linear':
+    inv = inv / scaling['factor']
+  elif kind == 'llama3':
+    # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    factor, low, high = scaling['factor'], scaling['low_freq_factor'], scaling['high_freq_factor']
+    old = scaling['original_max_position_embeddings']
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    inv = jnp.where(wavelen > old / low, inv / factor,
+                    jnp.where(wavelen < old / high, inv, blended))
+  return inv
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates ``x`` (B, T, heads, D) by ``positions`` (B, T): HF's half-rotation layout.
+
+  The angles are float32 whatever ``x``'s dtype (bf16 angles lose whole radians at long range).
+  """
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, window: int):
+  """(B, 1, 1, T, S) bool: causal by position, within a segment, inside the sliding window."""
+  ok = k_pos[:, None, :] <= q_pos[:, :, None]
+  if q_seg is not None:
+    ok &= (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  if window:
+    ok &= q_pos[:, :, None] - k_pos[:, None, :] < window
+  return ok[:, None, None]
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE; reads and writes a KV cache when given one."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segments, cache=None):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dense = lambda n, name, axes, bias: nn.Dense(
+        n, use_bias=bias, name=name, dtype=cfg.dtype, kernel_init=_init(axes),
+        bias_init=param_init(nn.initializers.zeros_init(), axes[1:]))
+    q = dense(h * d, 'q_proj', ('embed', 'heads'), cfg.qkv_bias)(x).reshape(b, t, h, d)
+    k = dense(kvh * d, 'k_proj', ('embed', 'heads'), cfg.qkv_bias)(x).reshape(b, t, kvh, d)
+    v = dense(kvh * d, 'v_proj', ('embed', 'heads'), cfg.qkv_bias)(x).reshape(b, t, kvh, d)
+    inv_freq = inv_frequencies(cfg)
+    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+    q = _constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+    if cache is None:
+      keys, values, k_pos, k_seg, q_seg = k, v, positions, segments, segments
+      new_cache = None
+    else:
+      # Write this call's keys/values at their positions, then attend the whole cache.
+      rows = jnp.arange(b)[:, None]
+      keys = cache['k'].at[rows, positions].set(k.astype(cache['k'].dtype))
+      values = cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))
+      new_cache = {'k': keys, 'v': values}
+      k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+      k_seg = q_seg = None  # right-padded rows: slots past a row's length are never attended
+    g = h // kvh
+    qg = q.reshape(b, t, kvh, g, d)
+    scores = jnp.einsum('btkgd,bskd->bkgts', qg, keys.astype(q.dtype)).astype(jnp.float32)
+    scores = scores / math.sqrt(d)
+    scores = jnp.where(_mask(positions, k_pos, q_seg, k_seg, cfg.sliding_window), scores,
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, values.astype(cfg.dtype)).reshape(b, t, h * d)
+    out = _constrain(out, ('batch', 'length', 'heads'))
+    out = dense(cfg.hidden_size, 'o_proj', ('heads', 'embed'), False)(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dense = lambda n, name, axes: nn.Dense(n, use_bias=False, name=name, dtype=cfg.dtype,
+                                           kernel_init=_init(axes))
+    gate = dense(cfg.intermediate_size, 'gate_proj', ('embed', 'mlp'))(x)
+    up = dense(cfg.intermediate_size, 'up_proj', ('embed', 'mlp'))(x)
+    hidden = _constrain(nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return dense(cfg.hidden_size, 'down_proj', ('mlp', 'embed'))(hidden)
+
+
+class Block(nn.Module):
+  """One decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+  Called as ``(carry, cache) -> (carry, new cache)`` so that ``nn.scan`` can stack it; the
+  carry is ``(x, positions, segments)``.
+  """
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, carry, cache):
+    cfg = self.cfg
+    x, positions, segments = carry
+    if cfg.grad_barrier:
+      x = grad_barrier(x)
+    attn, new_cache = Attention(cfg, name='attn')(
+        RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='attn_norm')(x), positions, segments,
+        cache or None)
+    x = _constrain(x + attn, ('batch', 'length', 'embed'))
+    x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='mlp_norm')(x))
+    x = _constrain(x, ('batch', 'length', 'embed'))
+    return (x, positions, segments), (new_cache if new_cache is not None else {})
+
+
+def _block_class(cfg: LlamaConfig):
+  if cfg.remat == 'none':
+    return Block
+  # prevent_cse only matters outside scan (inside, the loop already stops CSE across layers).
+  return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class LlamaForCausalLM(nn.Module):
+  """The decoder with its output layer: token ids -> next-token logits (float32).
+
+  >>> model = LlamaForCausalLM(LlamaConfig(num_layers=2))
+  >>> ids = jnp.ones((1, 4), jnp.int32)
+  >>> params = model.init(jax.random.key(0), ids)['params']  # doctest: +SKIP
+  >>> model.apply({'params': params}, ids).shape  # doctest: +SKIP
+  (1, 4, 49152)
+  """
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+               deterministic: bool = True):
+    """Logits (B, T, vocab); ``(logits, new cache)`` when ``cache`` is given.
+
+    ``deterministic`` is accepted for the loop's sake; the model has no dropout.
+    """
+    del deterministic
+    cfg = self.cfg
+    b, t = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segments = None if attention_mask is None else attention_mask.astype(jnp.int32)
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name='embed', dtype=cfg.dtype,
+                     embedding_init=_init(('vocab', 'embed')))
+    x = _constrain(embed(input_ids), ('batch', 'length', 'embed'))
+    carry = (x, positions, segments)
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=0, length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      carry, new_cache = stack(cfg, name='layers')(carry, cache or {})
+    else:
+      per_layer = []
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        carry, c = block(cfg, name=f'layer_{i}')(carry, layer_cache or {})
+        per_layer.append(c)
+      new_cache = jax.tree.map(lambda *cs: jnp.stack(cs), *per_layer) if cache else {}
+    x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='norm')(carry[0])
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, name='lm_head', dtype=cfg.dtype,
+                        kernel_init=_init(('embed', 'vocab')))(x)
+    logits = _constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:
+  """An empty KV cache: ``{'k', 'v'}`` of shape (layers, batch, max_len, kv_heads, head_dim).
+
+  >>> cache = init_cache(LlamaConfig(num_layers=2), batch=4, max_len=64)
+  >>> cache['k'].shape
+  (2, 4, 64, 3, 64)
+  """
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+# Logical axes of the cache (for placing it on a mesh).
+CACHE_AXES = ('layers', 'batch', 'cache_length', 'heads', 'head_dim')
