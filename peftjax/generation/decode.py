@@ -1,0 +1,363 @@
+"""Jitted generation: one prefill call, then a fixed-shape KV-cache decode loop.
+
+The model is seen through a *step function*::
+
+  step_fn(input_ids (B, T), positions (B, T), cache) -> (logits (B, T, vocab), cache)
+
+with the cache contract of :mod:`peftjax.models.llama`: prompts are RIGHT-padded with per-row
+lengths, ``positions`` are also the cache slots written, and a query at position ``p`` attends
+slots ``0..p`` of its row. Anything that honours it plugs in: a plain model (:func:`model_step`),
+a model run through a PEFT method (:func:`method_step`), a multi-adapter server. Pass a
+``jax.tree_util.Partial`` (as those helpers return) so the weights are arguments of the compiled
+program rather than constants baked into it; a plain function is wrapped (no weights).
+
+Prefill runs the padded prompts ``(B, P)`` at positions ``0..P-1``; row ``b``'s first new token
+is drawn from the logits at ``prompt_lengths[b] - 1``. Decode step ``t`` feeds row ``b``'s token
+``t - 1`` at position ``prompt_lengths[b] + t - 1`` inside a ``lax.while_loop`` that exits when
+every row has stopped. A row stops at a stop token (which is kept: see :class:`Generation`),
+and every later slot holds ``pad_id``.
+
+Shapes are fixed per bucket: the batch is padded to a power of two, the prompt length to
+:func:`length_bucket`, and the cache made for ``bucketed length + max_new_tokens`` slots, so
+prompts of similar lengths share one compiled program. :func:`compile_count` counts traces.
+
+The key for token ``t`` is ``fold_in(rng, t)`` and each row folds in its index
+(:func:`peftjax.generation.sampling.sample`), so a draw does not depend on the batch bucket, and
+:func:`stream` (batch 1, a Python loop over a jitted step) yields exactly the tokens
+:func:`generate` returns for the same prompt at batch 1.
+
+>>> step = model_step(LlamaForCausalLM(cfg), params)                    # doctest: +SKIP
+>>> out = generate(step, functools.partial(init_cache, cfg), ids, lengths,
+...                max_new_tokens=32, stop_ids=(2,))                     # doctest: +SKIP
+>>> out.ids.shape, out.lengths                                          # doctest: +SKIP
+((4, 32), array([ 7, 32, 12,  3]))
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.errors import UserInputError
+from peftjax.generation.sampling import GREEDY
+from peftjax.generation.sampling import SamplingConfig
+from peftjax.generation.sampling import sample
+
+# Traces of each jitted program, by name ('generate', 'prefill', 'step'): one per compiled
+# shape/setting (jit traces exactly when it compiles a new program), read by tests.
+COMPILES: collections.Counter = collections.Counter()
+
+
+class GenerationError(UserInputError):
+  """Invalid generation arguments; the message names the argument, the value and what is valid."""
+
+
+class Generation(NamedTuple):
+  """What :func:`generate` returns (unpacks as ``ids, lengths``).
+
+  ``ids`` (B, max_new_tokens) int32: the new tokens of each row, ``pad_id`` after it stopped.
+  ``lengths`` (B,) int32: the tokens each row generated, *including* its stop token when it
+  stopped on one (so ``ids[b, :lengths[b]]`` is the row's output, and it stopped on a stop token
+  iff ``lengths[b] > 0 and ids[b, lengths[b] - 1] in stop_ids``).
+  """
+  ids: np.ndarray
+  lengths: np.ndarray
+
+
+def compile_count(name: str = 'generate') -> int:
+  """How many programs ``name`` ('generate', 'prefill' or 'step') has compiled in this process.
+
+  >>> before = compile_count(); generate(...); compile_count() - before  # doctest: +SKIP
+  1
+  """
+  return COMPILES[name]
+
+
+def length_bucket(n: int, *, minimum: int = 8, step: int = 256) -> int:
+  """The padded prompt length for a longest prompt of ``n`` tokens: the next power of two (at
+  least ``minimum``) up to ``step``, then the next multiple of ``step``.
+
+  >>> [length_bucket(n) for n in (1, 9, 200, 300)]
+  [8, 16, 256, 512]
+  """
+  if n > step:
+    return -(-n // step) * step
+  b = max(minimum, 1)
+  while b < n:
+    b *= 2
+  return b
+
+
+def batch_bucket(n: int) -> int:
+  """The padded batch size for ``n`` rows: the next power of two.
+
+  >>> [batch_bucket(n) for n in (1, 3, 8, 9)]
+  [1, 4, 8, 16]
+  """
+  b = 1
+  while b < n:
+    b *= 2
+  return b
+
+
+# ---------------------------------------------------------------------------- step functions
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyStep:
+  """``module.apply`` as a step (hashable by the module's value: one program per model)."""
+  module: Any
+
+  def __call__(self, params, input_ids, positions, cache):
+    return self.module.apply({'params': params}, input_ids, positions=positions, cache=cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MethodStep:
+  """A model run through a PEFT method (``peft.apply``) as a step."""
+  module: Any
+  method: Any
+
+  def __call__(self, base, peft_params, input_ids, positions, cache):
+    from peftjax import peft  # pylint: disable=g-import-not-at-top  (generation is below peft)
+    return peft.apply(self.module, self.method, base, peft_params,
+                      {'input_ids': input_ids, 'positions': positions, 'cache': cache})
+
+
+def model_step(module, params) -> jax.tree_util.Partial:
+  """The step function of a linen causal LM that follows the cache contract
+  (``module.apply({'params': params}, ids, positions=..., cache=...) -> (logits, cache)``).
+
+  >>> step = model_step(LlamaForCausalLM(cfg), params)  # doctest: +SKIP
+  """
+  return jax.tree_util.Partial(_ApplyStep(module), params)
+
+
+def method_step(module, method, base_params, peft_params) -> jax.tree_util.Partial:
+  """The step function of ``module`` run through a PEFT ``method`` (see ``peft.apply``).
+
+  >>> step = method_step(model, peft.build(config.peft), base, trained['peft'])  # doctest: +SKIP
+  """
+  return jax.tree_util.Partial(_MethodStep(module, method), base_params, peft_params)
+
+
+def _as_step(step_fn) -> jax.tree_util.Partial:
+  if isinstance(step_fn, jax.tree_util.Partial):
+    return step_fn
+  if not callable(step_fn):
+    raise GenerationError(f'step_fn={step_fn!r} is not callable; valid: a function '
+                          '(input_ids, positions, cache) -> (logits, cache)')
+  return jax.tree_util.Partial(step_fn)
+
+
+# ---------------------------------------------------------------------------- the programs
+
+
+def _is_stop(tok, stop_ids: tuple):
+  if not stop_ids:
+    return jnp.zeros(tok.shape, bool)
+  return jnp.isin(tok, jnp.asarray(stop_ids, tok.dtype))
+
+
+def _prefill(step, ids, lengths, cache, rng, sampling):
+  """One call on the padded prompts; the first new token of each row (from its last prompt
+  position) and the filled cache."""
+  b, p = ids.shape
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  logits, cache = step(ids, positions, cache)
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return sample(last, jax.random.fold_in(rng, 0), sampling), cache
+
+
+def _decode(step, tok, pos, cache, rng, t, sampling):
+  """Token ``t`` of each row: feed token ``t - 1`` (``tok``) at ``pos``."""
+  logits, cache = step(tok[:, None], pos[:, None], cache)
+  return sample(logits[:, 0], jax.random.fold_in(rng, t), sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=('max_new_tokens', 'sampling', 'stop_ids', 'pad_id'),
+                   donate_argnames=('cache',))
+def _generate_program(step, ids, lengths, live, cache, rng, *, max_new_tokens: int,
+                      sampling: SamplingConfig, stop_ids: tuple, pad_id: int):
+  COMPILES['generate'] += 1  # runs at trace time only
+  b = ids.shape[0]
+  pad = jnp.int32(pad_id)
+  tok, cache = _prefill(step, ids, lengths, cache, rng, sampling)
+  tok = jnp.where(live, tok, pad)
+  out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
+  count = live.astype(jnp.int32)
+  done = ~live | _is_stop(tok, stop_ids)
+
+  def cond(state):
+    t, _, _, _, _, done = state
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    t, tok, cache, out, count, done = state
+    nxt, cache = _decode(step, tok, lengths + t - 1, cache, rng, t, sampling)
+    nxt = jnp.where(done, pad, nxt)
+    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, t))
+    count = count + (~done).astype(jnp.int32)
+    return t + 1, nxt, cache, out, count, done | _is_stop(nxt, stop_ids)
+
+  state = (jnp.int32(1), tok, cache, out, count, done)
+  _, _, cache, out, count, _ = jax.lax.while_loop(cond, body, state)
+  return out, count, cache  # the cache is returned so its donated buffer is reused in place
+
+
+@functools.partial(jax.jit, static_argnames=('sampling',), donate_argnames=('cache',))
+def _prefill_program(step, ids, lengths, cache, rng, *, sampling: SamplingConfig):
+  COMPILES['prefill'] += 1
+  return _prefill(step, ids, lengths, cache, rng, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=('sampling',), donate_argnames=('cache',))
+def _step_program(step, tok, pos, cache, rng, t, *, sampling: SamplingConfig):
+  COMPILES['step'] += 1
+  return _decode(step, tok, pos, cache, rng, t, sampling)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _int(name: str, value, minimum: int) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+      or value < minimum:
+    raise GenerationError(f'{name}={value!r} is invalid; valid: an integer >= {minimum}')
+  return int(value)
+
+
+def _stop_tuple(stop_ids) -> tuple:
+  if stop_ids is None:
+    return ()
+  if isinstance(stop_ids, (int, np.integer)):
+    stop_ids = (stop_ids,)
+  out = []
+  for s in stop_ids:
+    out.append(_int('stop_ids entry', s, 0))
+  return tuple(sorted(set(out)))
+
+
+def _key(rng):
+  if rng is None:
+    return jax.random.key(0)
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.key(int(rng))
+  return rng
+
+
+def _check_prompts(prompt_ids, prompt_lengths):
+  ids = np.asarray(prompt_ids)
+  if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1 or not np.issubdtype(ids.dtype,
+                                                                                np.integer):
+    raise GenerationError(f'prompt_ids has shape {ids.shape} and dtype {ids.dtype}; valid: '
+                          'integer token ids of shape (batch >= 1, length >= 1), right-padded')
+  lengths = np.asarray(prompt_lengths)
+  if lengths.shape != (ids.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
+    raise GenerationError(f'prompt_lengths has shape {lengths.shape} and dtype {lengths.dtype}; '
+                          f'valid: one integer per prompt row, shape ({ids.shape[0]},)')
+  bad = np.flatnonzero((lengths < 1) | (lengths > ids.shape[1]))
+  if bad.size:
+    raise GenerationError(f'prompt_lengths[{bad[0]}]={int(lengths[bad[0]])} is invalid; valid: '
+                          f'1..{ids.shape[1]} (a prompt needs at least one token, e.g. BOS)')
+  return ids.astype(np.int32), lengths.astype(np.int32)
+
+
+def _check_positions(lengths, max_new_tokens, max_positions):
+  if max_positions is None:
+    return
+  need = int(lengths.max()) + max_new_tokens - 1
+  if need > max_positions:
+    raise GenerationError(
+        f'a prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} needs '
+        f'{need} positions; the model has {max_positions}; valid: prompt tokens + '
+        f'max_new_tokens <= {max_positions + 1}')
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def generate(step_fn, cache: Callable[[int, int], Any], prompt_ids, prompt_lengths, *,
+             max_new_tokens: int, sampling: SamplingConfig = GREEDY,
+             stop_ids: Sequence[int] = (), rng=None, pad_id: int = 0,
+             max_positions: int | None = None) -> Generation:
+  """Up to ``max_new_tokens`` new tokens for each right-padded prompt row.
+
+  ``cache(batch, max_len)`` makes an empty cache (e.g. ``functools.partial(llama.init_cache,
+  cfg)``): it is called with the bucketed batch and ``bucketed prompt length +
+  max_new_tokens``. ``rng`` is a key (or an int seed; unused when greedy). ``max_positions``
+  (optional) refuses prompts that would run past the model's positions. Returns a
+  :class:`Generation` of numpy arrays.
+
+  >>> ids, lengths = generate(step, make_cache, [[5, 6, 7], [8, 0, 0]], [3, 1],
+  ...                         max_new_tokens=16, stop_ids=(2,))  # doctest: +SKIP
+  """
+  if not isinstance(sampling, SamplingConfig):
+    raise GenerationError(f'sampling={sampling!r} is invalid; valid: a SamplingConfig')
+  n_new = _int('max_new_tokens', max_new_tokens, 1)
+  stops = _stop_tuple(stop_ids)
+  pad = _int('pad_id', pad_id, 0)
+  ids, lengths = _check_prompts(prompt_ids, prompt_lengths)
+  _check_positions(lengths, n_new, max_positions)
+  rows, width = ids.shape
+  b, p = batch_bucket(rows), length_bucket(int(lengths.max()))
+  padded = np.full((b, p), pad, np.int32)
+  width = min(width, p)
+  padded[:rows, :width] = ids[:, :width]
+  lens = np.ones((b,), np.int32)  # filler rows: one pad token, marked done from the start
+  lens[:rows] = lengths
+  live = np.arange(b) < rows
+  out, count, _ = _generate_program(_as_step(step_fn), padded, lens, live, cache(b, p + n_new),
+                                 _key(rng), max_new_tokens=n_new, sampling=sampling,
+                                 stop_ids=stops, pad_id=pad)
+  return Generation(np.asarray(out)[:rows], np.asarray(count)[:rows])
+
+
+def stream(step_fn, cache: Callable[[int, int], Any], prompt_ids: Sequence[int], *,
+           max_new_tokens: int, sampling: SamplingConfig = GREEDY,
+           stop_ids: Sequence[int] = (), rng=None, pad_id: int = 0,
+           max_positions: int | None = None) -> Iterator[int]:
+  """The new tokens of one prompt (a 1-D sequence of ids), yielded as they are produced.
+
+  A Python loop over a jitted prefill and a jitted single decode step (one compile each per
+  prompt-length bucket), for printing as it goes; the tokens equal ``generate``'s for the same
+  prompt at batch 1, greedy or sampled with the same ``rng``. A stop token is yielded, then the
+  stream ends.
+
+  >>> for tok in stream(step, make_cache, ids, max_new_tokens=64, stop_ids=(2,)):  # doctest: +SKIP
+  ...   print(tokenizer.decode([tok]), end='', flush=True)
+  """
+  if not isinstance(sampling, SamplingConfig):
+    raise GenerationError(f'sampling={sampling!r} is invalid; valid: a SamplingConfig')
+  n_new = _int('max_new_tokens', max_new_tokens, 1)
+  stops = _stop_tuple(stop_ids)
+  pad = _int('pad_id', pad_id, 0)
+  row = np.asarray(prompt_ids)
+  if row.ndim != 1:
+    raise GenerationError(f'prompt_ids has shape {row.shape}; valid: one prompt, a 1-D '
+                          'sequence of token ids')
+  ids, lengths = _check_prompts(row[None], [row.shape[0]])
+  _check_positions(lengths, n_new, max_positions)
+  p = length_bucket(int(lengths[0]))
+  padded = np.full((1, p), pad, np.int32)
+  padded[0, :lengths[0]] = ids[0]
+  step, key = _as_step(step_fn), _key(rng)
+  tok, state = _prefill_program(step, padded, lengths, cache(1, p + n_new), key,
+                                sampling=sampling)
+  for t in range(n_new):
+    if t:
+      tok, state = _step_program(step, tok, lengths + np.int32(t - 1), state, key,
+                                 np.int32(t), sampling=sampling)
+    value = int(tok[0])
+    yield value
+    if value in stops:
+      return
+
+
+__all__ = ['Generation', 'GenerationError', 'generate', 'stream', 'model_step', 'method_step',
+           'compile_count', 'length_bucket', 'batch_bucket', 'COMPILES']

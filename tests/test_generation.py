@@ -1,0 +1,297 @@
+"""Generation: sampling rules, jitted prefill + KV-cache decode, streaming, the CLI.
+
+The decoder is checked on a tiny stand-in LM defined here (one attention layer with a fixed-shape
+cache that follows the model's cache contract) against references computed with full forwards
+(no cache), one token at a time.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax import generation
+from peftjax.generation import SamplingConfig
+from peftjax.generation import SamplingError
+
+VOCAB = 13
+
+
+class TinyLM(nn.Module):
+  """One-layer causal LM. With ``cache`` ({'k', 'v'}: (B, S, D)) the new keys/values are
+  written at ``positions`` and a query at position p attends slots 0..p of its row."""
+  vocab: int = VOCAB
+  dim: int = 16
+
+  @nn.compact
+  def __call__(self, input_ids, positions=None, cache=None):
+    b, t = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    init = nn.initializers.normal(1.0)
+    x = nn.Embed(self.vocab, self.dim, embedding_init=init)(input_ids)
+    x = x + nn.Embed(64, self.dim, embedding_init=init, name='pos')(positions)
+    q, k, v = (nn.Dense(self.dim, name=n)(x) for n in 'qkv')
+    if cache is None:
+      keys, values, k_pos = k, v, positions
+    else:
+      rows = jnp.arange(b)[:, None]
+      keys = cache['k'].at[rows, positions].set(k)
+      values = cache['v'].at[rows, positions].set(v)
+      k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+    mask = k_pos[:, None, :] <= positions[:, :, None]
+    scores = jnp.einsum('btd,bsd->bts', q, keys) / np.sqrt(self.dim)
+    att = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+    h = x + jnp.einsum('bts,bsd->btd', att, values)
+    h = h + nn.Dense(self.dim)(nn.gelu(nn.Dense(2 * self.dim)(h)))
+    logits = nn.Dense(self.vocab, name='head')(h) * 3.0
+    if cache is None:
+      return logits
+    return logits, {'k': keys, 'v': values}
+
+
+def make_cache(batch, max_len, dim=16):
+  return {'k': jnp.zeros((batch, max_len, dim)), 'v': jnp.zeros((batch, max_len, dim))}
+
+
+@pytest.fixture(scope='module')
+def lm():
+  model = TinyLM()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  return model, params
+
+
+def greedy_reference(model, params, prompt, n):
+  """Argmax decoding by full forwards over the whole sequence at every step (no cache)."""
+  seq = list(prompt)
+  out = []
+  for _ in range(n):
+    logits = model.apply({'params': params}, jnp.asarray([seq], jnp.int32))
+    tok = int(jnp.argmax(logits[0, -1]))
+    out.append(tok)
+    seq.append(tok)
+  return out
+
+
+PROMPTS = [[3, 5, 7, 1, 2], [4], [9, 9, 2, 6, 11, 12, 0, 8, 5, 3], [1, 2, 3]]
+
+
+def padded(prompts, pad=0):
+  width = max(map(len, prompts))
+  ids = np.full((len(prompts), width), pad, np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, :len(p)] = p
+  return ids, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def run(lm, prompts, n=12, **kw):
+  model, params = lm
+  ids, lengths = padded(prompts, kw.pop('fill', 0))
+  return generation.generate(generation.model_step(model, params), make_cache, ids, lengths,
+                             max_new_tokens=n, **kw)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def test_greedy_equals_full_forward_reference(lm):
+  model, params = lm
+  out = run(lm, PROMPTS[:1], n=12)
+  assert out.ids.shape == (1, 12) and out.ids.dtype == np.int32
+  assert out.ids[0].tolist() == greedy_reference(model, params, PROMPTS[0], 12)
+  assert out.lengths.tolist() == [12]
+
+
+def test_batch_rows_equal_each_prompt_alone(lm):
+  model, params = lm
+  batch = run(lm, PROMPTS, n=10, fill=7)  # the fill value must not matter either
+  for i, prompt in enumerate(PROMPTS):
+    alone = run(lm, [prompt], n=10)
+    assert batch.ids[i].tolist() == alone.ids[0].tolist(), i
+    assert batch.ids[i].tolist() == greedy_reference(model, params, prompt, 10), i
+  assert batch.lengths.tolist() == [10] * len(PROMPTS)
+
+
+def test_stop_tokens_end_rows_and_pad_after(lm):
+  free = run(lm, PROMPTS, n=12)
+  stop = int(free.ids[0, 3])  # a token row 0 produces mid-way
+  pad = 12
+  out = run(lm, PROMPTS, n=12, stop_ids=(stop,), pad_id=pad)
+  stopped = 0
+  for row, full in zip(out.ids.tolist(), free.ids.tolist()):
+    k = full.index(stop) + 1 if stop in full else len(full)
+    stopped += stop in full
+    assert row == full[:k] + [pad] * (12 - k)
+  assert out.lengths.tolist() == [
+      r.index(stop) + 1 if stop in r else 12 for r in free.ids.tolist()]
+  assert out.lengths[0] <= 4 and stopped >= 1
+
+
+def test_all_rows_stopping_exits_early_with_same_result(lm):
+  free = run(lm, PROMPTS[:1], n=12)
+  first = int(free.ids[0, 0])
+  out = run(lm, PROMPTS[:1], n=12, stop_ids=[first, VOCAB + 5])
+  assert out.ids[0].tolist() == [first] + [0] * 11
+  assert out.lengths.tolist() == [1]
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(lm):
+  greedy = run(lm, PROMPTS, n=10)
+  for cfg in (SamplingConfig(temperature=1.0, top_k=1),
+              SamplingConfig(temperature=2.0, top_p=1e-6)):
+    out = run(lm, PROMPTS, n=10, sampling=cfg, rng=jax.random.key(3))
+    np.testing.assert_array_equal(out.ids, greedy.ids)
+
+
+def test_temperature_sampling_reproducible_and_batch_independent(lm):
+  cfg = SamplingConfig(temperature=1.0)
+  a = run(lm, PROMPTS, n=10, sampling=cfg, rng=jax.random.key(7))
+  b = run(lm, PROMPTS, n=10, sampling=cfg, rng=jax.random.key(7))
+  c = run(lm, PROMPTS, n=10, sampling=cfg, rng=jax.random.key(8))
+  np.testing.assert_array_equal(a.ids, b.ids)
+  assert (a.ids != c.ids).any()
+  # Row 0 alone (batch bucket 1 instead of 4) draws the same tokens.
+  alone = run(lm, PROMPTS[:1], n=10, sampling=cfg, rng=jax.random.key(7))
+  np.testing.assert_array_equal(alone.ids[0], a.ids[0])
+
+
+def _constant_step(logits):
+  """A step whose logits are ``logits`` at every position, whatever the input."""
+  table = jnp.asarray(logits, jnp.float32)
+
+  def step(input_ids, positions, cache):
+    del positions
+    return jnp.broadcast_to(table, input_ids.shape + table.shape), cache
+  return step
+
+
+def _draws(logits, cfg, rows=64, n=64, seed=0):
+  out = generation.generate(_constant_step(logits), lambda b, s: {'c': jnp.zeros((b, s))},
+                            np.ones((rows, 1), np.int32), np.ones(rows, np.int32),
+                            max_new_tokens=n, sampling=cfg, rng=jax.random.key(seed))
+  return out.ids.ravel()
+
+
+LOGITS = np.array([1.2, -0.3, 0.4, 2.0, 0.0], np.float32)
+
+
+def test_temperature_distribution_matches_softmax():
+  for temperature in (0.7, 1.5):
+    draws = _draws(LOGITS, SamplingConfig(temperature=temperature))
+    freq = np.bincount(draws, minlength=len(LOGITS)) / draws.size
+    want = np.asarray(jax.nn.softmax(LOGITS / temperature))
+    n = draws.size  # 4096: the standard error of each frequency is <= 0.008
+    tv = 0.5 * np.abs(freq - want).sum()
+    chi2 = n * ((freq - want) ** 2 / want).sum()
+    assert tv < 0.04, (temperature, freq, want)
+    assert chi2 < 30, chi2  # 4 degrees of freedom: P(chi2 > 30) < 1e-5
+
+
+def test_top_k_never_samples_outside_top_k():
+  draws = _draws(LOGITS, SamplingConfig(temperature=3.0, top_k=2))
+  assert set(draws.tolist()) == {0, 3}  # the two largest logits, both drawn
+  freq = np.bincount(draws, minlength=5)[[0, 3]] / draws.size
+  want = np.asarray(jax.nn.softmax(LOGITS[[0, 3]] / 3.0))
+  assert np.abs(freq - want).max() < 0.04
+
+
+def test_top_p_keeps_the_nucleus():
+  probs = np.asarray(jax.nn.softmax(LOGITS))  # sorted: 3 (.43), 0 (.24), 2 (.11), 4, 1
+  p = float(probs[3] + probs[0]) - 0.01  # the nucleus is {3, 0}: 0 crosses p
+  draws = _draws(LOGITS, SamplingConfig(temperature=1.0, top_p=p))
+  assert set(draws.tolist()) == {0, 3}
+  freq = np.bincount(draws, minlength=5)[[0, 3]] / draws.size
+  want = probs[[0, 3]] / probs[[0, 3]].sum()
+  assert np.abs(freq - want).max() < 0.04
+
+
+def test_masks_exact():
+  x = jnp.array([[1.0, 3.0, 3.0, 2.0], [0.0, -1.0, 5.0, 4.0]])
+  k2 = generation.top_k_mask(x, 2)
+  assert np.isfinite(np.asarray(k2)).tolist() == [[False, True, True, False],
+                                                 [False, False, True, True]]
+  assert np.isfinite(np.asarray(generation.top_k_mask(x, 0))).all()
+  ties = generation.top_k_mask(jnp.array([[1.0, 1.0, 1.0]]), 2)  # exactly k, lower ids first
+  assert np.isfinite(np.asarray(ties)).tolist() == [[True, True, False]]
+  logp = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+  for p, keep in ((0.4, [True, False, False]), (0.5, [True, False, False]),
+                  (0.6, [True, True, False]), (0.81, [True, True, True]),
+                  (1.0, [True, True, True])):
+    assert np.isfinite(np.asarray(generation.top_p_mask(logp, p)))[0].tolist() == keep, p
+  assert generation.greedy(x).tolist() == [1, 2]
+
+
+def test_sampling_config_errors_name_the_field():
+  for kwargs, field in (({'temperature': -0.1}, 'temperature='),
+                        ({'temperature': float('nan')}, 'temperature='),
+                        ({'top_k': -1}, 'top_k='), ({'top_k': 1.5}, 'top_k='),
+                        ({'top_p': 0.0}, 'top_p='), ({'top_p': 1.5}, 'top_p=')):
+    with pytest.raises(SamplingError, match=field):
+      SamplingConfig(**kwargs)
+  assert SamplingConfig(top_p=1) == SamplingConfig(top_p=1.0)
+  assert hash(SamplingConfig(temperature=1)) == hash(SamplingConfig(temperature=1.0))
+
+
+def test_generate_argument_errors(lm):
+  model, params = lm
+  step = generation.model_step(model, params)
+  ids, lengths = padded(PROMPTS)
+  cases = [
+      (dict(prompt_lengths=[1, 2, 0, 3]), 'prompt_lengths\\[2\\]=0'),
+      (dict(prompt_lengths=[1, 2, 11, 3]), 'prompt_lengths\\[2\\]=11'),
+      (dict(prompt_lengths=[1, 2]), 'prompt_lengths has shape'),
+      (dict(prompt_ids=ids[0]), 'prompt_ids has shape'),
+      (dict(max_new_tokens=0), 'max_new_tokens=0'),
+      (dict(stop_ids=(-1,)), 'stop_ids entry=-1'),
+      (dict(max_positions=12), 'needs 14 positions; the model has 12'),
+  ]
+  for change, message in cases:
+    kw = {'prompt_ids': ids, 'prompt_lengths': lengths, 'max_new_tokens': 5, **change}
+    with pytest.raises(generation.GenerationError, match=message):
+      generation.generate(step, make_cache, kw.pop('prompt_ids'), kw.pop('prompt_lengths'),
+                          **kw)
+
+
+def test_one_compile_per_bucket(lm):
+  model, params = lm
+  cfg = SamplingConfig(temperature=0.9, top_k=5)
+  start = generation.compile_count()
+  # Lengths 5 and 7 share the 8 bucket, batches 3 and 4 the 4 bucket; a new step wrapper of
+  # the same model and weights is the same program.
+  run(lm, [[1, 2, 3, 4, 5], [2], [3, 3]], n=6, sampling=cfg, rng=1)
+  assert generation.compile_count() == start + 1
+  ids, lengths = padded([[1] * 7, [2, 2], [3], [4, 4, 4]])
+  generation.generate(generation.model_step(model, params), make_cache, ids, lengths,
+                      max_new_tokens=6, sampling=cfg, rng=2)
+  assert generation.compile_count() == start + 1
+  run(lm, [[1] * 9], n=6, sampling=cfg, rng=1)  # the 16 bucket
+  assert generation.compile_count() == start + 2
+
+
+def test_buckets():
+  assert [generation.length_bucket(n) for n in (1, 8, 9, 100, 256, 257, 600)] == [
+      8, 8, 16, 128, 256, 512, 768]
+  assert [generation.batch_bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+
+
+def test_stream_equals_batch_path(lm):
+  model, params = lm
+  step = generation.model_step(model, params)
+  for cfg, stops in ((generation.GREEDY, ()), (SamplingConfig(temperature=1.3, top_p=0.9), ()),
+                     (generation.GREEDY, None)):
+    prompt = PROMPTS[2]
+    whole = run(lm, [prompt], n=12, sampling=cfg, rng=jax.random.key(5))
+    if stops is None:
+      stops = (int(whole.ids[0, 4]),)
+      whole = run(lm, [prompt], n=12, sampling=cfg, rng=jax.random.key(5), stop_ids=stops)
+    got = list(generation.stream(step, make_cache, prompt, max_new_tokens=12, sampling=cfg,
+                                 rng=jax.random.key(5), stop_ids=stops))
+    assert got == whole.ids[0, :whole.lengths[0]].tolist(), cfg
+  before = (generation.compile_count('prefill'), generation.compile_count('step'))
+  # The prompt above has 10 tokens; 13 share its 16 bucket (and greedy was compiled).
+  list(generation.stream(step, make_cache, [1] * 13, max_new_tokens=12))
+  assert (generation.compile_count('prefill'), generation.compile_count('step')) == before
