@@ -247,7 +247,7 @@ def test_generate_argument_errors(lm):
       (dict(prompt_ids=ids[0]), 'prompt_ids has shape'),
       (dict(max_new_tokens=0), 'max_new_tokens=0'),
       (dict(stop_ids=(-1,)), 'stop_ids entry=-1'),
-      (dict(max_positions=12), 'needs 14 positions; the model has 12'),
+      (dict(max_positions=12), 'is 15 tokens; the model has 12 positions'),
   ]
   for change, message in cases:
     kw = {'prompt_ids': ids, 'prompt_lengths': lengths, 'max_new_tokens': 5, **change}
@@ -295,3 +295,180 @@ def test_stream_equals_batch_path(lm):
   # The prompt above has 10 tokens; 13 share its 16 bucket (and greedy was compiled).
   list(generation.stream(step, make_cache, [1] * 13, max_new_tokens=12))
   assert (generation.compile_count('prefill'), generation.compile_count('step')) == before
+
+
+# ---------------------------------------------------------------------------- the Llama LM
+
+
+def _tiny_llama():
+  from peftjax.models.llama import LlamaConfig
+  from peftjax.models.llama import LlamaForCausalLM
+  cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=500.0, max_position=64)
+  module = LlamaForCausalLM(cfg)
+  params = nn.meta.unbox(module.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))['params'])
+  # Larger weights than the init's 0.02, so the logits are far from ties.
+  params = jax.tree.map(lambda x: x * 20.0 if x.ndim == 2 else x, params)
+  return cfg, module, params
+
+
+def test_llama_model_step_and_method_step_equal_full_forwards():
+  from configs import common
+  from peftjax import peft
+  from peftjax.models.llama import init_cache
+  cfg, module, params = _tiny_llama()
+  prompts = [[5, 9, 13, 2, 40, 7], [33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+  ids, lengths = padded(prompts)
+  make = functools.partial(init_cache, cfg)
+  out = generation.generate(generation.model_step(module, params), make, ids, lengths,
+                            max_new_tokens=8)
+  for i, prompt in enumerate(prompts):
+    assert out.ids[i].tolist() == greedy_reference(module, params, prompt, 8), i
+
+  c = common.get_config()
+  c.peft.lora.targets = r'attn/(q|v)_proj/kernel$'
+  c.peft.head = ''
+  method = peft.build(c.peft)
+  lora = method.init(jax.random.key(1), module, params, {'input_ids': jnp.asarray(ids)})
+  lora = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), lora)
+  with_lora = generation.generate(generation.method_step(module, method, params, lora), make,
+                                  ids, lengths, max_new_tokens=8)
+  assert (with_lora.ids != out.ids).any()  # the adapter changes what is generated
+  for i, prompt in enumerate(prompts):
+    seq, want = list(prompt), []
+    for _ in range(8):
+      logits = peft.apply(module, method, params, lora,
+                          {'input_ids': jnp.asarray([seq], jnp.int32)})
+      want.append(int(jnp.argmax(logits[0, -1])))
+      seq.append(want[-1])
+    assert with_lora.ids[i].tolist() == want, i
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ['<unk>', '<s>', '<|im_end|>', '<|im_start|>', 'user', 'assistant', 'system'] + [
+    f'w{i}' for i in range(54)]  # 61 = the tiny model's vocabulary
+
+
+@pytest.fixture(scope='module')
+def hf_dir(tmp_path_factory):
+  """A tiny random Llama as a Hugging Face directory (config, safetensors, a word-level
+  tokenizer with a ChatML template); returns (directory, cfg, params)."""
+  import json
+
+  import tokenizers
+  from safetensors.numpy import save_file
+  from peftjax.models import llama_convert
+  cfg, module, params = _tiny_llama()
+  del module
+  d = tmp_path_factory.mktemp('tiny_llama')
+  (d / 'config.json').write_text(json.dumps(cfg.to_hf()))
+  save_file({k: np.ascontiguousarray(v) for k, v in
+             llama_convert.hf_from_params(cfg, jax.device_get(params)).items()},
+            str(d / 'model.safetensors'))
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {w: i for i, w in enumerate(WORDS)}, unk_token='<unk>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.add_special_tokens(['<unk>', '<s>', '<|im_end|>', '<|im_start|>'])
+  tok.save(str(d / 'tokenizer.json'))
+  (d / 'tokenizer_config.json').write_text(json.dumps(
+      {'chat_template': CHATML, 'eos_token': '<|im_end|>', 'pad_token': '<|im_end|>'}))
+  return d, cfg, params
+
+
+def _expected(cfg, params, text, n, *, chat):
+  """(completion text, completion tokens, finish reason) by full forwards, independently of
+  the CLI: ids straight from the word list, greedy until <|im_end|> (id 2)."""
+  from peftjax.models.llama import LlamaForCausalLM
+  words = (['<|im_start|>', 'user', *text.split(), '<|im_end|>', '<|im_start|>', 'assistant']
+           if chat else text.split())
+  ids = [WORDS.index(w) if w in WORDS else 0 for w in words]
+  toks = []
+  for t in greedy_reference(LlamaForCausalLM(cfg), params, ids, n):
+    toks.append(t)
+    if t == 2:
+      break
+  stopped = toks[-1] == 2
+  body = toks[:-1] if stopped else toks
+  return (' '.join(WORDS[t] for t in body if t > 3), len(toks),
+          'stop' if stopped else 'length', len(ids))
+
+
+def _cli(*args, timeout=600):
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, '-m', 'peftjax.generate', *args], capture_output=True,
+                        text=True, timeout=timeout, cwd=str(__import__('pathlib').Path(
+                            __file__).resolve().parents[1]))
+
+
+def test_cli_jsonl_round_trip_and_stream(hf_dir, tmp_path):
+  import json
+  d, cfg, params = hf_dir
+  records = [{'prompt': 'w1 w2 w3', 'id': 'a'},
+             {'messages': [{'role': 'user', 'content': 'w7 w7 w30 w4 w9'}]},
+             {'prompt': 'w12'}]
+  inp = tmp_path / 'in.jsonl'
+  inp.write_text(''.join(json.dumps(r) + '\n' for r in records[:2]) + '\n' +
+                 json.dumps(records[2]) + '\n')
+  out = tmp_path / 'out.jsonl'
+  proc = _cli(f'--model={d}', f'--input={inp}', f'--output={out}', '--max_new_tokens=9',
+              '--batch_size=2')
+  assert proc.returncode == 0, proc.stderr
+  got = [json.loads(line) for line in out.read_text().splitlines()]
+  texts = ['w1 w2 w3', 'w7 w7 w30 w4 w9', 'w12']
+  assert [g['line'] for g in got] == [1, 2, 4]
+  assert got[0]['id'] == 'a' and 'id' not in got[1]
+  for g, text in zip(got, texts):
+    completion, n, reason, prompt_tokens = _expected(cfg, params, text, 9, chat=True)
+    assert (g['completion'], g['completion_tokens'], g['finish_reason'],
+            g['prompt_tokens']) == (completion, n, reason, prompt_tokens), g
+
+  # One prompt, plain text, streamed to stdout: the same tokens as the batch path.
+  proc = _cli(f'--model={d}', '--prompt=w5 w6 w7', '--nochat', '--max_new_tokens=7')
+  assert proc.returncode == 0, proc.stderr
+  completion, *_ = _expected(cfg, params, 'w5 w6 w7', 7, chat=False)
+  assert proc.stdout.strip() == completion
+
+
+def test_cli_bad_input_one_line_nothing_written(hf_dir, tmp_path):
+  d, _, _ = hf_dir
+  out = tmp_path / 'out.jsonl'
+  bad_json = tmp_path / 'bad.jsonl'
+  bad_json.write_text('{"prompt": "w1"}\n{"prompt": "w2",}\n')
+  no_role = tmp_path / 'norole.jsonl'
+  no_role.write_text('{"messages": [{"content": "w1"}]}\n')
+  long = tmp_path / 'long.jsonl'
+  long.write_text('{"prompt": "w1"}\n{"prompt": "%s"}\n' % ' '.join(['w3'] * 60))
+  cases = [
+      ([f'--input={tmp_path / "missing.jsonl"}'], 'does not exist'),
+      ([f'--input={bad_json}'], f'{bad_json}:2: not valid JSON'),
+      ([f'--input={no_role}'], f'{no_role}:1: messages[0] has no "role"'),
+      ([f'--input={long}'], f"{long}:2: the prompt is 65 tokens; with --max_new_tokens=4 that "
+                            "is 69, over the model's 64 positions"),
+      ([f'--input={long}', '--temperature=-1'], '--temperature=-1.0 is invalid'),
+      ([f'--input={long}', '--top_p=0'], '--top_p=0.0 is invalid'),
+      ([f'--input={long}', '--top_k=x'], 'top_k'),
+      ([f'--input={long}', '--tempreature=1'], 'tempreature'),
+  ]
+  for extra, message in cases:
+    proc = _cli(f'--model={d}', f'--output={out}', '--max_new_tokens=4', *extra)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, (extra, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], (
+        extra, lines)
+    assert not out.exists()
+  # In-process (the same checks, no subprocess): the flag combinations and the model path.
+  from peftjax import generate as cli_lib
+  for kwargs, message in (
+      ({'prompt': 'w1', 'input_path': str(long)}, 'exactly one of --prompt'),
+      ({'input_path': str(long)}, '--input needs --output'),
+      ({'prompt': 'w1', 'model': str(tmp_path / 'nope')}, 'does not exist'),
+      ({'prompt': 'w1', 'model': str(long)}, 'is a file but not .gguf'),
+      ({'prompt': 'w1', 'model': str(d), 'max_new_tokens': 0}, '--max_new_tokens=0'),
+      ({'prompt': 'w1', 'model': str(d), 'chat': True, 'batch_size': 0}, '--batch_size=0'),
+  ):
+    with pytest.raises(cli_lib.GenerateError, match=message):
+      cli_lib.run(**kwargs)

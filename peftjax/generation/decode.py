@@ -271,12 +271,12 @@ def _check_prompts(prompt_ids, prompt_lengths):
 def _check_positions(lengths, max_new_tokens, max_positions):
   if max_positions is None:
     return
-  need = int(lengths.max()) + max_new_tokens - 1
-  if need > max_positions:
+  longest = int(lengths.max())
+  if longest + max_new_tokens > max_positions:
     raise GenerationError(
-        f'a prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} needs '
-        f'{need} positions; the model has {max_positions}; valid: prompt tokens + '
-        f'max_new_tokens <= {max_positions + 1}')
+        f'a prompt of {longest} tokens + max_new_tokens={max_new_tokens} is '
+        f'{longest + max_new_tokens} tokens; the model has {max_positions} positions; valid: '
+        f'prompt tokens + max_new_tokens <= {max_positions}')
 
 
 # ---------------------------------------------------------------------------- entry points
