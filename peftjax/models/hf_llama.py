@@ -51,7 +51,7 @@ def normalize_config(hf: dict, source: str = 'config.json') -> dict:
   than SiLU, MLP biases, and a missing required key.
 
   >>> normalize_config({'model_type': 'gpt2'})  # doctest: +SKIP
-  HFCheckpointError: config.json: model_type='gpt2' is not supported; supported: llama, mistral, qwen2
+  HFCheckpointError: config.json: model_type='gpt2' is not supported; supported: llama, ...
   """
   cfg = dict(hf)
   kind = cfg.get('model_type')
@@ -147,7 +147,8 @@ def load_hf_dir(model_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarra
   >>> state['model.embed_tokens.weight'].dtype            # doctest: +SKIP
   dtype('float32')
   """
-  from peftjax.models.llama_convert import check_state, expected_shapes  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from peftjax.models.llama_convert import check_state, expected_shapes
   d = pathlib.Path(model_dir).expanduser()
   config = read_hf_config(d)
   files = weight_files(d)
