@@ -145,7 +145,8 @@ BAD = [
     ('[1, 2]', r'bad\.jsonl:3: a record must be a JSON object, got list'),
     ({'prompt': 'a'}, r'"completion" is missing'),
     ({'completion': 'b'}, r'"prompt" is missing'),
-    ({'id': 7}, r'exactly one of "messages", "prompt"\+"completion" or "text" \(found none of them'),
+    ({'id': 7},
+     r'exactly one of "messages", "prompt"\+"completion" or "text" \(found none of them'),
     ({'prompt': 'a', 'completion': '  '}, r'"completion"=\'  \' is invalid; valid: a non-empty'),
     ({'prompt': 'a', 'completion': 3}, r'"completion"=3 is invalid'),
     ({'messages': [{'content': 'hi'}, {'role': 'assistant', 'content': 'x'}]},
@@ -387,12 +388,12 @@ def test_rt_instructions_has_the_encoders_split(tok):
     src = lm_pipeline.load_lm_source('rt_instructions', split)
     rows = src.__getitems__(list(range(len(src))))
     # Stored as the encoder stores its split: by index in the source.
-    assert [r['prompt'].decode() for r in rows] == [lm_builders.RT_QUESTION + texts[i]
-                                                    for i in sorted(idx)]
+    assert [r['prompt'].decode() for r in rows] == [
+        lm_builders.RT_TEMPLATE.format(review=texts[i]) for i in sorted(idx)]
     assert [r['completion'].decode() for r in rows] == [
         'positive' if labels[i] else 'negative' for i in sorted(idx)]
     encoder = data_lib.load_source('rotten_tomatoes', split)
-    assert [lm_builders.RT_QUESTION + r['text'].decode() for r in
+    assert [lm_builders.RT_TEMPLATE.format(review=r['text'].decode()) for r in
             encoder.__getitems__(list(range(len(encoder))))] == [r['prompt'].decode() for r in rows]
   assert lm_pipeline.load_lm_source('rt_instructions', 'train')[0]['label'] == encoder[0]['label']
   assert data.examples('train')[0].reference in ('positive', 'negative')
@@ -552,3 +553,44 @@ def test_task_is_registered_and_guards_the_model():
   if not hasattr(models, 'build_lm'):
     with pytest.raises(NotImplementedError, match='peftjax.models.build_lm'):
       task.build_model(cfg, None)
+
+
+# ---------------------------------------------------------------------------- the real tokenizer
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+  """The bundled SmolLM2's tokenizer (read from the GGUF's metadata) and rt_instructions with it."""
+  from peftjax.data.lm_tokenizer import LMTokenizer
+  from peftjax.models.gguf_file import smollm2_gguf
+  tok = LMTokenizer.from_gguf(smollm2_gguf())
+  return tok, lm_pipeline.build_lm(_cfg('rt_instructions', max_length=128), tok)
+
+
+def test_rt_instructions_with_smollm2_fit_128_tokens(smollm2):
+  tok, data = smollm2
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+  assert data.info.splits == {'train': 10202, 'validation': 1275, 'test': 1275}
+  # Up to 'Review:' (the space merges with the review's first word).
+  head = tok.encode(f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nReview:')
+  tail = tok.encode('<|im_start|>assistant\n')
+  answers = {'positive': tok.encode('positive') + [2], 'negative': tok.encode('negative') + [2]}
+  assert [len(v) for v in answers.values()] == [2, 2]  # one word, then <|im_end|>
+  for split in ('train', 'validation', 'test'):
+    ex = data.examples(split)
+    assert len(ex) == data.info.splits[split]  # every review fits: no error, no truncation
+    assert max(len(e) for e in ex) <= 128
+    for e in ex[:200]:
+      assert e.prompt_ids[:len(head)].tolist() == head
+      assert e.prompt_ids[-len(tail):].tolist() == tail
+      assert e.completion_ids.tolist() == answers[e.reference]
+      assert tok.decode(e.completion_ids, skip_special_tokens=False) == e.reference + '<|im_end|>'
+  # Packing at 128 beats one review per row; the plan equals the measured batches.
+  ds = data.train_batches(8, seed=0)
+  masks = np.stack([ds[i]['attention_mask'] for i in range(len(data._pack_rows('train', 0)) // 8)])
+  assert data.padding_fraction(8, seed=0) == pytest.approx(packing.padding_fraction(masks))
+  lengths = data.lengths('train')
+  assert packing.padding_fraction(masks) < 1 - lengths.mean() / 128
+  batch = ds[0]
+  assert batch['input_ids'].shape == (8, 128)
+  assert batch['loss_mask'].sum() == 2 * batch['attention_mask'].max(-1).sum()

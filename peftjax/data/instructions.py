@@ -11,13 +11,16 @@ Three record shapes, from JSONL lines or TFDS features:
 A chat (or templated pair) is rendered with the tokenizer's chat template: the prompt is the
 conversation before the answer with ``add_generation_prompt=True``; the completion is what the
 template writes after it for the answer (the content and the end-of-turn), cut just after the
-first end-of-turn token (the tokenizer's eos, e.g. ``<|im_end|>`` for ChatML), so the model learns
-to stop. Without a template a pair is ``encode(prompt)`` then ``encode(completion) + [eos]``.
+first end-of-turn token (the tokenizer's eos, e.g. ``<|im_end|>`` for ChatML, or the first other
+special token, e.g. Llama 3's ``<|eot_id|>``), so the model learns to stop; a template that
+writes none gets eos appended. Without a template a pair is ``encode(prompt)`` (BOS first if the
+tokenizer's ``add_bos_token``) then ``encode(completion) + [eos]``.
 
 Each example becomes ``Encoded(prompt_ids, completion_ids, reference)``: the loss is on the
-completion ids only (see :mod:`peftjax.data.packing`). Plain text is ``prompt = first token``
-(it has no left context; no BOS is added unless the tokenizer adds one itself), completion = the
-rest, cut into pieces of at most ``max_length`` tokens.
+completion ids only (see :mod:`peftjax.data.packing`). Plain text is cut into pieces of at most
+``max_length`` tokens, each ``prompt = its first token`` (context only: BOS when the tokenizer's
+``add_bos_token`` asks for it, so every text token is scored; else the first text token, which has
+no left context) and ``completion = the rest``.
 
 Too long: a prompt + completion over ``max_length`` is an error naming the example, unless
 ``truncation='left'``, which drops the prompt's leftmost tokens (its first turns, where the
@@ -218,17 +221,31 @@ def _auto_bos(tokenizer) -> bool:
   return bos is not None and list(tokenizer.encode(''))[:1] == [bos]
 
 
-def _encode(tokenizer, text: str, *, first: bool) -> list[int]:
-  ids = list(tokenizer.encode(text))
-  if not first and ids and _auto_bos(tokenizer) and ids[0] == tokenizer.bos_id:
+def _encode(tokenizer, text: str, *, first: bool, templated: bool = False,
+            encode=None) -> list[int]:
+  """``tokenizer.encode(text)`` (no special tokens added), for one piece of an example.
+
+  The first piece of raw (untemplated) text gets BOS when the tokenizer says its model wants one
+  (``add_bos_token``); a rendered chat carries its own BOS in the template text, as transformers
+  has it. A later piece never starts with BOS. ``encode`` replaces ``tokenizer.encode`` (a table
+  of batch-encoded texts).
+  """
+  ids = list((encode or tokenizer.encode)(text))
+  bos = getattr(tokenizer, 'bos_id', None)
+  if not first and ids and bos is not None and ids[0] == bos and _auto_bos(tokenizer):
     ids = ids[1:]  # a completion continues the prompt: no second BOS
+  if (first and not templated and getattr(tokenizer, 'add_bos_token', False) and bos is not None
+      and ids[:1] != [bos]):
+    ids = [int(bos)] + ids
   return ids
 
 
 def _stop_ids(tokenizer) -> set[int]:
-  """End-of-turn ids: eos and any further stop ids the tokenizer names (``stop_ids``)."""
+  """End-of-turn ids: eos, the tokenizer's ``stop_ids`` and its special (control) tokens, so a
+  template that ends a turn with its own token (``<|eot_id|>``, ``<end_of_turn>``) is cut there."""
   stops = {int(tokenizer.eos_id)}
-  stops.update(int(i) for i in getattr(tokenizer, 'stop_ids', ()) or ())
+  for attr in ('stop_ids', 'special_ids'):
+    stops.update(int(i) for i in getattr(tokenizer, attr, ()) or ())
   return stops
 
 
@@ -251,14 +268,31 @@ def render_chat(tokenizer, messages: Sequence[tuple[str, str]]) -> tuple[str, st
   return prompt, messages[-1][1]
 
 
-def _answer_ids(tokenizer, answer: str) -> list[int]:
-  """The answer's ids cut just after its first end-of-turn token; eos appended if it has none."""
-  ids = _encode(tokenizer, answer, first=False)
+def _answer_ids(tokenizer, answer: str, encode=None) -> list[int]:
+  """The answer's ids cut just after its first end-of-turn (or other special) token; eos
+  appended if it has none."""
+  ids = _encode(tokenizer, answer, first=False, encode=encode)
   stops = _stop_ids(tokenizer)
   for i, t in enumerate(ids):
     if t in stops:
       return ids[:i + 1]
   return ids + [int(tokenizer.eos_id)]
+
+
+def _texts(record: Record, tokenizer, chat_template: bool) -> tuple[str, str | None, bool]:
+  """(first text, second text or None, rendered by the template) of a record: what is encoded."""
+  if record.kind == 'text':
+    return record.text, None, False
+  if record.kind == 'chat' or chat_template:
+    messages = record.messages or (('user', record.prompt), ('assistant', record.completion))
+    return (*render_chat(tokenizer, messages), True)
+  return record.prompt, record.completion, False
+
+
+def _check_truncation(truncation: str) -> None:
+  if truncation not in TRUNCATIONS:
+    raise InstructionError(f'data.truncation={truncation!r} is invalid; valid: '
+                           + ' or '.join(map(repr, TRUNCATIONS)))
 
 
 def encode_record(record: Record, tokenizer, *, max_length: int, chat_template: bool = True,
@@ -269,19 +303,21 @@ def encode_record(record: Record, tokenizer, *, max_length: int, chat_template: 
   >>> [len(e) for e in encode_record(rec, tok, max_length=128)]  # doctest: +SKIP
   [41]
   """
-  if truncation not in TRUNCATIONS:
-    raise InstructionError(f'data.truncation={truncation!r} is invalid; valid: '
-                           + ' or '.join(map(repr, TRUNCATIONS)))
+  _check_truncation(truncation)
+  return _assemble(record, tokenizer, _texts(record, tokenizer, chat_template), max_length,
+                   truncation, None)
+
+
+def _assemble(record: Record, tokenizer, texts, max_length: int, truncation: str,
+              encode) -> list[Encoded]:
+  first, second, templated = texts
   if record.kind == 'text':
-    return _encode_text(record, tokenizer, max_length)
-  if record.kind == 'chat' or chat_template:
-    messages = record.messages or (('user', record.prompt), ('assistant', record.completion))
-    prompt_text, answer = render_chat(tokenizer, messages)
-    prompt = _encode(tokenizer, prompt_text, first=True)
-    completion = _answer_ids(tokenizer, answer)
+    return _encode_text(record, tokenizer, max_length, encode)
+  prompt = _encode(tokenizer, first, first=True, templated=templated, encode=encode)
+  if templated:
+    completion = _answer_ids(tokenizer, second, encode)
   else:
-    prompt = _encode(tokenizer, record.prompt, first=True)
-    completion = _encode(tokenizer, record.completion, first=False) + [int(tokenizer.eos_id)]
+    completion = _encode(tokenizer, second, first=False, encode=encode) + [int(tokenizer.eos_id)]
   if not prompt:
     raise InstructionError(f'{record.where}: the prompt encodes to no tokens; valid: a prompt '
                            'with text (the first answer token is predicted from it)')
@@ -308,8 +344,8 @@ def _fit(prompt: list[int], completion: list[int], max_length: int, truncation: 
       "or data.truncation='left' (drops the prompt's leftmost tokens)")
 
 
-def _encode_text(record: Record, tokenizer, max_length: int) -> list[Encoded]:
-  ids = _encode(tokenizer, record.text, first=True)
+def _encode_text(record: Record, tokenizer, max_length: int, encode=None) -> list[Encoded]:
+  ids = _encode(tokenizer, record.text, first=True, encode=encode)
   if len(ids) < 2:
     raise InstructionError(f'{record.where}: the text encodes to {len(ids)} token(s); valid: at '
                            'least 2 (the first is context for the next)')
@@ -328,11 +364,22 @@ def encode_records(records: Iterable[Record], tokenizer, *, max_length: int,
                    chat_template: bool = True, truncation: str = 'error') -> list[Encoded]:
   """:func:`encode_record` over ``records``, concatenated (plain text may give several each).
 
+  The distinct texts are encoded in one ``encode_batch`` call when the tokenizer has one
+  (parallel in ``tokenizers``; answers such as 'positive<|im_end|>' repeat), same ids.
+
   >>> sum(map(len, encode_records(records, tok, max_length=128)))  # doctest: +SKIP
   40231
   """
+  _check_truncation(truncation)
+  records = list(records)
+  texts = [_texts(r, tokenizer, chat_template) for r in records]
+  distinct = list(dict.fromkeys(t for first, second, _ in texts for t in (first, second)
+                                if t is not None))
+  batch = getattr(tokenizer, 'encode_batch', None)
+  table = dict(zip(distinct, batch(distinct) if batch is not None and distinct else
+                   [tokenizer.encode(t) for t in distinct]))
+  table.setdefault('', list(tokenizer.encode('')))
   out = []
-  for r in records:
-    out.extend(encode_record(r, tokenizer, max_length=max_length, chat_template=chat_template,
-                             truncation=truncation))
+  for r, t in zip(records, texts):
+    out.extend(_assemble(r, tokenizer, t, max_length, truncation, table.__getitem__))
   return out

@@ -1,8 +1,9 @@
 """TFDS builders of the bundled language-model tasks, from the offline text (no network).
 
 * ``rt_instructions``: the Rotten Tomatoes reviews of :class:`~peftjax.data.builders.RottenTomatoes`
-  as instructions (``prompt`` asks whether the review is positive or negative, ``completion`` is
-  'positive' or 'negative'), in exactly the encoder's split: same examples, same order.
+  as instructions (``prompt`` is the review, then asks whether it is positive or negative;
+  ``completion`` is 'positive' or 'negative'), in exactly the encoder's split: same examples,
+  same order.
 * ``word_reverse``: a generative task with several-token answers scored by exact match: four
   words of a review, in the order they appear, to be written back in reverse order. Reversal is
   a pure copy with re-ordering (no knowledge needed; attention heads that copy from the context
@@ -30,8 +31,9 @@ from peftjax.data.builders import RottenTomatoes
 from peftjax.data.builders import _SplitBuilder
 from peftjax.data.builders import split_indices
 
-RT_QUESTION = ('Is the following movie review positive or negative? Answer with one word: '
-               'positive or negative.\n\nReview: ')
+# The question after the review (small models follow the last line best); with SmolLM2's
+# template every example fits 128 tokens (at most 126).
+RT_TEMPLATE = 'Review: {review}\n\nIs this movie review positive or negative? Answer with one word.'
 RT_ANSWERS = ('negative', 'positive')  # by the encoder's label: 0 rotten, 1 fresh
 REVERSE_QUESTION = 'Write these four words in reverse order, separated by spaces: '
 REVERSE_WORDS = 4
@@ -58,7 +60,7 @@ class RTInstructions(RottenTomatoes):
 
   def _read(self):
     reviews = super()._read()
-    return {'prompt': [RT_QUESTION + t for t in reviews['text']],
+    return {'prompt': [RT_TEMPLATE.format(review=t) for t in reviews['text']],
             'completion': [RT_ANSWERS[y] for y in reviews['label']],
             'label': reviews['label']}
 
@@ -71,8 +73,9 @@ def reverse_item(text: str, index: int, seed: int = SPLIT_SEED) -> tuple[str, st
   by SHA-256 of ``f'{seed}:{index}:{word}'`` (the same on every machine) and listed in the order
   they appear in the review.
 
-  >>> reverse_item('A three-hour cinema master class.', 0)
-  ('Write these four words in reverse order, separated by spaces: three hour cinema master', 'master cinema hour three')
+  >>> prompt, answer = reverse_item('A three-hour cinema master class.', 0)
+  >>> prompt[len(REVERSE_QUESTION):], answer
+  ('three hour cinema master', 'master cinema hour three')
   """
   words = list(dict.fromkeys(_WORD.findall(text.lower())))
   if len(words) < REVERSE_WORDS:

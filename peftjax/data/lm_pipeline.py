@@ -15,8 +15,8 @@ Every record of the used splits is validated and tokenized when the data is buil
 record or an over-long prompt fails before any compute.
 
 >>> data = build_lm(config.data, tokenizer)        # doctest: +SKIP
->>> batch = data.train_batches(8, seed=0)[0]
->>> sorted(batch), batch['input_ids'].shape
+>>> batch = data.train_batches(8, seed=0)[0]   # doctest: +SKIP
+>>> sorted(batch), batch['input_ids'].shape     # doctest: +SKIP
 (['attention_mask', 'input_ids', 'loss_mask', 'positions', 'targets'], (8, 128))
 """
 from __future__ import annotations
@@ -302,7 +302,7 @@ class LMData:
     each process gets its contiguous rows.
 
     >>> ds = data.train_batches(8, seed=0)  # doctest: +SKIP
-    >>> ds[500]['input_ids'].shape
+    >>> ds[500]['input_ids'].shape           # doctest: +SKIP
     (8, 128)
     """
     split = self._cfg.train_split
@@ -345,8 +345,9 @@ class LMData:
     sorted by length (``bucket``). The last batch is filled by repeating its last row with
     weight 0 (real tokens, so the model's outputs stay finite).
 
-    >>> sum(b['loss_mask'][b['weight'] > 0].sum() for b in data.eval_batches('test', 16))  # doctest: +SKIP
-    4021.0
+    >>> batches = data.eval_batches('test', 16)                        # doctest: +SKIP
+    >>> sum(b['loss_mask'][b['weight'] > 0].sum() for b in batches)   # doctest: +SKIP
+    2550.0
     """
     if not self.examples(split):
       raise DataError(f'split {split!r} of {self.info.name!r} has no examples to evaluate')
@@ -373,8 +374,8 @@ class LMData:
     ``references``, a list of the B answer strings for :func:`peftjax.tasks.causal_lm.exact_match`.
 
     >>> b = data.eval_prompts('test', 16)[0]  # doctest: +SKIP
-    >>> b['prompt_ids'].shape, b['references'][:2]
-    ((16, 72), ['positive', 'negative'])
+    >>> b['prompt_ids'].shape, b['references'][:2]  # doctest: +SKIP
+    ((16, 112), ['positive', 'negative'])
     """
     if not self.info.exact_match:
       raise DataError(f'data {self.info.name!r} is plain text: it has no completions to '
@@ -436,7 +437,7 @@ def build_lm(data_cfg, tokenizer) -> LMData:
   ``completion_key`` (default 'prompt' / 'completion').
 
   >>> data = build_lm(config.data, tokenizer)  # doctest: +SKIP
-  >>> data.info.splits
+  >>> data.info.splits                         # doctest: +SKIP
   {'test': 1275, 'train': 10202, 'validation': 1275}
   """
   check_data_dir(data_cfg.data_dir)

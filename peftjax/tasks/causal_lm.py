@@ -166,19 +166,15 @@ class CausalLM:
 
 
 def _load_tokenizer(config):
-  """The tokenizer of ``config.model``: ``peftjax.models.load_lm_tokenizer`` when the model side
-  provides it, else the bundled SmolLM2's (:class:`peftjax.data.lm_tokenizer.LMTokenizer`)."""
+  """The tokenizer of ``config.model``: ``peftjax.models.load_lm_tokenizer(model_cfg)`` when the
+  model side provides it, else the bundled SmolLM2's (read from its GGUF metadata only)."""
   from peftjax import models  # pylint: disable=g-import-not-at-top
   load = getattr(models, 'load_lm_tokenizer', None)
   if load is not None:
     return load(config.model)
-  try:
-    from peftjax.data import lm_tokenizer  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise NotImplementedError('config.task=\'causal_lm\' needs a tokenizer: '
-                              'peftjax.models.load_lm_tokenizer(model_cfg) or '
-                              'peftjax.data.lm_tokenizer, neither is there yet') from None
-  return lm_tokenizer.LMTokenizer.default()
+  from peftjax.data.lm_tokenizer import LMTokenizer  # pylint: disable=g-import-not-at-top
+  from peftjax.models.gguf_file import smollm2_gguf  # pylint: disable=g-import-not-at-top
+  return LMTokenizer.from_gguf(smollm2_gguf())
 
 
 register('causal_lm', CausalLM)
