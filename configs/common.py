@@ -15,12 +15,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype: 'float32' | 'bfloat16'. Parameters, the trainable partition and the optimizer
   # state stay float32 (master weights); matmuls run in this dtype, the loss in float32.
   c.dtype = 'float32'
-  # What is learned (peftjax/tasks/): 'classification' (text or images; accuracy, NLL, ECE).
+  # What is learned (peftjax/tasks/): 'classification' (text or images; accuracy, NLL, ECE) |
+  # 'causal_lm' (a decoder LM: instructions with a completion-only loss and exact match by
+  # generation, or plain text and perplexity).
   c.task = 'classification'
 
   c.model = ml_collections.ConfigDict()  # the network (peftjax/models/)
-  c.model.name = 'bert'  # 'bert' | 'mlp' | 'cnn'
-  c.model.pretrained = ''  # HF BERT dir (config.json, model.safetensors, tokenizer.json); '' = bundled MiniLM-L6; 'random'
+  c.model.name = 'bert'  # 'bert' | 'mlp' | 'cnn' | 'llama' (Llama-family causal LM: Llama, Mistral, Qwen2, SmolLM)
+  # bert: an HF BERT dir (config.json, model.safetensors, tokenizer.json); '' = bundled MiniLM-L6.
+  # llama: a .gguf file or an HF llama/mistral/qwen2 dir; '' = bundled SmolLM2-135M-Instruct.
+  # 'random': random weights (llama: the architecture in model.llama).
+  c.model.pretrained = ''
   c.model.num_layers = 0  # keep only the first N encoder layers; 0 = all
   c.model.pooling = 'mean'  # 'mean' (sentence-transformers) | 'cls' | 'cls_pooler' (HF BERT's tanh pooler)
   c.model.dropout_rate = 0.1  # hidden and attention dropout in training
@@ -30,6 +35,19 @@ def get_config() -> ml_collections.ConfigDict:
   # without batch dims, i.e. the dense projections).
   c.model.remat = 'none'
   c.model.hidden = (256, 128)  # hidden sizes of the 'mlp' model
+  c.model.scan_layers = True  # llama: the layers under one nn.scan (one compile) or unrolled
+  # llama with pretrained='random': the architecture (HF names in peftjax/models/llama.py).
+  c.model.llama = ml_collections.ConfigDict()
+  c.model.llama.vocab_size = 49152  # token ids (the bundled SmolLM2 tokenizer's 49152)
+  c.model.llama.hidden_size = 64  # model width
+  c.model.llama.intermediate_size = 128  # SwiGLU width
+  c.model.llama.num_layers = 2  # decoder layers
+  c.model.llama.num_heads = 4  # query heads
+  c.model.llama.num_kv_heads = 2  # key/value heads (grouped-query attention)
+  c.model.llama.head_dim = 16  # per-head size
+  c.model.llama.rope_theta = 10000.0  # RoPE base
+  c.model.llama.max_position = 2048  # longest sequence
+  c.model.llama.tie_embeddings = True  # the output layer is the embedding table
 
   c.data = ml_collections.ConfigDict()  # the data set and its splits (peftjax/data/)
   c.data.name = 'rotten_tomatoes'  # 'rotten_tomatoes' | 'mnist5k' | 'digits' | any prepared TFDS name
@@ -44,6 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.test_split = 'test'  # evaluated before and after training (the reported accuracy)
   c.data.max_train_examples = -1  # -1 = all; N = the first N (tiny test configs)
   c.data.max_eval_examples = -1  # -1 = all
+  # causal_lm: rows of max_length tokens, made by 'pack' (several examples per row, each attending
+  # only to itself) | 'bucket' (one example per row, batches of similar lengths) | 'none'.
+  c.data.packing = 'pack'
+  c.data.chat_template = True  # causal_lm: render instructions with the tokenizer's chat template
+  # causal_lm: an example longer than max_length is an 'error' | cut on the prompt's 'left'
+  c.data.truncation = 'error'
 
   # PEFT (peftjax/peft/): the method, the head every method trains, and one sub-section per
   # method family (checked only when a method in peft.method reads it: peftjax/peft/sections.py).
@@ -182,6 +206,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Discriminative (layer-wise) learning rates: layer i of N trains at lr * decay**(N - i), the
   # embeddings at lr * decay**(N + 1), everything else (head, PEFT params outside layers) at lr.
   c.optim.layer_decay = 1.0  # 1.0 = off; e.g. 0.8
+
+  # Decoding (peftjax/generation/): exact-match evaluation of causal_lm and python -m peftjax.generate
+  c.generate = ml_collections.ConfigDict()
+  c.generate.max_new_tokens = 16  # tokens generated per prompt (a stop token ends a row sooner)
+  c.generate.temperature = 0.0  # 0 = greedy; > 0 samples from softmax(logits / T)
+  c.generate.top_k = 0  # sample among the k most likely tokens; 0 = all
+  c.generate.top_p = 1.0  # nucleus sampling: the smallest set with this much probability
+  c.generate.batch_size = 32  # prompts decoded together in evaluation
+  c.generate.max_eval_examples = -1  # prompts scored by exact match per evaluation; -1 = all
 
   c.train = ml_collections.ConfigDict()  # the loop: steps, batches, evaluation, checkpoints
   c.train.steps = 300  # optimizer updates (micro-batches = steps * grad_accum_steps)

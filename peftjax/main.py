@@ -80,9 +80,13 @@ def main(argv):
     return  # process 0 reports for the whole program
   print(f"\nmethod {s['method']}: trainable {s['trainable_params']:,d} of "
         f"{s['total_params']:,d} parameters ({100 * s['trainable_fraction']:.3f}%)")
-  before = s['accuracy_before']
-  print(f"test accuracy before {before:.4f} -> after {s['accuracy_after']:.4f}"
-        if before is not None else f"test accuracy after {s['accuracy_after']:.4f}")
+  # The task's headline metric first (accuracy, exact match), then perplexity for an LM.
+  names = [s.get('headline', 'accuracy')]
+  names += [n for n in ('perplexity',) if f'{n}_after' in s and n not in names]
+  for name in names:
+    before, after = s.get(f'{name}_before'), s[f'{name}_after']
+    print(f"test {name} before {before:.4f} -> after {after:.4f}" if before is not None
+          else f"test {name} after {after:.4f}")
   print(f"train time {s['train_seconds']:.1f}s, wall time {s['wall_seconds']:.1f}s; "
         f"summary: {workdir / 'summary.json'}")
 

@@ -187,6 +187,75 @@ def setup_forward(setup: Setup):
                       scopes=[c.scope for c in setup.components if c.scope is not None])
 
 
+def make_generator(setup: Setup, gen_cfg=None):
+  """``texts(trainable, frozen, prompt_ids, prompt_lengths, max_new_tokens, seed=0) -> [str]``
+  for a causal-LM setup: jitted prefill + KV-cache decode of the model run through its method
+  (:mod:`peftjax.generation`), stopping at the tokenizer's end-of-sequence token, decoded
+  without special tokens. ``gen_cfg`` is the config's ``generate`` section (greedy if None).
+
+  >>> texts = make_generator(setup, config.generate)  # doctest: +SKIP
+  >>> texts(state.params, frozen, batch['prompt_ids'], batch['prompt_lengths'], 4)  # doctest: +SKIP
+  ['positive', 'negative', ...]
+  """
+  from peftjax import generation  # pylint: disable=g-import-not-at-top
+  from peftjax.models.llama import init_cache  # pylint: disable=g-import-not-at-top
+  cfg = setup.built.module.cfg
+  tok = setup.task.tokenizer
+  sampling = generation.GREEDY if gen_cfg is None else generation.SamplingConfig(
+      temperature=gen_cfg.temperature, top_k=gen_cfg.top_k, top_p=gen_cfg.top_p)
+  stops = tuple(i for i in (tok.eos_id,) if i is not None)
+
+  def texts(trainable, frozen, prompt_ids, prompt_lengths, max_new_tokens: int, seed: int = 0):
+    base = tree_lib.combine(frozen, trainable['base'])
+    step = generation.method_step(setup.built.module, setup.method, base, trainable['peft'])
+    out = generation.generate(
+        step, lambda b, n: init_cache(cfg, b, n), prompt_ids, prompt_lengths,
+        max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stops,
+        pad_id=tok.pad_id or 0, rng=seed, max_positions=cfg.max_position)
+    return [tok.decode([int(t) for t in ids[:n] if int(t) not in stops])
+            for ids, n in zip(out.ids, out.lengths)]
+  return texts
+
+
+def generates(setup: Setup) -> bool:
+  """Whether evaluating ``setup`` generates (a causal LM on data with reference answers)."""
+  return (hasattr(setup.task, 'generation_metrics') and
+          getattr(setup.data.info, 'exact_match', False))
+
+
+def generation_eval(setup: Setup, texts, trainable, frozen, split: str, *,
+                    progress: bool = False) -> dict:
+  """Exact match of the answers generated for ``split``'s prompts (``texts`` is
+  :func:`make_generator`'s), on the first ``generate.max_eval_examples`` prompts (-1: all).
+
+  Each prompt gets ``min(generate.max_new_tokens, longest reference + 2)`` new tokens: enough
+  for any reference and its end-of-turn token, so a longer answer is never cut into a match.
+
+  >>> generation_eval(setup, texts, state.params, frozen, 'test')  # doctest: +SKIP
+  {'exact_match': 0.874}
+  """
+  import tqdm  # pylint: disable=g-import-not-at-top
+  g, data = setup.config.generate, setup.data
+  limit = g.max_eval_examples
+  total = data.num_examples(split) if limit < 0 else min(limit, data.num_examples(split))
+  max_new = min(g.max_new_tokens, data.max_completion_length(split) + 2)
+  done, gen, refs, weights = 0, [], [], []
+  with tqdm.tqdm(total=total, desc=f'generate {split}', unit='ex', disable=not progress,
+                 leave=False) as bar:
+    for batch in data.eval_prompts(split, g.batch_size):
+      out = texts(trainable, frozen, batch['prompt_ids'], batch['prompt_lengths'], max_new,
+                  seed=setup.config.seed)
+      keep = min(len(out), total - done)
+      gen += out[:keep]
+      refs += list(batch['references'][:keep])
+      weights += list(np.asarray(batch['weight'])[:keep])
+      done += keep
+      bar.update(keep)
+      if done >= total:
+        break
+  return setup.task.generation_metrics(gen, refs, weights)
+
+
 def load_finished(workdir: str) -> tuple[Any, Built]:
   """``(config, Built)`` of the finished run in ``workdir``, its method merged into the weights.
 
@@ -286,5 +355,5 @@ def write_adapter(path, config, setup: Setup, params, frozen, *, metrics=None, o
 
 
 __all__ = ['TrainState', 'Setup', 'build_setup', 'initial_state', 'consts', 'make_forward',
-           'setup_forward', 'load_finished', 'restore_trained', 'write_adapter',
+           'setup_forward', 'make_generator', 'generates', 'generation_eval', 'load_finished', 'restore_trained', 'write_adapter',
            'resolve_pretrained']

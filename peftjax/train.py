@@ -394,11 +394,19 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   def eval_stats(trainable, frozen, batch):
     return task.eval_stats(forward(trainable, frozen, batch), batch)
 
+  # A causal LM on data with answers is also scored by generating them (exact match).
+  texts = run_lib.make_generator(setup, config.generate) if run_lib.generates(setup) else None
+
   def run_eval(split: str) -> dict:
     batches = (_put_batch(b, bsh) for b in data.eval_batches(split, t.eval_batch_size))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return eval_lib.evaluate(lambda b: eval_stats(state.params, frozen, b), batches,
-                               task.eval_reduce)
+      metrics = eval_lib.evaluate(lambda b: eval_stats(state.params, frozen, b), batches,
+                                  task.eval_reduce)
+      if texts is not None:
+        metrics.update(run_lib.generation_eval(
+            setup, texts, state.params, frozen, split,
+            progress=t.progress and jax.process_index() == 0))
+    return metrics
 
   # ------------------------------------------------------------------ resume
   restored = None
@@ -547,6 +555,7 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   close_ckpt()
   summary = {
       **task.summary(run_info.get('before'), test),
+      'headline': task.headline,
       'test': test,
       'validation': last_eval or None,
       'trainable_params': report['trainable_params'],

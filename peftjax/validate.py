@@ -35,15 +35,20 @@ from peftjax.peft import sections as peft_sections
 
 # Registries of heavy modules, repeated so that validation imports none of them.
 METHOD_NAMES = peft_sections.METHOD_NAMES  # peftjax.peft.method_names()
-MODEL_NAMES = ('bert', 'mlp', 'cnn')  # peftjax.models.build.MODEL_NAMES
+MODEL_NAMES = ('bert', 'mlp', 'cnn', 'llama')  # peftjax.models.build.MODEL_NAMES
 POOLINGS = ('mean', 'cls', 'cls_pooler')  # peftjax.models.bert.POOLINGS
 REMAT_POLICIES = ('none', 'full', 'dots')  # peftjax.models.bert.REMAT_POLICIES
 SCHEDULES = ('cosine', 'linear', 'constant')  # peftjax.optim.SCHEDULES
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')  # the axes of sharding.make_mesh's mesh
 # The bundled data sets and what they hold (peftjax.data.KNOWN); other names are checked once
 # the data set is opened (validate_data).
-KNOWN_DATA = {'rotten_tomatoes': 'text', 'mnist5k': 'image', 'digits': 'image'}
-MODEL_INPUTS = {'bert': 'text', 'mlp': 'image', 'cnn': 'image'}
+KNOWN_DATA = {'rotten_tomatoes': 'text', 'mnist5k': 'image', 'digits': 'image',
+              # peftjax.data.lm_builders.KNOWN_LM: data for causal LMs
+              'rt_instructions': 'lm', 'word_reverse': 'lm', 'hamlet_text': 'lm'}
+MODEL_INPUTS = {'bert': 'text', 'mlp': 'image', 'cnn': 'image', 'llama': 'lm'}
+# What each task trains (peftjax/tasks/): the models it fits.
+TASK_MODELS = {'classification': ('bert', 'mlp', 'cnn'), 'causal_lm': ('llama',)}
+PACKINGS = ('pack', 'bucket', 'none')  # peftjax.data.lm_pipeline.PACKINGS
 
 # The valid form of each tuple-valued field, for messages (here and for a bad override).
 TUPLE_FORMS = {
@@ -249,6 +254,11 @@ def validate(c) -> None:
   check_unfreeze(t.unfreeze, t.steps)
 
   _check(m.name in MODEL_NAMES, 'model.name', m.name, ', '.join(MODEL_NAMES))
+  task = c.get('task', 'classification')
+  if task in TASK_MODELS and m.name not in TASK_MODELS[task]:
+    raise ConfigError(f'config.model.name={m.name!r} cannot run config.task={task!r}; valid: '
+                      f'for this task {", ".join(TASK_MODELS[task])}, for this model task='
+                      f'{next(t for t, ms in TASK_MODELS.items() if m.name in ms)!r}')
   _check(m.pooling in POOLINGS, 'model.pooling', m.pooling, ', '.join(map(repr, POOLINGS)))
   remat = m.get('remat', 'none')
   _check(remat in REMAT_POLICIES, 'model.remat', remat,
@@ -265,8 +275,9 @@ def validate(c) -> None:
   kind = KNOWN_DATA.get(d.name)
   if kind is not None and MODEL_INPUTS[m.name] != kind:
     _mismatch(m.name, d.name, kind)
-  _int('data.max_length', d.max_length, 2, '2..512 tokens')
-  _check(d.max_length <= 512, 'data.max_length', d.max_length, '2..512 tokens')
+  _int('data.max_length', d.max_length, 2, '2..512 tokens (llama: 2..8192)')
+  longest = 8192 if m.name == 'llama' else 512  # the positions the models were trained on
+  _check(d.max_length <= longest, 'data.max_length', d.max_length, f'2..{longest} tokens')
   _check(d.padding in ('max_length', 'longest'), 'data.padding', d.padding,
          "'max_length' or 'longest'")
   _check(_is_int(d.max_train_examples) and (d.max_train_examples == -1 or
@@ -275,6 +286,21 @@ def validate(c) -> None:
   _check(_is_int(d.max_eval_examples) and (d.max_eval_examples == -1 or d.max_eval_examples > 0),
          'data.max_eval_examples', d.max_eval_examples, '-1 (all) or a positive count')
 
+  if m.name == 'llama':
+    _check(d.get('packing', 'pack') in PACKINGS, 'data.packing', d.get('packing'),
+           ', '.join(map(repr, PACKINGS)))
+    _check(d.get('truncation', 'error') in ('error', 'left'), 'data.truncation',
+           d.get('truncation'), "'error' or 'left' (cut the prompt's start)")
+    if c.get('generate') is not None:
+      g = c.generate
+      _int('generate.max_new_tokens', g.max_new_tokens, 1, 'a positive number of tokens')
+      _int('generate.batch_size', g.batch_size, 1, 'a positive batch size')
+      _num('generate.temperature', g.temperature, lambda v: v >= 0, '>= 0 (0 = greedy)')
+      _int('generate.top_k', g.top_k, 0, '>= 0 (0 = all tokens)')
+      _num('generate.top_p', g.top_p, lambda v: 0 < v <= 1, '0 < top_p <= 1')
+      _check(_is_int(g.max_eval_examples) and (g.max_eval_examples == -1 or
+                                               g.max_eval_examples > 0),
+             'generate.max_eval_examples', g.max_eval_examples, '-1 (all) or a positive count')
   validate_mesh(c.mesh)
 
   peft_sections.check(p)  # light: the method names, head, and the methods' own sub-sections

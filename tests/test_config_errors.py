@@ -146,7 +146,7 @@ _RULES_FORM = "pairs (logical axis name, mesh axes), the mesh axes None, one of 
      ['config.model.hidden entry -1 is invalid (not a positive integer)',
       'positive layer sizes']),
     ('--config.nosuch.x=1', ["--config.nosuch.x: unknown section 'nosuch'",
-                             'valid: sections compress, data, l2sp, mesh, model', 'fields dtype, seed']),
+                             'valid: sections compress, data, generate, l2sp, mesh, model', 'fields dtype, seed']),
     ('--config.trian.steps=1', ["--config.trian.steps: unknown section 'trian' (did you mean "
                                 "'train'?)"]),
     ('--config.train.stepz=1', ["--config.train.stepz: unknown field 'stepz' in section 'train' "
@@ -362,7 +362,9 @@ def test_name_lists_equal_the_registries():
   assert validate.REMAT_POLICIES == tuple(bert.REMAT_POLICIES)
   assert validate.SCHEDULES == optim.SCHEDULES
   assert validate.MESH_AXES == sharding.MESH_AXES
-  assert set(validate.KNOWN_DATA) == set(data.KNOWN)
+  from peftjax.data.lm_builders import KNOWN_LM
+  assert set(validate.KNOWN_DATA) == set(data.KNOWN) | set(KNOWN_LM)
+  assert validate.PACKINGS == __import__('peftjax.data.lm_pipeline', fromlist=['x']).PACKINGS
 
 
 def test_load_config_file_for_tools(tmp_path):

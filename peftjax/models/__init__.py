@@ -1,4 +1,5 @@
-"""Models: a BERT-family encoder/classifier with an exact HF importer, and small vision nets."""
+"""Models: a BERT-family encoder/classifier with an exact HF importer, a Llama-family causal LM
+(GGUF and HF importers), and small vision nets."""
 from peftjax.models.barrier import grad_barrier
 from peftjax.models.bert import BertClassifier
 from peftjax.models.bert import BertConfig
@@ -12,3 +13,8 @@ from peftjax.models.hf_bert import load_bert
 from peftjax.models.hf_bert import read_config
 from peftjax.models.vision import CNN
 from peftjax.models.vision import MLP
+from peftjax.models.llama import LlamaConfig
+from peftjax.models.llama import LlamaForCausalLM
+from peftjax.models.llama import init_cache
+from peftjax.models.lm_build import build_lm
+from peftjax.models.lm_build import load_lm_tokenizer

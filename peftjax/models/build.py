@@ -17,7 +17,7 @@ from peftjax.models.vision import MLP
 from peftjax.moe.layer import MoeConfig
 from peftjax.moe.upcycle import upcycle_ffn
 
-MODEL_NAMES = ('bert', 'mlp', 'cnn')
+MODEL_NAMES = ('bert', 'mlp', 'cnn', 'llama')  # 'llama': peftjax.models.lm_build (task causal_lm)
 
 
 @dataclasses.dataclass
@@ -132,4 +132,7 @@ def build(model_cfg, *, num_classes: int, pretrained_dir: str | None = None,
     keys = ('image',)
     params, specs = _init_params(module, sample_inputs(keys, image_shape=image_shape), seed)
     return Built(module, params, keys, specs, 'random')
+  if name == 'llama':
+    raise ValueError("model.name='llama' is a causal LM: build it with models.build_lm (config.task="
+                     "'causal_lm')")
   raise ValueError(f'model.name={name!r}; valid: {MODEL_NAMES}')

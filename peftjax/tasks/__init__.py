@@ -10,3 +10,4 @@ from peftjax.tasks.base import get
 from peftjax.tasks.base import names
 from peftjax.tasks.base import register
 from peftjax.tasks import classification  # registers 'classification'
+from peftjax.tasks import causal_lm  # registers 'causal_lm'

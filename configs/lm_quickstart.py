@@ -1,0 +1,41 @@
+"""LM quickstart: LoRA r=8 on q/k/v/o of SmolLM2-135M-Instruct (bundled), Rotten Tomatoes
+reviews as instructions ("positive" / "negative"), scored by exact match of the generated answer
+on the test split before (zero-shot) and after fine-tuning.
+
+  python -m peftjax.main --config=configs/lm_quickstart.py --workdir=/tmp/lm_run
+  python -m peftjax.main --config=configs/lm_quickstart.py:full ...   # full fine-tuning
+  python -m peftjax.main --config=configs/lm_quickstart.py:ia3 ...    # IA3
+"""
+from configs import common
+
+VARIANTS = ('lora', 'full', 'ia3')
+
+
+def get_config(arg=None):
+  method = common.variant(arg, VARIANTS, default='lora')
+  c = common.get_config()
+  c.task = 'causal_lm'
+  c.model.name = 'llama'
+  c.model.pretrained = ''  # the bundled SmolLM2-135M-Instruct
+  c.data.name = 'rt_instructions'
+  c.data.max_length = 128
+  c.data.packing = 'pack'
+  c.peft.method = method
+  c.peft.head = ''  # the output layer is the pretrained (tied) embedding: no new head
+  c.peft.lora.rank = 8
+  c.peft.lora.alpha = 16.0
+  c.peft.lora.targets = r'attn/(q|k|v|o)_proj/kernel$'
+  c.peft.ia3.targets = r'attn/(k_proj|v_proj)$'
+  c.peft.ia3.ffn_targets = r'mlp/down_proj$'
+  c.generate.max_new_tokens = 8
+  c.generate.batch_size = 64
+  c.optim.learning_rate = {'lora': 1e-3, 'full': 2e-5, 'ia3': 3e-3}[method]
+  c.optim.warmup_steps = 10
+  c.optim.weight_decay = 0.0 if method != 'full' else 0.01
+  c.train.steps = 100
+  c.train.batch_size = 8
+  c.train.eval_batch_size = 32
+  c.train.eval_every = 0
+  c.train.checkpoint_every = 50
+  c.train.log_every = 10
+  return c
