@@ -564,33 +564,35 @@ def smollm2():
   from peftjax.data.lm_tokenizer import LMTokenizer
   from peftjax.models.gguf_file import smollm2_gguf
   tok = LMTokenizer.from_gguf(smollm2_gguf())
-  return tok, lm_pipeline.build_lm(_cfg('rt_instructions', max_length=128), tok)
+  return tok, lm_pipeline.build_lm(_cfg('rt_instructions', max_length=160), tok)
 
 
-def test_rt_instructions_with_smollm2_fit_128_tokens(smollm2):
+def test_rt_instructions_with_smollm2_fit_160_tokens_two_per_row(smollm2):
   tok, data = smollm2
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
   assert data.info.splits == {'train': 10202, 'validation': 1275, 'test': 1275}
   # Up to 'Review:' (the space merges with the review's first word).
-  head = tok.encode(f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nReview:')
+  head = tok.encode(f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nIs this movie '
+                    'review positive or negative?\n\nReview:')
   tail = tok.encode('<|im_start|>assistant\n')
   answers = {'positive': tok.encode('positive') + [2], 'negative': tok.encode('negative') + [2]}
   assert [len(v) for v in answers.values()] == [2, 2]  # one word, then <|im_end|>
   for split in ('train', 'validation', 'test'):
     ex = data.examples(split)
     assert len(ex) == data.info.splits[split]  # every review fits: no error, no truncation
-    assert max(len(e) for e in ex) <= 128
+    assert max(len(e) for e in ex) <= 160
     for e in ex[:200]:
       assert e.prompt_ids[:len(head)].tolist() == head
       assert e.prompt_ids[-len(tail):].tolist() == tail
       assert e.completion_ids.tolist() == answers[e.reference]
       assert tok.decode(e.completion_ids, skip_special_tokens=False) == e.reference + '<|im_end|>'
-  # Packing at 128 beats one review per row; the plan equals the measured batches.
+  assert max(data.lengths('train')) == 133 and (data.lengths('train') > 128).sum() == 2
+  # Packing at 160 beats one review per row; the plan equals the measured batches.
   ds = data.train_batches(8, seed=0)
   masks = np.stack([ds[i]['attention_mask'] for i in range(len(data._pack_rows('train', 0)) // 8)])
   assert data.padding_fraction(8, seed=0) == pytest.approx(packing.padding_fraction(masks))
   lengths = data.lengths('train')
-  assert packing.padding_fraction(masks) < 1 - lengths.mean() / 128
+  assert packing.padding_fraction(masks) < 0.05 < 1 - lengths.mean() / 160
   batch = ds[0]
-  assert batch['input_ids'].shape == (8, 128)
+  assert batch['input_ids'].shape == (8, 160)
   assert batch['loss_mask'].sum() == 2 * batch['attention_mask'].max(-1).sum()

