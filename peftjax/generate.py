@@ -95,18 +95,6 @@ def check_flags(*, prompt, input_path, output_path, workdir, model, max_new_toke
     raise GenerateError(f'--{e}') from None
 
 
-def _check_messages(messages, where: str):
-  if not isinstance(messages, list) or not messages:
-    raise GenerateError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} '
-                        f'objects, got {messages!r:.60}')
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict) or not isinstance(m.get('role'), str) or not m['role']:
-      raise GenerateError(f'{where}: messages[{i}] has no "role"; valid: {{"role": "user", '
-                          '"content": "..."}}')
-    if not isinstance(m.get('content'), str):
-      raise GenerateError(f'{where}: messages[{i}] ({m["role"]}) has no string "content"')
-
-
 def read_requests(path: str) -> list[dict]:
   """Every record of a JSONL input, validated: ``[{'line', 'prompt' | 'messages', 'id'?}]``.
 
@@ -144,8 +132,11 @@ def read_requests(path: str) -> list[dict]:
       if 'messages' in rec and 'prompt' in rec:
         raise GenerateError(f'{where}: the record has both "prompt" and "messages"; give one')
       if 'messages' in rec:
-        _check_messages(rec['messages'], where)
-        item['messages'] = rec['messages']
+        from peftjax.data import lm_tokenizer  # pylint: disable=g-import-not-at-top
+        try:
+          item['messages'] = lm_tokenizer.check_messages(rec['messages'], source='"messages"')
+        except lm_tokenizer.TokenizerError as e:
+          raise GenerateError(f'{where}: {e}') from None
       elif 'prompt' in rec:
         if not isinstance(rec['prompt'], str) or not rec['prompt'].strip():
           raise GenerateError(f'{where}: "prompt" must be non-empty text, got '
@@ -197,106 +188,36 @@ def resolve_model(model: str) -> pathlib.Path:
 
 def open_model(path: pathlib.Path):
   """``(LlamaConfig, tokenizer, load_params)`` of a GGUF file or HF directory, reading only the
-  metadata and the tokenizer: ``load_params()`` reads the weights (after the input is checked).
+  header / ``config.json`` and the tokenizer (each checked, and the vocabulary against the
+  embedding); ``load_params()`` reads the weights, after the input has been checked.
+
+  >>> cfg, tokenizer, load_params = open_model(gguf_file.smollm2_gguf())  # doctest: +SKIP
   """
-  # TODO(integration): GGUF through H1's peftjax.models.gguf_file and both tokenizers through
-  # peftjax.data.lm_tokenizer.LMTokenizer; the HF directory through the shared loader of
-  # deliverable 2(b) once it exists (the interim reader below).
-  if path.is_dir():
-    return _open_hf_dir(path)
-  raise GenerateError(f'--model={str(path)!r}: GGUF loading is not wired yet (it lands with '
-                      'peftjax.models.gguf_file); pass a Hugging Face directory')
-
-
-_HF_TYPES = ('llama', 'mistral', 'qwen2')
-
-
-def _open_hf_dir(directory: pathlib.Path):
-  """Interim HF-directory reader: config.json, tokenizer.json (+ tokenizer_config.json),
-  model.safetensors or shards listed in model.safetensors.index.json."""
+  from peftjax.data.lm_tokenizer import LMTokenizer  # pylint: disable=g-import-not-at-top
+  from peftjax.models import gguf_file  # pylint: disable=g-import-not-at-top
+  from peftjax.models import hf_llama  # pylint: disable=g-import-not-at-top
+  from peftjax.models import llama_convert  # pylint: disable=g-import-not-at-top
   from peftjax.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top
-  where = f'--model={str(directory)!r}'
-  for name in ('config.json', 'tokenizer.json'):
-    if not (directory / name).is_file():
-      raise GenerateError(f'{where} has no {name}; valid: a Hugging Face directory with '
-                          'config.json, model.safetensors and tokenizer.json')
-  try:
-    hf = json.loads((directory / 'config.json').read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise GenerateError(f'{where}: config.json is not valid JSON ({e})') from None
-  kind = hf.get('model_type')
-  if kind not in _HF_TYPES:
-    raise GenerateError(f'{where}: model_type {kind!r} is not supported; supported: '
-                        f'{", ".join(_HF_TYPES)}')
-  cfg = LlamaConfig.from_hf(hf)
-  index = directory / 'model.safetensors.index.json'
-  if (directory / 'model.safetensors').is_file():
-    shards = [directory / 'model.safetensors']
-  elif index.is_file():
-    names = sorted(set(json.loads(index.read_text())['weight_map'].values()))
-    shards = [directory / n for n in names]
+  if path.is_dir():
+    hf = hf_llama.read_hf_config(path)
+    tokenizer = LMTokenizer.from_hf_dir(path)
+    read_state = lambda: hf_llama.load_hf_dir(path)[1]
   else:
-    raise GenerateError(f'{where} has no model.safetensors (nor model.safetensors.index.json)')
-  tokenizer = _Tokenizer.from_dir(directory)
+    header = gguf_file.read_header(path)
+    hf = gguf_file.hf_config(header)
+    gguf_file.check_tensors(header, hf)
+    tokenizer = LMTokenizer.from_gguf_metadata(gguf_file.tokenizer_metadata(header),
+                                               source=str(path))
+    read_state = lambda: gguf_file.read_state(header, hf)
+  try:
+    cfg = LlamaConfig.from_hf(hf)
+  except (ValueError, TypeError) as e:
+    raise GenerateError(f'--model={str(path)!r}: {" ".join(str(e).split())}') from None
+  tokenizer.check_vocab(cfg.vocab_size, field='--model')
 
   def load_params():
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    from peftjax.models import llama_convert  # pylint: disable=g-import-not-at-top
-    state = {}
-    for shard in shards:
-      state.update({k: np.asarray(v, np.float32) for k, v in load_file(str(shard)).items()})
-    return llama_convert.params_from_hf(cfg, state, source=str(directory))
+    return llama_convert.params_from_hf(cfg, read_state(), source=str(path))
   return cfg, tokenizer, load_params
-
-
-class _Tokenizer:
-  """Interim text <-> ids for a HF directory (``tokenizers`` + the jinja2 chat template, as
-  transformers renders it); to be replaced by peftjax.data.lm_tokenizer.LMTokenizer."""
-
-  def __init__(self, tok, *, chat_template=None, bos_token=None, eos_token=None,
-               pad_token=None):
-    self.tok = tok
-    self.chat_template = chat_template
-    self.bos_token, self.eos_token = bos_token, eos_token
-    self.eos_id = tok.token_to_id(eos_token) if eos_token else None
-    self.pad_id = tok.token_to_id(pad_token) if pad_token else None
-
-  @classmethod
-  def from_dir(cls, directory: pathlib.Path) -> '_Tokenizer':
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    tok = tokenizers.Tokenizer.from_file(str(directory / 'tokenizer.json'))
-    conf_path = directory / 'tokenizer_config.json'
-    conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
-
-    def token(name):
-      t = conf.get(name)
-      return t.get('content') if isinstance(t, dict) else t
-    return cls(tok, chat_template=conf.get('chat_template'), bos_token=token('bos_token'),
-               eos_token=token('eos_token'), pad_token=token('pad_token'))
-
-  def token_to_id(self, token: str):
-    return self.tok.token_to_id(token)
-
-  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-    return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-  def decode(self, ids) -> str:
-    return self.tok.decode(list(ids), skip_special_tokens=True)
-
-  def render_chat(self, messages) -> str:
-    import jinja2.sandbox  # pylint: disable=g-import-not-at-top
-
-    def fail(message):
-      raise GenerateError(f'the chat template refused the messages: {message}')
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=['jinja2.ext.loopcontrols'])
-    env.filters['tojson'] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
-                                                              indent=indent)
-    env.globals['raise_exception'] = fail
-    return env.from_string(self.chat_template).render(
-        messages=messages, add_generation_prompt=True, bos_token=self.bos_token or '',
-        eos_token=self.eos_token or '')
 
 
 def special_ids(tokenizer) -> tuple[tuple, int]:
@@ -333,10 +254,8 @@ def load(model: str = '', workdir: str = ''):
 
 
 def _load_run(workdir: str):
-  """A trained run's model with its method applied (see :func:`peftjax.run.restore_trained`)."""
-  # TODO(lead): needs the causal-LM task (model.name for the Llama LM, its base source and
-  # tokenizer on the setup). Assumed here: setup.built.module is a LlamaForCausalLM and
-  # setup.built.source the GGUF file / HF directory it was loaded from.
+  """A trained run's model with its method applied (see :func:`peftjax.run.restore_trained`):
+  its config from ``summary.json``, its tokenizer from the causal-LM task."""
   import functools  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from peftjax import generation  # pylint: disable=g-import-not-at-top
@@ -351,13 +270,16 @@ def _load_run(workdir: str):
                         'it first: python -m peftjax.main --config=... --workdir=...')
   config = ml_collections.ConfigDict(validate.upgrade(
       json.loads(summary.read_text())['config']))
+  if config.get('task') != 'causal_lm':
+    raise GenerateError(f'--workdir={workdir!r} is a {config.get("task")!r} run; '
+                        'peftjax.generate needs a causal_lm run')
   setup, params = run_lib.restore_trained(config, workdir)
   module = setup.built.module
-  if not isinstance(module, LlamaForCausalLM):
+  tokenizer = getattr(setup.task, 'tokenizer', None)
+  if not isinstance(module, LlamaForCausalLM) or tokenizer is None:
     raise GenerateError(f'--workdir={workdir!r} trained a {type(module).__name__}, not a '
-                        'causal LM; peftjax.generate needs a language-model run')
+                        'causal LM with a tokenizer; peftjax.generate needs a causal_lm run')
   cfg = module.cfg
-  _, tokenizer, _ = open_model(resolve_model(str(setup.built.source)))
   stops, pad = special_ids(tokenizer)
 
   def build() -> Loaded:
@@ -384,19 +306,22 @@ def encode_requests(requests: list[dict], tokenizer, *, chat: bool, max_new_toke
                     max_positions: int, where: str = '--input') -> list[list[int]]:
   """The prompt ids of every request; a record that would run past the model's positions (or
   a messages record without ``chat``) is refused naming its line."""
+  from peftjax.data.lm_tokenizer import TokenizerError  # pylint: disable=g-import-not-at-top
   out = []
   for r in requests:
     at = f'{where}:{r["line"]}' if where != '--prompt' else '--prompt'
-    if 'messages' in r:
-      if not chat:
-        raise GenerateError(f'{at}: a "messages" record needs the chat template, but --nochat '
-                            'is given (or the model has none); valid: {"prompt": "..."}')
-      ids = tokenizer.encode(tokenizer.render_chat(r['messages']), add_special_tokens=False)
-    elif chat:
-      ids = tokenizer.encode(tokenizer.render_chat([{'role': 'user', 'content': r['prompt']}]),
-                             add_special_tokens=False)
-    else:
-      ids = tokenizer.encode(r['prompt'])
+    if 'messages' in r and not chat:
+      raise GenerateError(f'{at}: a "messages" record needs the chat template, but --nochat '
+                          'is given (or the model has none); valid: {"prompt": "..."}')
+    try:
+      if chat:
+        messages = r.get('messages') or [{'role': 'user', 'content': r['prompt']}]
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages,
+                                                             add_generation_prompt=True))
+      else:
+        ids = tokenizer.encode(r['prompt'], add_special_tokens=True)  # BOS if the model wants it
+    except TokenizerError as e:
+      raise GenerateError(f'{at}: {e}') from None
     if not ids:
       raise GenerateError(f'{at}: the prompt has no tokens; valid: some text')
     if len(ids) + max_new_tokens > max_positions:
@@ -463,7 +388,7 @@ def stream_prompt(lm: Loaded, prompt: list[int], *, max_new_tokens: int, samplin
     # A byte-level BPE token can end inside a UTF-8 character: wait for the rest of it.
     if text.endswith('\ufffd'):
       continue
-    out.write(text[len(shown):] if text.startswith(shown) else text[len(shown):])
+    out.write(text[len(shown):])  # decoding is prefix-stable for these tokenizers
     out.flush()
     shown = text
   text = lm.tokenizer.decode(toks)

@@ -18,3 +18,7 @@ from peftjax.models.llama import LlamaForCausalLM
 from peftjax.models.llama import init_cache
 from peftjax.models.lm_build import build_lm
 from peftjax.models.lm_build import load_lm_tokenizer
+from peftjax.models.gguf_file import load_gguf
+from peftjax.models.gguf_file import smollm2_gguf
+from peftjax.models.hf_llama import export_hf_dir
+from peftjax.models.hf_llama import load_hf_dir
