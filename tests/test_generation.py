@@ -474,6 +474,63 @@ def test_cli_bad_input_one_line_nothing_written(hf_dir, tmp_path):
       cli_lib.run(**kwargs)
 
 
+def test_shared_prefix_prefill_equals_whole_prompts():
+  """Rows sharing a 21-token prefix: the prefix runs once (16 tokens, a multiple of 8 leaving
+  each row a token of its own) and the result equals prefilling every whole prompt, greedy and
+  sampled, for the Llama LM (logits_at) and a model without logits_at, and through a method."""
+  from configs import common
+  from peftjax import peft
+  from peftjax.models.llama import init_cache
+  cfg, module, params = _tiny_llama()
+  head = [7, 3, 11, 5, 2, 9, 13, 4, 8, 1, 6, 12, 10, 14, 15, 16, 17, 18, 19, 20, 21]
+  prompts = [head + [30, 31, 32], head + [40], head + [50, 51, 52, 53, 54, 55, 56, 57, 58]]
+  ids, lengths = padded(prompts)
+  assert generation.shared_prefix(ids, lengths) == 16
+  assert generation.shared_prefix(ids[:1], lengths[:1]) == 0
+  assert generation.shared_prefix(ids[:, :4], np.minimum(lengths, 4)) == 0  # under 16
+  make = functools.partial(init_cache, cfg)
+  assert generation.cache_batch_axes(make, 32) == (1, 1)
+  c = common.get_config()
+  c.peft.lora.targets = r'attn/(q|v)_proj/kernel$'
+  c.peft.head = ''
+  method = peft.build(c.peft)
+  lora = method.init(jax.random.key(1), module, params, {'input_ids': jnp.asarray(ids)})
+  lora = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), lora)
+  steps = [generation.model_step(module, params),
+           generation.method_step(module, method, params, lora)]
+  for step in steps:
+    for sampling in (generation.GREEDY, SamplingConfig(temperature=0.8, top_k=20)):
+      kw = dict(max_new_tokens=6, sampling=sampling, rng=3)
+      shared = generation.generate(step, make, ids, lengths, **kw)
+      whole = generation.generate(step, make, ids, lengths, share_prefix=False, **kw)
+      np.testing.assert_array_equal(shared.ids, whole.ids)
+      np.testing.assert_array_equal(shared.lengths, whole.lengths)
+  greedy = generation.generate(steps[0], make, ids, lengths, max_new_tokens=6)
+  for i, prompt in enumerate(prompts):
+    assert greedy.ids[i].tolist() == greedy_reference(module, params, prompt, 6), i
+  # A model without logits_at (TinyLM, batch axis 0 of its cache) shares the prefix too.
+  tiny = TinyLM()
+  tiny_params = tiny.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  small = [[p % VOCAB for p in q] for q in prompts]
+  got = run((tiny, tiny_params), small, n=6)
+  for i, prompt in enumerate(small):
+    assert got.ids[i].tolist() == greedy_reference(tiny, tiny_params, prompt, 6), i
+
+
+def test_logits_at_equals_the_full_logits_gathered():
+  from peftjax.models.llama import init_cache
+  cfg, module, params = _tiny_llama()
+  ids = jnp.asarray([[5, 9, 13, 2, 40, 7], [33, 1, 2, 3, 4, 5]], jnp.int32)
+  full = module.apply({'params': params}, ids)
+  at = jnp.asarray([[5, 0], [2, 2]], jnp.int32)
+  some = module.apply({'params': params}, ids, logits_at=at)
+  assert some.shape == (2, 2, cfg.vocab_size)
+  np.testing.assert_allclose(some, jnp.take_along_axis(full, at[..., None], axis=1), atol=1e-5)
+  logits, _ = module.apply({'params': params}, ids, cache=init_cache(cfg, 2, 8),
+                           logits_at=at[:, :1])
+  np.testing.assert_allclose(logits[:, 0], full[jnp.arange(2), at[:, 0]], atol=1e-5)
+
+
 def test_cli_gguf_loader_greedy_matches_transformers_fixture():
   """The CLI's GGUF loader (open_model): greedy decoding of the bundled SmolLM2 (a batch of two
   prompts of 17 and 42 tokens) is

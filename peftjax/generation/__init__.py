@@ -9,11 +9,13 @@ from peftjax.generation.decode import COMPILES
 from peftjax.generation.decode import Generation
 from peftjax.generation.decode import GenerationError
 from peftjax.generation.decode import batch_bucket
+from peftjax.generation.decode import cache_batch_axes
 from peftjax.generation.decode import compile_count
 from peftjax.generation.decode import generate
 from peftjax.generation.decode import length_bucket
 from peftjax.generation.decode import method_step
 from peftjax.generation.decode import model_step
+from peftjax.generation.decode import shared_prefix
 from peftjax.generation.decode import stream
 from peftjax.generation.sampling import GREEDY
 from peftjax.generation.sampling import SamplingConfig

@@ -2,17 +2,21 @@
 
 The model is seen through a *step function*::
 
-  step_fn(input_ids (B, T), positions (B, T), cache) -> (logits (B, T, vocab), cache)
+  step_fn(input_ids (B, T), positions (B, T), cache, logits_at=None)
+      -> (logits (B, T, vocab), cache)      # (B, K, vocab) at the indices logits_at (B, K)
 
 with the cache contract of :mod:`peftjax.models.llama`: prompts are RIGHT-padded with per-row
 lengths, ``positions`` are also the cache slots written, and a query at position ``p`` attends
 slots ``0..p`` of its row. Anything that honours it plugs in: a plain model (:func:`model_step`),
-a model run through a PEFT method (:func:`method_step`), a multi-adapter server. Pass a
-``jax.tree_util.Partial`` (as those helpers return) so the weights are arguments of the compiled
+a model run through a PEFT method (:func:`method_step`), a multi-adapter server. A step function without ``logits_at`` is wrapped (its full logits
+are gathered). Pass a ``jax.tree_util.Partial`` (as those helpers return) so the weights are arguments of the compiled
 program rather than constants baked into it; a plain function is wrapped (no weights).
 
 Prefill runs the padded prompts ``(B, P)`` at positions ``0..P-1``; row ``b``'s first new token
-is drawn from the logits at ``prompt_lengths[b] - 1``. Decode step ``t`` feeds row ``b``'s token
+is drawn from the logits at ``prompt_lengths[b] - 1`` (the only position whose logits are
+computed). When the rows share a prefix (a system prompt, an instruction template: 46 tokens
+of the Rotten Tomatoes prompts), it is run once at batch 1, its cache copied to every row, and
+only the rest of each prompt runs at batch B (see :func:`shared_prefix`). Decode step ``t`` feeds row ``b``'s token
 ``t - 1`` at position ``prompt_lengths[b] + t - 1`` inside a ``lax.while_loop`` that exits when
 every row has stopped. A row stops at a stop token (which is kept: see :class:`Generation`),
 and every later slot holds ``pad_id``.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -80,17 +85,41 @@ def compile_count(name: str = 'generate') -> int:
 
 def length_bucket(n: int, *, minimum: int = 8, step: int = 256) -> int:
   """The padded prompt length for a longest prompt of ``n`` tokens: the next power of two (at
-  least ``minimum``) up to ``step``, then the next multiple of ``step``.
+  least ``minimum``) up to 64, the next multiple of 32 up to ``step``, then the next multiple
+  of ``step``. (Prefill is compute-bound: a 70-token batch padded to 128 would cost 1.8x.)
 
-  >>> [length_bucket(n) for n in (1, 9, 200, 300)]
-  [8, 16, 256, 512]
+  >>> [length_bucket(n) for n in (1, 9, 70, 200, 300)]
+  [8, 16, 96, 224, 512]
   """
   if n > step:
     return -(-n // step) * step
+  if n > 64:
+    return -(-n // 32) * 32
   b = max(minimum, 1)
   while b < n:
     b *= 2
   return b
+
+
+# A shared prefix shorter than this is not worth a second prefill call.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix(ids: np.ndarray, lengths: np.ndarray) -> int:
+  """How many leading tokens every row of ``ids`` shares and prefill runs once: the common
+  prefix, leaving each row at least one token of its own (its first new token is drawn from
+  its last prompt position), rounded down to a multiple of 8 (one program per rounded length);
+  0 below :data:`MIN_SHARED_PREFIX` or for one row.
+
+  >>> shared_prefix(np.array([[1] * 20 + [2], [1] * 20 + [3]]), np.array([21, 21]))
+  16
+  """
+  if ids.shape[0] < 2:
+    return 0
+  same = np.all(ids == ids[:1], axis=0)
+  common = ids.shape[1] if same.all() else int(np.argmin(same))
+  common = min(common, int(lengths.min()) - 1) // 8 * 8
+  return common if common >= MIN_SHARED_PREFIX else 0
 
 
 def batch_bucket(n: int) -> int:
@@ -108,13 +137,32 @@ def batch_bucket(n: int) -> int:
 # ---------------------------------------------------------------------------- step functions
 
 
+def _takes_logits_at(module) -> bool:
+  """Whether the model computes logits at chosen positions only (``logits_at``, as the Llama
+  LM does); other models' full logits are gathered."""
+  try:
+    return 'logits_at' in inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _gather(out, logits_at):
+  logits, cache = out
+  if logits_at is not None:
+    logits = jnp.take_along_axis(logits, logits_at[..., None], axis=1)
+  return logits, cache
+
+
 @dataclasses.dataclass(frozen=True)
 class _ApplyStep:
   """``module.apply`` as a step (hashable by the module's value: one program per model)."""
   module: Any
 
-  def __call__(self, params, input_ids, positions, cache):
-    return self.module.apply({'params': params}, input_ids, positions=positions, cache=cache)
+  def __call__(self, params, input_ids, positions, cache, logits_at=None):
+    at = {'logits_at': logits_at} if _takes_logits_at(self.module) else {}
+    out = self.module.apply({'params': params}, input_ids, positions=positions, cache=cache,
+                            **at)
+    return out if at else _gather(out, logits_at)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +171,13 @@ class _MethodStep:
   module: Any
   method: Any
 
-  def __call__(self, base, peft_params, input_ids, positions, cache):
+  def __call__(self, base, peft_params, input_ids, positions, cache, logits_at=None):
     from peftjax import peft  # pylint: disable=g-import-not-at-top  (generation is below peft)
-    return peft.apply(self.module, self.method, base, peft_params,
-                      {'input_ids': input_ids, 'positions': positions, 'cache': cache})
+    inputs = {'input_ids': input_ids, 'positions': positions, 'cache': cache}
+    if _takes_logits_at(self.module):
+      return peft.apply(self.module, self.method, base, peft_params,
+                        {**inputs, 'logits_at': logits_at})
+    return _gather(peft.apply(self.module, self.method, base, peft_params, inputs), logits_at)
 
 
 def model_step(module, params) -> jax.tree_util.Partial:
@@ -146,13 +197,22 @@ def method_step(module, method, base_params, peft_params) -> jax.tree_util.Parti
   return jax.tree_util.Partial(_MethodStep(module, method), base_params, peft_params)
 
 
+def _gathering(step, input_ids, positions, cache, logits_at=None):
+  """A step without ``logits_at``: its full logits, gathered at ``logits_at``."""
+  return _gather(step(input_ids, positions, cache), logits_at)
+
+
 def _as_step(step_fn) -> jax.tree_util.Partial:
-  if isinstance(step_fn, jax.tree_util.Partial):
+  if isinstance(step_fn, jax.tree_util.Partial) and isinstance(step_fn.func,
+                                                                (_ApplyStep, _MethodStep)):
     return step_fn
   if not callable(step_fn):
     raise GenerationError(f'step_fn={step_fn!r} is not callable; valid: a function '
                           '(input_ids, positions, cache) -> (logits, cache)')
-  return jax.tree_util.Partial(step_fn)
+  if not isinstance(step_fn, jax.tree_util.Partial):
+    step_fn = jax.tree_util.Partial(step_fn)
+  # The wrapped Partial is an argument (a pytree), so its weights stay inputs of the program.
+  return jax.tree_util.Partial(_gathering, step_fn)
 
 
 # ---------------------------------------------------------------------------- the programs
@@ -164,14 +224,40 @@ def _is_stop(tok, stop_ids: tuple):
   return jnp.isin(tok, jnp.asarray(stop_ids, tok.dtype))
 
 
-def _prefill(step, ids, lengths, cache, rng, sampling):
-  """One call on the padded prompts; the first new token of each row (from its last prompt
-  position) and the filled cache."""
+def _prefill(step, ids, lengths, cache, rng, sampling, prefix: int = 0,
+             batch_axes: tuple = ()):
+  """The padded prompts through the model; the first new token of each row (from its last
+  prompt position) and the filled cache. With ``prefix``, the first ``prefix`` tokens (the same
+  in every row) run once at batch 1 and their cache is copied along each leaf's batch axis
+  (``batch_axes``, in leaf order)."""
   b, p = ids.shape
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  logits, cache = step(ids, positions, cache)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  return sample(last, jax.random.fold_in(rng, 0), sampling), cache
+  if prefix:
+    leaves, tree = jax.tree.flatten(cache)
+    one = [jax.lax.slice_in_dim(x, 0, 1, axis=ax) for x, ax in zip(leaves, batch_axes)]
+    _, one = step(ids[:1, :prefix], jnp.arange(prefix, dtype=jnp.int32)[None],
+                  jax.tree.unflatten(tree, one), logits_at=jnp.zeros((1, 1), jnp.int32))
+    cache = jax.tree.unflatten(tree, [jnp.repeat(x, b, axis=ax) for x, ax in
+                                      zip(jax.tree.leaves(one), batch_axes)])
+  positions = jnp.broadcast_to(jnp.arange(prefix, p, dtype=jnp.int32), (b, p - prefix))
+  # Filler rows (length 1 < prefix) are never read: clip their index into range.
+  at = jnp.maximum(lengths - 1 - prefix, 0)[:, None]
+  logits, cache = step(ids[:, prefix:], positions, cache, logits_at=at)
+  return sample(logits[:, 0], jax.random.fold_in(rng, 0), sampling), cache
+
+
+def cache_batch_axes(cache: Callable[[int, int], Any], max_len: int) -> tuple:
+  """The batch axis of every leaf of the caches ``cache(batch, max_len)`` makes (leaf order):
+  the axis whose size follows the batch, found from abstract shapes (nothing allocated)."""
+  one = jax.tree.leaves(jax.eval_shape(lambda: cache(1, max_len)))
+  two = jax.tree.leaves(jax.eval_shape(lambda: cache(2, max_len)))
+  axes = []
+  for a, b in zip(one, two):
+    diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+    if len(diff) != 1:
+      raise GenerationError(f'the cache leaf of shape {a.shape} at batch 1 is {b.shape} at batch '
+                            '2; valid: a cache whose leaves each have one batch axis')
+    axes.append(diff[0])
+  return tuple(axes)
 
 
 def _decode(step, tok, pos, cache, rng, t, sampling):
@@ -180,14 +266,16 @@ def _decode(step, tok, pos, cache, rng, t, sampling):
   return sample(logits[:, 0], jax.random.fold_in(rng, t), sampling), cache
 
 
-@functools.partial(jax.jit, static_argnames=('max_new_tokens', 'sampling', 'stop_ids', 'pad_id'),
+@functools.partial(jax.jit, static_argnames=('max_new_tokens', 'sampling', 'stop_ids', 'pad_id',
+                                             'prefix', 'batch_axes'),
                    donate_argnames=('cache',))
 def _generate_program(step, ids, lengths, live, cache, rng, *, max_new_tokens: int,
-                      sampling: SamplingConfig, stop_ids: tuple, pad_id: int):
+                      sampling: SamplingConfig, stop_ids: tuple, pad_id: int, prefix: int = 0,
+                      batch_axes: tuple = ()):
   COMPILES['generate'] += 1  # runs at trace time only
   b = ids.shape[0]
   pad = jnp.int32(pad_id)
-  tok, cache = _prefill(step, ids, lengths, cache, rng, sampling)
+  tok, cache = _prefill(step, ids, lengths, cache, rng, sampling, prefix, batch_axes)
   tok = jnp.where(live, tok, pad)
   out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
   count = live.astype(jnp.int32)
@@ -285,14 +373,15 @@ def _check_positions(lengths, max_new_tokens, max_positions):
 def generate(step_fn, cache: Callable[[int, int], Any], prompt_ids, prompt_lengths, *,
              max_new_tokens: int, sampling: SamplingConfig = GREEDY,
              stop_ids: Sequence[int] = (), rng=None, pad_id: int = 0,
-             max_positions: int | None = None) -> Generation:
+             max_positions: int | None = None, share_prefix: bool = True) -> Generation:
   """Up to ``max_new_tokens`` new tokens for each right-padded prompt row.
 
   ``cache(batch, max_len)`` makes an empty cache (e.g. ``functools.partial(llama.init_cache,
   cfg)``): it is called with the bucketed batch and ``bucketed prompt length +
   max_new_tokens``. ``rng`` is a key (or an int seed; unused when greedy). ``max_positions``
-  (optional) refuses prompts that would run past the model's positions. Returns a
-  :class:`Generation` of numpy arrays.
+  (optional) refuses prompts that would run past the model's positions. ``share_prefix``
+  runs the rows' common prefix once (:func:`shared_prefix`; the tokens are the same either
+  way, up to float rounding). Returns a :class:`Generation` of numpy arrays.
 
   >>> ids, lengths = generate(step, make_cache, [[5, 6, 7], [8, 0, 0]], [3, 1],
   ...                         max_new_tokens=16, stop_ids=(2,))  # doctest: +SKIP
@@ -305,16 +394,18 @@ def generate(step_fn, cache: Callable[[int, int], Any], prompt_ids, prompt_lengt
   ids, lengths = _check_prompts(prompt_ids, prompt_lengths)
   _check_positions(lengths, n_new, max_positions)
   rows, width = ids.shape
-  b, p = batch_bucket(rows), length_bucket(int(lengths.max()))
+  prefix = shared_prefix(ids, lengths) if share_prefix else 0
+  b, p = batch_bucket(rows), prefix + length_bucket(int(lengths.max()) - prefix)
   padded = np.full((b, p), pad, np.int32)
   width = min(width, p)
   padded[:rows, :width] = ids[:, :width]
   lens = np.ones((b,), np.int32)  # filler rows: one pad token, marked done from the start
   lens[:rows] = lengths
   live = np.arange(b) < rows
+  axes = cache_batch_axes(cache, p + n_new) if prefix else ()
   out, count, _ = _generate_program(_as_step(step_fn), padded, lens, live, cache(b, p + n_new),
-                                 _key(rng), max_new_tokens=n_new, sampling=sampling,
-                                 stop_ids=stops, pad_id=pad)
+                                    _key(rng), max_new_tokens=n_new, sampling=sampling,
+                                    stop_ids=stops, pad_id=pad, prefix=prefix, batch_axes=axes)
   return Generation(np.asarray(out)[:rows], np.asarray(count)[:rows])
 
 
@@ -360,4 +451,5 @@ def stream(step_fn, cache: Callable[[int, int], Any], prompt_ids: Sequence[int],
 
 
 __all__ = ['Generation', 'GenerationError', 'generate', 'stream', 'model_step', 'method_step',
-           'compile_count', 'length_bucket', 'batch_bucket', 'COMPILES']
+           'compile_count', 'length_bucket', 'batch_bucket', 'shared_prefix', 'cache_batch_axes',
+           'COMPILES']
