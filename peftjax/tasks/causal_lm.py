@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.errors import ConfigError
 from peftjax.tasks.base import register
 
 _TRAILING = string.punctuation + ' \t\n\r'
@@ -105,6 +106,7 @@ class CausalLM:
                                 dtype=config.get('dtype', 'float32'))
     if self.tokenizer is None:
       self.tokenizer = tokenizer
+    check_positions(config, data, built.module.cfg.max_position)
     return built
 
   def sample_inputs(self, built, data):
@@ -163,6 +165,44 @@ class CausalLM:
   def progress(self, logged: dict) -> dict:
     """The progress bar's fields from the logged train metrics."""
     return {'loss': f"{logged['loss']:.4f}", 'tok_acc': f"{logged['token_accuracy']:.3f}"}
+
+
+def check_positions(config, data, max_position: int) -> None:
+  """A ConfigError unless every row and every generation fits the model's ``max_position``.
+
+  Checked when the model is built, before any compute: past its positions a model trains
+  silently on positions it never learned, and generation refuses only in the first evaluation
+  (after the workdir was written). Generation gets ``min(generate.max_new_tokens, longest
+  completion + 2)`` new tokens per prompt (``peftjax.run.generation_eval``).
+
+  >>> check_positions(config, data, 64)  # doctest: +SKIP
+  ConfigError: config.data.max_length=128 is invalid: the model has 64 positions ...
+  """
+  pretrained = config.model.pretrained
+  where = ('config.model.llama.max_position' if pretrained == 'random' else
+           f'max_position_embeddings of {pretrained!r}' if pretrained else
+           "the bundled SmolLM2's max_position_embeddings")
+  length = data.info.max_length
+  if length > max_position:
+    raise ConfigError(f'config.data.max_length={length} is invalid: the model has {max_position} '
+                      f'positions ({where}); valid: data.max_length <= {max_position}')
+  g = config.get('generate')
+  if g is None or not data.info.exact_match:
+    return
+  for split in dict.fromkeys(s for s in (config.data.eval_split, config.data.test_split) if s):
+    examples = data.examples(split)
+    if not examples:
+      continue
+    new = min(g.max_new_tokens, data.max_completion_length(split) + 2)
+    i = max(range(len(examples)), key=lambda k: len(examples[k].prompt_ids))
+    prompt = len(examples[i].prompt_ids)
+    if prompt + new > max_position:
+      raise ConfigError(
+          f'the prompt of {data.info.name}/{split}[{i}] ({prompt} tokens) + {new} generated '
+          f'tokens (generate.max_new_tokens={g.max_new_tokens}) is {prompt + new} tokens; the '
+          f'model has {max_position} positions ({where}); valid: prompt tokens + new tokens <= '
+          f'{max_position} (lower generate.max_new_tokens, or data.max_length to '
+          f"{max_position - new} with data.truncation='left')")
 
 
 def _load_tokenizer(config):
