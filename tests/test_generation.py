@@ -475,7 +475,7 @@ def test_cli_bad_input_one_line_nothing_written(hf_dir, tmp_path):
 
 
 def test_shared_prefix_prefill_equals_whole_prompts():
-  """Rows sharing a 21-token prefix: the prefix runs once (16 tokens, a multiple of 8 leaving
+  """Rows sharing a 21-token prefix: the prefix runs once (20 tokens, a multiple of 4 leaving
   each row a token of its own) and the result equals prefilling every whole prompt, greedy and
   sampled, for the Llama LM (logits_at) and a model without logits_at, and through a method."""
   from configs import common
@@ -485,7 +485,7 @@ def test_shared_prefix_prefill_equals_whole_prompts():
   head = [7, 3, 11, 5, 2, 9, 13, 4, 8, 1, 6, 12, 10, 14, 15, 16, 17, 18, 19, 20, 21]
   prompts = [head + [30, 31, 32], head + [40], head + [50, 51, 52, 53, 54, 55, 56, 57, 58]]
   ids, lengths = padded(prompts)
-  assert generation.shared_prefix(ids, lengths) == 16
+  assert generation.shared_prefix(ids, lengths) == 20
   assert generation.shared_prefix(ids[:1], lengths[:1]) == 0
   assert generation.shared_prefix(ids[:, :4], np.minimum(lengths, 4)) == 0  # under 16
   make = functools.partial(init_cache, cfg)

@@ -365,8 +365,11 @@ class LMData:
     return grain.MapDataset.range(len(plan)).map(make)
 
   def eval_prompts(self, split: str, batch_size: int, *, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.MapDataset:
-    """Prompts of ``split`` for generation, in stored order, ``batch_size`` per batch.
+                   process_count: int | None = None, by_length: bool = False,
+                   limit: int = -1) -> grain.MapDataset:
+    """Prompts of ``split`` for generation (the first ``limit`` in stored order; -1: all), in
+    that order or, with ``by_length``, shortest first (a batch then pads little, and prefill is
+    compute-bound), ``batch_size`` per batch.
 
     Each batch: int32 ``prompt_ids`` (B, P) right-padded with ``pad_id`` (P = the split's
     longest prompt rounded up to a multiple of 8: one shape per split), int32 ``prompt_lengths``
@@ -387,8 +390,12 @@ class LMData:
     longest = max(len(e.prompt_ids) for e in ex)
     width = -(-longest // _PROMPT_MULTIPLE) * _PROMPT_MULTIPLE
 
+    n = len(ex) if limit < 0 else min(limit, len(ex))
+    order = (np.argsort([len(e.prompt_ids) for e in ex[:n]], kind='stable') if by_length
+             else np.arange(n))
+
     def make(indices):
-      indices, weight = _pad_to([int(i) for i in indices], batch_size)
+      indices, weight = _pad_to([int(order[int(i)]) for i in indices], batch_size)
       ids = np.full((batch_size, width), self.pad_id, np.int32)
       lengths = np.zeros(batch_size, np.int32)
       for r, i in enumerate(indices):
@@ -397,7 +404,7 @@ class LMData:
       return _host_rows({'prompt_ids': ids, 'prompt_lengths': lengths, 'weight': weight,
                          'references': [ex[i].reference for i in indices]}, *hosts)
 
-    return grain.MapDataset.range(len(ex)).batch(batch_size).map(make)
+    return grain.MapDataset.range(n).batch(batch_size).map(make)
 
   def max_completion_length(self, split: str) -> int:
     """The longest completion of ``split`` in tokens (end-of-turn included): a bound for

@@ -14,11 +14,11 @@ program rather than constants baked into it; a plain function is wrapped (no wei
 
 Prefill runs the padded prompts ``(B, P)`` at positions ``0..P-1``; row ``b``'s first new token
 is drawn from the logits at ``prompt_lengths[b] - 1`` (the only position whose logits are
-computed). When the rows share a prefix (a system prompt, an instruction template: 46 tokens
+computed). When the rows share a prefix (a system prompt, an instruction template: 36 tokens
 of the Rotten Tomatoes prompts), it is run once at batch 1, its cache copied to every row, and
-only the rest of each prompt runs at batch B (see :func:`shared_prefix`). Decode step ``t`` feeds row ``b``'s token
-``t - 1`` at position ``prompt_lengths[b] + t - 1`` inside a ``lax.while_loop`` that exits when
-every row has stopped. A row stops at a stop token (which is kept: see :class:`Generation`),
+only the rest of each prompt runs at batch B (see :func:`shared_prefix`). Decode step ``t``
+feeds row ``b``'s token ``t - 1`` at position ``prompt_lengths[b] + t - 1`` inside a
+``lax.while_loop`` that exits when every row has stopped. A row stops at a stop token (which is kept: see :class:`Generation`),
 and every later slot holds ``pad_id``.
 
 Shapes are fixed per bucket: the batch is padded to a power of two, the prompt length to
@@ -108,17 +108,17 @@ MIN_SHARED_PREFIX = 16
 def shared_prefix(ids: np.ndarray, lengths: np.ndarray) -> int:
   """How many leading tokens every row of ``ids`` shares and prefill runs once: the common
   prefix, leaving each row at least one token of its own (its first new token is drawn from
-  its last prompt position), rounded down to a multiple of 8 (one program per rounded length);
+  its last prompt position), rounded down to a multiple of 4 (one program per rounded length);
   0 below :data:`MIN_SHARED_PREFIX` or for one row.
 
-  >>> shared_prefix(np.array([[1] * 20 + [2], [1] * 20 + [3]]), np.array([21, 21]))
+  >>> shared_prefix(np.array([[1] * 18 + [2], [1] * 18 + [3]]), np.array([19, 19]))
   16
   """
   if ids.shape[0] < 2:
     return 0
   same = np.all(ids == ids[:1], axis=0)
   common = ids.shape[1] if same.all() else int(np.argmin(same))
-  common = min(common, int(lengths.min()) - 1) // 8 * 8
+  common = min(common, int(lengths.min()) - 1) // 4 * 4
   return common if common >= MIN_SHARED_PREFIX else 0
 
 
