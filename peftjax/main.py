@@ -82,7 +82,7 @@ def main(argv):
         f"{s['total_params']:,d} parameters ({100 * s['trainable_fraction']:.3f}%)")
   # The task's headline metric first (accuracy, exact match), then perplexity for an LM.
   names = [s.get('headline', 'accuracy')]
-  names += [n for n in ('perplexity',) if f'{n}_after' in s and n not in names]
+  names += [n for n in ('perplexity',) if s.get(f'{n}_after') is not None and n not in names]
   for name in names:
     before, after = s.get(f'{name}_before'), s[f'{name}_after']
     print(f"test {name} before {before:.4f} -> after {after:.4f}" if before is not None

@@ -397,11 +397,14 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   # A causal LM on data with answers is also scored by generating them (exact match).
   texts = run_lib.make_generator(setup, config.generate) if run_lib.generates(setup) else None
 
+  # generate.teacher_forced=False: exact match alone (the loss pass costs more than generating).
+  teacher_forced = texts is None or config.generate.get('teacher_forced', True)
+
   def run_eval(split: str) -> dict:
     batches = (_put_batch(b, bsh) for b in data.eval_batches(split, t.eval_batch_size))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       metrics = eval_lib.evaluate(lambda b: eval_stats(state.params, frozen, b), batches,
-                                  task.eval_reduce)
+                                  task.eval_reduce) if teacher_forced else {}
       if texts is not None:
         metrics.update(run_lib.generation_eval(
             setup, texts, state.params, frozen, split,
@@ -521,8 +524,8 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
         writer.write(step, 'eval', last_eval)
         writer.sync()
         _log(f"step {step}: {config.data.eval_split} {task.headline} "
-             f"{last_eval[task.headline]:.4f} "
-                  f"loss {last_eval['loss']:.4f}")
+             f"{last_eval[task.headline]:.4f}" +
+             (f" loss {last_eval['loss']:.4f}" if 'loss' in last_eval else ''))
       # A stop request (Ctrl-C, SIGTERM) ends the loop here, with a checkpoint of this step.
       stopping = stop.requested()
       if ckpt.save(micro + 1, state,

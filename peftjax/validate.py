@@ -301,6 +301,8 @@ def validate(c) -> None:
       _check(_is_int(g.max_eval_examples) and (g.max_eval_examples == -1 or
                                                g.max_eval_examples > 0),
              'generate.max_eval_examples', g.max_eval_examples, '-1 (all) or a positive count')
+      _check(isinstance(g.get('teacher_forced', True), bool), 'generate.teacher_forced',
+             g.get('teacher_forced'), 'True or False')
   validate_mesh(c.mesh)
 
   peft_sections.check(p)  # light: the method names, head, and the methods' own sub-sections
