@@ -272,6 +272,19 @@ def test_exact_match_equals_greedy_full_forwards(full_run):
   assert 0 < sum(hits) < n, list(zip(texts, refs))  # neither trivially 0 nor all
 
 
+def test_generation_alone_gives_the_same_exact_match(full_run, tmp_path_factory):
+  """generate.teacher_forced=False: the same training, scored by generation alone (no loss
+  pass, no validation pass with data.eval_split=''): the same exact match, no loss keys."""
+  run = _train(_config(peft__method='full', optim__learning_rate=3e-3,
+                       generate__teacher_forced=False, data__eval_split='', **QUICK),
+               tmp_path_factory, 'gen_only')
+  s = run.summary
+  assert set(s['test']) == {'exact_match'}, s['test']
+  assert s['exact_match_after'] == full_run.summary['exact_match_after']
+  assert s['perplexity_after'] is None and s['validation'] is None
+  assert s['trainable_sha256'] == full_run.summary['trainable_sha256']
+
+
 # ---------------------------------------------------------------------------- too long
 
 
