@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/compression_bench.py
 	$(PY) benchmarks/any_model.py
+	$(PY) benchmarks/lm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

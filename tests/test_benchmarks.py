@@ -107,8 +107,28 @@ def test_committed_any_model_results_have_the_keys():
   assert r['settings']['model']['layers'] == 12 and r['settings']['timed_steps'] >= 20
 
 
+LM_KEYS = ('lora_vs_full_step_ratio', 'train_mfu', 'decode_tokens_per_s_b1',
+           'decode_tokens_per_s_b16', 'decode_roofline_b1', 'batch16_vs_batch1_throughput',
+           'prefill_ms')
+
+
+def test_committed_lm_results_have_the_keys():
+  from benchmarks import lm
+  r = json.loads(pathlib.Path(lm.RESULTS).read_text())
+  for k in LM_KEYS:
+    assert r[k] > 0, k
+  s = r['settings']
+  assert (s['num_layers'], s['hidden_size'], s['dtype']) == (30, 576, 'float32')  # SmolLM2-135M
+  assert (s['batch_size'], s['max_length'], s['prompt_length']) == (8, 128, 128)
+  assert s['timed_steps'] >= 20 and s['decode_rounds'] >= 20 and s['new_tokens'] >= 16
+  assert set(r['target_notes']) == set(r['meets_targets']) == set(lm.TARGETS)
+  # Greedy without stop tokens: every row generated every token asked for.
+  n = s['new_tokens']
+  assert r['details']['tokens_generated'] == {'b1_n': n, 'b1_1': 1, 'b16_n': 16 * n, 'b16_1': 16}
+
+
 @pytest.mark.parametrize('name', ['lora_vs_full', 'quant', 'moe', 'multi_adapter', 'precision',
-                                  'compression_bench', 'any_model'])
+                                  'compression_bench', 'any_model', 'lm'])
 def test_committed_results_name_the_cpu(name):
   # Ratios from a CPU without AVX512-BF16 or AMX say nothing of bf16 on one that has them.
   s = json.loads((RESULTS / f'{name}.json').read_text())['settings']

@@ -195,9 +195,36 @@ def _check_any_model(r):
   assert set(first) == {'scan', 'unrolled', 'nnx'} and max(first.values()) - min(first.values()) < 1e-3
 
 
+def _check_lm(r):
+  for k in ('lora_vs_full_step_ratio', 'train_mfu', 'decode_tokens_per_s_b1',
+            'decode_tokens_per_s_b16', 'decode_roofline_b1', 'batch16_vs_batch1_throughput',
+            'prefill_ms'):
+    assert r[k] > 0, k
+  d = r['details']
+  # Not timed: the random 2-layer Llama (width 64, 4 x 16 query and 2 x 16 key/value dims,
+  # SwiGLU 128, the 49152-token tied embedding) and LoRA r=8 on its q/k/v/o kernels.
+  layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
+  assert d['full_trainable_params'] == 49152 * 64 + 2 * layer + 64
+  assert d['lora_trainable_params'] == 2 * 8 * (2 * (64 + 64) + 2 * (64 + 32))
+  assert d['weight_bytes'] == 4 * d['full_trainable_params']  # float32, every weight once
+  assert d['kv_bytes_per_position'] == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x heads x dim x f32
+  # 16-token prompts, 4 new tokens: the decode steps timed attend 16 + 2 positions on average.
+  assert d['decode_bytes_per_token_b1'] == d['weight_bytes'] + d['kv_bytes_per_position'] * 18
+  # Greedy without stop tokens: every row generates every token asked for.
+  assert d['tokens_generated'] == {'b1_n': 4, 'b1_1': 1, 'b16_n': 16 * 4, 'b16_1': 16}
+  assert r['batch16_vs_batch1_throughput'] == (r['decode_tokens_per_s_b16'] /
+                                               r['decode_tokens_per_s_b1'])
+  targets = {'lora_vs_full_step_ratio', 'train_mfu', 'decode_roofline_b1',
+             'batch16_vs_batch1_throughput'}
+  assert set(r['meets_targets']) == set(r['target_notes']) == targets
+  for k, note in r['target_notes'].items():
+    assert note.endswith('ok)' if r['meets_targets'][k] else 'MISSED)'), (k, note)
+
+
 CHECKS = {'lora_vs_full': _check_lora_vs_full, 'quant': _check_quant, 'moe': _check_moe,
           'multi_adapter': _check_multi_adapter, 'precision': _check_precision,
-          'compression_bench': _check_compression, 'any_model': _check_any_model}
+          'compression_bench': _check_compression, 'any_model': _check_any_model,
+          'lm': _check_lm}
 
 
 def _printed_json(stdout: str) -> dict:
