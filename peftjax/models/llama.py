@@ -198,7 +198,13 @@ def _mask(q_pos, k_pos, q_seg, k_seg, window: int):
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE; reads and writes a KV cache when given one."""
+  """Grouped-query self-attention with RoPE; reads and writes a KV cache when given one.
+
+  The cache is the whole stack ``{'k', 'v'}`` (layers, B, S, kv_heads, D) with this layer's
+  index ``'layer'``: the new keys are scattered into it where it lies, so inside the layer scan
+  (a loop carry) and the decode loop it is updated in place. (As the scan's per-layer input and
+  output it was copied whole at every decode step: 4 x 59 MB at batch 16 for SmolLM2.)
+  """
   cfg: LlamaConfig
 
   @nn.compact
@@ -219,11 +225,12 @@ class Attention(nn.Module):
       keys, values, k_pos, k_seg, q_seg = k, v, positions, segments, segments
       new_cache = None
     else:
-      # Write this call's keys/values at their positions, then attend the whole cache.
-      rows = jnp.arange(b)[:, None]
-      keys = cache['k'].at[rows, positions].set(k.astype(cache['k'].dtype))
-      values = cache['v'].at[rows, positions].set(v.astype(cache['v'].dtype))
-      new_cache = {'k': keys, 'v': values}
+      # Write this call's keys/values at their positions, then attend the layer's whole cache.
+      i, rows = cache['layer'], jnp.arange(b)[:, None]
+      all_k = cache['k'].at[i, rows, positions].set(k.astype(cache['k'].dtype))
+      all_v = cache['v'].at[i, rows, positions].set(v.astype(cache['v'].dtype))
+      keys, values = all_k[i], all_v[i]
+      new_cache = {'k': all_k, 'v': all_v, 'layer': i}
       k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
       k_seg = q_seg = None  # right-padded rows: slots past a row's length are never attended
     g = h // kvh
@@ -237,6 +244,19 @@ class Attention(nn.Module):
     out = _constrain(out, ('batch', 'length', 'heads'))
     out = dense(cfg.hidden_size, 'o_proj', ('heads', 'embed'), False)(out)
     return out, new_cache
+
+
+class TableEmbed(nn.Embed):
+  """``nn.Embed`` whose ``attend`` contracts the table's feature axis where it lies.
+
+  Flax's ``attend`` is ``query @ table.T``: in a decode step XLA CPU transposed and copied
+  SmolLM2's 113 MB table at every token (three passes over it beside the one the logits need).
+  A subclass, so methods that wrap ``nn.Embed`` (LoRA on the tied table, quantization) see it.
+  """
+
+  def attend(self, query):
+    query, table = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+    return jax.lax.dot_general(query, table, (((query.ndim - 1,), (1,)), ((), ())))
 
 
 class MLP(nn.Module):
@@ -257,24 +277,26 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  Called as ``(carry, cache) -> (carry, new cache)`` so that ``nn.scan`` can stack it; the
-  carry is ``(x, positions, segments)``.
+  Called as ``(carry, _) -> (carry, {})`` so that ``nn.scan`` can stack it; the carry is
+  ``(x, positions, segments, cache)``, the cache (see :class:`Attention`) or None.
   """
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, carry, cache):
+  def __call__(self, carry, unused):
+    del unused
     cfg = self.cfg
-    x, positions, segments = carry
+    x, positions, segments, cache = carry
     if cfg.grad_barrier:
       x = grad_barrier(x)
-    attn, new_cache = Attention(cfg, name='attn')(
-        RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='attn_norm')(x), positions, segments,
-        cache or None)
+    attn, cache = Attention(cfg, name='attn')(
+        RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='attn_norm')(x), positions, segments, cache)
     x = _constrain(x + attn, ('batch', 'length', 'embed'))
     x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='mlp_norm')(x))
     x = _constrain(x, ('batch', 'length', 'embed'))
-    return (x, positions, segments), (new_cache if new_cache is not None else {})
+    if cache is not None:
+      cache = {**cache, 'layer': cache['layer'] + 1}
+    return (x, positions, segments, cache), {}
 
 
 def _block_class(cfg: LlamaConfig):
@@ -311,24 +333,22 @@ class LlamaForCausalLM(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segments = None if attention_mask is None else attention_mask.astype(jnp.int32)
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name='embed', dtype=cfg.dtype,
+    embed = TableEmbed(cfg.vocab_size, cfg.hidden_size, name='embed', dtype=cfg.dtype,
                      embedding_init=_init(('vocab', 'embed')))
     x = _constrain(embed(input_ids), ('batch', 'length', 'embed'))
-    carry = (x, positions, segments)
+    kv = None if cache is None else {'k': cache['k'], 'v': cache['v'], 'layer': jnp.int32(0)}
+    carry = (x, positions, segments, kv)
     block = _block_class(cfg)
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=0, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      carry, new_cache = stack(cfg, name='layers')(carry, cache or {})
+      carry, _ = stack(cfg, name='layers')(carry, {})
     else:
-      per_layer = []
       for i in range(cfg.num_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        carry, c = block(cfg, name=f'layer_{i}')(carry, layer_cache or {})
-        per_layer.append(c)
-      new_cache = jax.tree.map(lambda *cs: jnp.stack(cs), *per_layer) if cache else {}
-    x = carry[0]
+        carry, _ = block(cfg, name=f'layer_{i}')(carry, {})
+    x, kv = carry[0], carry[3]
+    new_cache = None if kv is None else {'k': kv['k'], 'v': kv['v']}
     if logits_at is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='norm')(x)
