@@ -25,7 +25,6 @@ and an existing non-empty one is refused unless ``--overwrite``.
 """
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 from peftjax import cli
