@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(PY) -m peftjax.main --config=configs/quickstart.py --workdir=$(WORKDIR) --fresh
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) --dist worksteal tests
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal --durations=15 tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) --dist worksteal -m '' tests

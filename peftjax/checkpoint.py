@@ -45,6 +45,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -479,9 +480,16 @@ class Checkpointer:
   def _remove_partial(self, step: int) -> None:
     if jax.process_index() != 0:
       return
-    for p in self.directory.glob(f'{step}{TMP_SUFFIX}*'):
-      with contextlib.suppress(Exception):
-        p.rmtree()
+    # The failed write's threads may still be closing files in it (seen on a loaded machine:
+    # a removal raced them and left the directory), so try again for up to about 2 seconds.
+    for _ in range(20):
+      left = list(self.directory.glob(f'{step}{TMP_SUFFIX}*'))
+      if not left:
+        return
+      for p in left:
+        with contextlib.suppress(Exception):
+          p.rmtree()
+      time.sleep(0.1)
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Checkpoint ``step`` restored into ``abstract_state``; a failed read raises
