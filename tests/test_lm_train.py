@@ -202,7 +202,8 @@ def test_sigkill_and_resume_is_bit_identical(lora_run, tmp_path):
   p.send_signal(signal.SIGKILL)
   p.communicate()
   killed_at = _steps(wd)
-  assert killed_at and killed_at[-1] < lora_run.config.train.steps, f'not killed mid-run (checkpoints {killed_at})'
+  assert killed_at and killed_at[-1] < lora_run.config.train.steps, (
+      f'not killed mid-run (checkpoints {killed_at})')
   assert not (wd / 'summary.json').exists()
   code, out, err = _run([*TINY, f'--workdir={wd}'])
   assert code == 0, err[-3000:]

@@ -8,9 +8,10 @@ The model is seen through a *step function*::
 with the cache contract of :mod:`peftjax.models.llama`: prompts are RIGHT-padded with per-row
 lengths, ``positions`` are also the cache slots written, and a query at position ``p`` attends
 slots ``0..p`` of its row. Anything that honours it plugs in: a plain model (:func:`model_step`),
-a model run through a PEFT method (:func:`method_step`), a multi-adapter server. A step function without ``logits_at`` is wrapped (its full logits
-are gathered). Pass a ``jax.tree_util.Partial`` (as those helpers return) so the weights are arguments of the compiled
-program rather than constants baked into it; a plain function is wrapped (no weights).
+a model run through a PEFT method (:func:`method_step`), a multi-adapter server. A step function
+without ``logits_at`` is wrapped (its full logits are gathered). Pass a ``jax.tree_util.Partial``
+(as those helpers return) so the weights are arguments of the compiled program rather than
+constants baked into it; a plain function is wrapped (no weights).
 
 Prefill runs the padded prompts ``(B, P)`` at positions ``0..P-1``; row ``b``'s first new token
 is drawn from the logits at ``prompt_lengths[b] - 1`` (the only position whose logits are
@@ -18,8 +19,8 @@ computed). When the rows share a prefix (a system prompt, an instruction templat
 of the Rotten Tomatoes prompts), it is run once at batch 1, its cache copied to every row, and
 only the rest of each prompt runs at batch B (see :func:`shared_prefix`). Decode step ``t``
 feeds row ``b``'s token ``t - 1`` at position ``prompt_lengths[b] + t - 1`` inside a
-``lax.while_loop`` that exits when every row has stopped. A row stops at a stop token (which is kept: see :class:`Generation`),
-and every later slot holds ``pad_id``.
+``lax.while_loop`` that exits when every row has stopped. A row stops at a stop token (which
+is kept: see :class:`Generation`), and every later slot holds ``pad_id``.
 
 Shapes are fixed per bucket: the batch is padded to a power of two, the prompt length to
 :func:`length_bucket`, and the cache made for ``bucketed length + max_new_tokens`` slots, so
