@@ -34,7 +34,11 @@ from peftjax.models.bert import POOLINGS
 from peftjax.models.bert import BertConfig
 
 
-def _read_config(adapter_dir: pathlib.Path) -> dict:
+def _read_config(adapter_dir: pathlib.Path, *, task_types=TASK_TYPES,
+                 task_words: str = '(sequence classification, or a bare encoder)') -> dict:
+  """``adapter_config.json``, checked: a plain LoRA (no DoRA, biases, modified-base inits or
+  other variants), a positive ``r``, a numeric ``lora_alpha``, a ``task_type`` of
+  ``task_types`` (or none)."""
   if not adapter_dir.is_dir():
     state = 'is a file' if adapter_dir.exists() else 'does not exist'
     raise PeftFormatError(f'adapter directory {str(adapter_dir)!r} {state}; valid: a Hugging '
@@ -53,9 +57,9 @@ def _read_config(adapter_dir: pathlib.Path) -> dict:
     raise PeftFormatError(f"{path}: peft_type={config.get('peft_type')!r}; only 'LORA' is "
                           'supported')
   task = config.get('task_type')
-  if task is not None and task not in TASK_TYPES:
-    raise PeftFormatError(f'{path}: task_type={task!r}; supported: {", ".join(TASK_TYPES)} '
-                          '(sequence classification, or a bare encoder)')
+  if task is not None and task not in task_types:
+    raise PeftFormatError(f'{path}: task_type={task!r}; supported: {", ".join(task_types)} '
+                          f'{task_words}')
   checks = [
       ('use_dora', config.get('use_dora', False), 'false (DoRA adds a magnitude vector; '
        'import it with a DoRA-aware tool)'),
