@@ -12,6 +12,8 @@ r"""Export an adapter to Hugging Face formats.
   python -m peftjax.export --workdir=/tmp/lm_run --format=merged --out=/tmp/lm_hf
   # the same from the run's adapter file (written with --config.train.save_adapter=True)
   python -m peftjax.export --adapter=/tmp/lm_run/adapter.safetensors --out=/tmp/lm_hf
+  # a causal-LM LoRA run as an HF PEFT adapter for LlamaForCausalLM
+  python -m peftjax.export --workdir=/tmp/lm_run --format=peft --out=/tmp/lm_peft
 
 For a delta checkpoint the base is rebuilt from the adapter's manifest (``--base`` points at
 another copy of the same HF directory) and must match the adapter's base hash. For an HF PEFT
@@ -19,7 +21,9 @@ adapter directory the base is ``--base`` (default: the bundled MiniLM), and the 
 the adapter's head needs (``'cls_pooler'`` for a ``BertForSequenceClassification`` head).
 A causal LM (``model.name='llama'``, a run's directory or its adapter file) is exported merged as
 an HF ``LlamaForCausalLM`` directory (:mod:`peftjax.models.lm_export`); ``--base`` then names
-another copy of its ``.gguf`` file or HF directory. ``--format=peft`` writes BERT adapters only.
+another copy of its ``.gguf`` file or HF directory. ``--format=peft`` writes a LoRA run of
+either as an HF PEFT adapter (for a causal LM: ``LlamaForCausalLM``, task ``CAUSAL_LM``, see
+:mod:`peftjax.hf.peft_llama`).
 Everything is checked before anything is written; the output directory is written atomically,
 and an existing non-empty one is refused unless ``--overwrite``.
 """
@@ -37,9 +41,10 @@ def define_flags():
   flags.DEFINE_string('adapter', None, 'Delta checkpoint (adapter.safetensors), or an HF PEFT '
                       'LoRA adapter directory.')
   flags.DEFINE_string('workdir', None, 'A finished causal-LM run directory (instead of '
-                      '--adapter): exported merged as an HF LlamaForCausalLM directory.')
+                      '--adapter): exported as an HF LlamaForCausalLM directory (merged) or '
+                      'PEFT adapter (peft).')
   flags.DEFINE_enum('format', 'merged', FORMATS, 'merged: HF BERT (or, for a causal LM, '
-                    'LlamaForCausalLM) directory; peft: HF PEFT LoRA adapter directory (BERT).')
+                    'LlamaForCausalLM) directory; peft: HF PEFT LoRA adapter directory.')
   flags.DEFINE_string('out', None, 'Output directory.')
   flags.DEFINE_string('base', '', 'HF BERT directory of the base model (for a causal LM: its '
                       ".gguf file or HF directory); default: the adapter manifest's source (the "
@@ -73,10 +78,9 @@ def run(adapter: str | None, out: str, *, fmt: str = 'merged', base: str = '',
     if base:
       raise ExportError(f'--base={base!r} is for --adapter; a --workdir run is rebuilt from its '
                         "own config (its model.pretrained)")
-    if fmt == 'peft':
-      raise ExportError(f'--format=peft with --workdir={workdir!r}: the HF PEFT format is '
-                        'written for BERT adapters only; valid for a causal LM: --format=merged')
     lm_export.run_config(workdir)  # a finished causal-LM run, before anything is built
+    if fmt == 'peft':
+      return lm_export.export_peft_workdir(workdir, out, overwrite=overwrite)
     return lm_export.export_workdir(workdir, out, overwrite=overwrite)
   _check_out(out, overwrite, source=adapter, base=base)
   if pathlib.Path(adapter).is_dir():
@@ -84,9 +88,7 @@ def run(adapter: str | None, out: str, *, fmt: str = 'merged', base: str = '',
   else:
     if lm_export.is_lm_manifest(delta.read_manifest(adapter)):
       if fmt == 'peft':
-        raise ExportError(f'--format=peft with --adapter={adapter!r}, a causal-LM adapter: the '
-                          'HF PEFT format is written for BERT adapters only; valid for a causal '
-                          'LM: --format=merged (an HF LlamaForCausalLM directory)')
+        return lm_export.export_peft_adapter(adapter, out, base=base, overwrite=overwrite)
       return lm_export.export_adapter(adapter, out, base=base, overwrite=overwrite)
     if fmt == 'peft':
       hf.check_peft_export(adapter, base=base)  # before the base is built

@@ -236,12 +236,12 @@ def _bad(case: str, runs, tmp: pathlib.Path):
     shutil.copy(ia3_wd / 'adapter.safetensors', alone)
     return (str(alone), out), {}, ['was trained on base', 'refusing to load it on another base',
                                    'seed 0', '--workdir=<run dir>']
-  if case == 'peft_format_adapter':
-    return (lora_ad, out), {'fmt': 'peft'}, ['--format=peft', 'causal-LM adapter',
-                                             '--format=merged']
+  if case == 'peft_format_adapter':  # LoRA runs export as PEFT (tests/test_lm_peft_format.py)
+    return (str(ia3_wd / 'adapter.safetensors'), out), {'fmt': 'peft'}, [
+        '--format=peft writes plain LoRA adapters', "its method 'ia3'", '--format=merged']
   if case == 'peft_format_workdir':
-    return (None, out), {'workdir': str(lora_wd), 'fmt': 'peft'}, ['--format=peft',
-                                                                   '--format=merged']
+    return (None, out), {'workdir': str(ia3_wd), 'fmt': 'peft'}, [
+        '--format=peft writes plain LoRA adapters', "its method 'ia3'", '--format=merged']
   if case == 'base_with_workdir':
     return (None, out), {'workdir': str(lora_wd), 'base': str(ia3_wd)}, [
         '--base=', 'is for --adapter']

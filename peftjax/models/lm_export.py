@@ -19,10 +19,19 @@ Two inputs, both checked before any model is built:
 Methods that are not a change of weights (prompt and prefix tuning, bottleneck adapters) cannot
 be merged and are refused by name.
 
+A LoRA run (rsLoRA included) can also be written as a Hugging Face PEFT adapter directory for
+``LlamaForCausalLM`` (:func:`export_peft_workdir`, :func:`export_peft_adapter`; the format and
+the tied-embedding form: :mod:`peftjax.hf.peft_llama`). Refused by name, before anything is
+written: other methods (DoRA, PiSSA, IA3, ...), an int8 (QAT/QLoRA) or compressed base, trained
+base leaves, and a checkpoint cut to fewer layers, none of which a plain LoRA adapter on the
+published checkpoint reproduces.
+
 >>> export_workdir('/tmp/lm_run', '/tmp/lm_hf')                             # doctest: +SKIP
 PosixPath('/tmp/lm_hf')
 >>> export_adapter('/tmp/lm_run/adapter.safetensors', '/tmp/lm_hf2')         # doctest: +SKIP
 PosixPath('/tmp/lm_hf2')
+>>> export_peft_workdir('/tmp/lm_run', '/tmp/lm_peft')                      # doctest: +SKIP
+PosixPath('/tmp/lm_peft')
 """
 from __future__ import annotations
 
@@ -136,14 +145,11 @@ def _run_config_beside(adapter: pathlib.Path, model_config: dict) -> dict | None
   return config if same else None
 
 
-def merged_from_adapter(adapter: str | os.PathLike, *, base: str = ''):
-  """``(LlamaConfig, merged params, tokenizer, manifest)`` of a causal-LM delta checkpoint.
-
-  ``base`` replaces the manifest's ``model.pretrained`` (another copy of the same GGUF file or
-  HF directory); either way the rebuilt base must hash to the manifest's.
-
-  >>> cfg, params, tok, _ = merged_from_adapter('/tmp/run/adapter.safetensors')  # doctest: +SKIP
-  """
+def _rebuilt_base(adapter: str | os.PathLike, *, base: str = '', check=None):
+  """``(where, manifest, run config or {}, method, Built, trainable, base params)`` of a
+  causal-LM delta checkpoint: its base rebuilt from the manifest (``base`` replaces its
+  ``model.pretrained``) and checked against the manifest's hash; the trained base leaves
+  combined in. ``check(method, where, manifest, run)`` runs before anything is built."""
   from peftjax import delta  # pylint: disable=g-import-not-at-top
   from peftjax import peft  # pylint: disable=g-import-not-at-top
   from peftjax import quant  # pylint: disable=g-import-not-at-top
@@ -166,7 +172,8 @@ def merged_from_adapter(adapter: str | os.PathLike, *, base: str = ''):
   method = peft.build(ml_collections.ConfigDict(manifest['peft_config']))
   if run.get('quant'):  # QAT/QLoRA: the manifest does not say; the run's config does
     method = quant.wrap(method, ml_collections.ConfigDict(run['quant']))
-  check_mergeable(method, where)
+  if check is not None:
+    check(method, where, manifest, run)
   seed = int(run.get('seed', 0))
   built, tokenizer = build_lm(model_cfg, seed=seed)
   trainable, _ = delta.load_delta(path)
@@ -197,6 +204,19 @@ def merged_from_adapter(adapter: str | os.PathLike, *, base: str = ''):
               'with --workdir=<run dir>)')
     raise LMExportError(f'{e}{hint}') from None
   params = tree_lib.combine(tree_lib.unflatten(frozen), trainable.get('base', {}))
+  return where, manifest, run, method, built, tokenizer, trainable, params, model_cfg
+
+
+def merged_from_adapter(adapter: str | os.PathLike, *, base: str = ''):
+  """``(LlamaConfig, merged params, tokenizer, manifest)`` of a causal-LM delta checkpoint.
+
+  ``base`` replaces the manifest's ``model.pretrained`` (another copy of the same GGUF file or
+  HF directory); either way the rebuilt base must hash to the manifest's.
+
+  >>> cfg, params, tok, _ = merged_from_adapter('/tmp/run/adapter.safetensors')  # doctest: +SKIP
+  """
+  where, manifest, _, method, built, tokenizer, trainable, params, _ = _rebuilt_base(
+      adapter, base=base, check=lambda method, where, *_: check_mergeable(method, where))
   try:
     merged = method.merge(params, trainable.get('peft', {}))
   except NotImplementedError as e:
@@ -244,6 +264,111 @@ def export_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: 
   return write_hf(out, cfg, params, tokenizer, overwrite=overwrite)
 
 
+# Methods of a causal-LM run that have no plain PEFT LoRA form, and why.
+_NO_PEFT_FORM = {
+    'dora': "DoRA's magnitude vector rescales each column of the merged weight, which a plain "
+            'LoRA adapter cannot express',
+    'pissa': "PiSSA's factors are relative to a residual base (the base minus its top singular "
+             'directions), not to the published model PEFT would apply them to',
+}
+
+
+def check_peft_export(peft_cfg, run: dict, where: str) -> None:
+  """Refuses, before anything is built, a run whose adapter the PEFT LoRA format cannot hold
+  exactly: a method other than (rs)LoRA, an int8 (QAT/QLoRA) base, a compressed base.
+
+  >>> check_peft_export(config.peft, config.to_dict(), '--workdir=...')  # doctest: +SKIP
+  """
+  method = peft_cfg.get('method')
+  if method != 'lora':
+    why = _NO_PEFT_FORM.get(method, f'{method!r} is not a LoRA')
+    raise LMExportError(f"{where}: --format=peft writes plain LoRA adapters; its method "
+                        f"{method!r} has none ({why}); valid: a peft.method='lora' run "
+                        '(rsLoRA: peft.lora.rslora=True), or --format=merged')
+  quant = run.get('quant') or {}
+  if quant.get('qat') or quant.get('qlora'):
+    flag = 'quant.qat' if quant.get('qat') else 'quant.qlora'
+    raise LMExportError(f'{where}: {flag}=True: the adapter was trained on an int8-quantized '
+                        'base, and PEFT applies a LoRA to the float base, which is another '
+                        'model; valid: --format=merged')
+  cc = run.get('compress') or {}
+  active = [(f, v) for f, v in (
+      ('compress.init_from', cc.get('init_from')),
+      ('compress.distill.teacher', (cc.get('distill') or {}).get('teacher')),
+      ('compress.prune.kind', (cc.get('prune') or {}).get('kind', 'none')),
+      ('compress.lowrank.targets', (cc.get('lowrank') or {}).get('targets')))
+      if v and v != 'none']
+  if active:
+    raise LMExportError(f'{where}: {active[0][0]}={active[0][1]!r}: the adapter was trained on '
+                        'a changed base, not the published checkpoint a PEFT adapter names; '
+                        'valid: --format=merged')
+
+
+def _check_peft_model(model_cfg, cfg, trained_base: dict, where: str) -> None:
+  """Refuses trained base leaves and a checkpoint cut to fewer layers (``model.num_layers``):
+  a PEFT adapter holds LoRA factors only, and applies to the whole published checkpoint."""
+  from peftjax import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  from peftjax.models.lm_build import lm_config  # pylint: disable=g-import-not-at-top
+  leaves = sorted(tree_lib.flatten(trained_base or {}))
+  if leaves:
+    raise LMExportError(f'{where}: it also trains base leaves {leaves[:3]}, which a PEFT LoRA '
+                        'adapter cannot hold; valid: --format=merged')
+  n = int(model_cfg.get('num_layers') or 0)
+  if n and model_cfg.get('pretrained') != 'random':
+    full, _, _ = lm_config(ml_collections.ConfigDict({**model_cfg.to_dict(), 'num_layers': 0}))
+    if n < full.num_layers:
+      raise LMExportError(f'{where}: model.num_layers={n} keeps {n} of the checkpoint\'s '
+                          f'{full.num_layers} layers; a PEFT adapter applies to the whole '
+                          'checkpoint and would give other logits there; valid: --format=merged '
+                          f'(an exact LlamaForCausalLM of these {cfg.num_layers} layers)')
+
+
+def _write_peft(out, lora, cfg, lora_cfg, pretrained: str, *, overwrite: bool) -> pathlib.Path:
+  from peftjax.hf import peft_llama  # pylint: disable=g-import-not-at-top
+  return peft_llama.save_peft_llama(
+      pathlib.Path(out).expanduser(), jax.device_get(lora), cfg, rank=int(lora_cfg['rank']),
+      alpha=float(lora_cfg['alpha']), rslora=bool(lora_cfg.get('rslora', False)),
+      base_model_name_or_path=peft_llama.base_name(pretrained),
+      dropout=float(lora_cfg.get('dropout', 0.0) or 0.0), overwrite=overwrite)
+
+
+def export_peft_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *,
+                        overwrite: bool = False) -> pathlib.Path:
+  """The LoRA of the finished causal-LM run in ``workdir`` as an HF PEFT adapter directory
+  (``LlamaForCausalLM``, :mod:`peftjax.hf.peft_llama`) at ``out``.
+
+  >>> export_peft_workdir('/tmp/lm_run', '/tmp/lm_peft')  # doctest: +SKIP
+  PosixPath('/tmp/lm_peft')
+  """
+  from peftjax import run as run_lib  # pylint: disable=g-import-not-at-top
+  config = run_config(workdir)
+  where = f'--workdir={str(workdir)!r}'
+  check_peft_export(config.peft, config.to_dict(), where)
+  setup, params = run_lib.restore_trained(config, str(workdir))
+  cfg = setup.built.module.cfg
+  _check_peft_model(config.model, cfg, setup.trainable['base'], where)
+  return _write_peft(out, params['peft'], cfg, config.peft.lora, config.model.pretrained,
+                     overwrite=overwrite)
+
+
+def export_peft_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str = '',
+                        overwrite: bool = False) -> pathlib.Path:
+  """A causal-LM delta checkpoint's LoRA as an HF PEFT adapter directory at ``out``; its base
+  is rebuilt and checked against the manifest's hash first (``base``: another copy of it).
+
+  >>> export_peft_adapter('/tmp/lm_run/adapter.safetensors', '/tmp/lm_peft')  # doctest: +SKIP
+  PosixPath('/tmp/lm_peft')
+  """
+  check = lambda method, where, manifest, run: check_peft_export(manifest['peft_config'], run,
+                                                                 where)
+  where, manifest, _, _, built, _, trainable, _, model_cfg = _rebuilt_base(adapter, base=base,
+                                                                          check=check)
+  cfg = built.module.cfg
+  _check_peft_model(model_cfg, cfg, trainable.get('base'), where)
+  return _write_peft(out, trainable.get('peft', {}), cfg, manifest['peft_config']['lora'],
+                     model_cfg.pretrained, overwrite=overwrite)
+
+
 __all__ = ['LMExportError', 'is_lm_manifest', 'run_config', 'check_mergeable',
            'merged_from_workdir', 'merged_from_adapter', 'write_hf', 'export_workdir',
-           'export_adapter']
+           'export_adapter', 'check_peft_export', 'export_peft_workdir', 'export_peft_adapter']
