@@ -5,7 +5,8 @@ r"""Export an adapter to Hugging Face formats.
   python -m peftjax.export --adapter=/tmp/run/adapter.safetensors --format=merged --out=/tmp/m
   # a LoRA adapter in the HF PEFT format (adapter_config.json + adapter_model.safetensors)
   python -m peftjax.export --adapter=/tmp/run/adapter.safetensors --format=peft --out=/tmp/p
-  # an HF PEFT LoRA adapter (a directory) merged into its base: PEFT's merge_and_unload
+  # an HF PEFT LoRA adapter (a directory) merged into its base: PEFT's merge_and_unload (a
+  # CAUSAL_LM adapter of a Llama-type model: --base is its .gguf file or HF directory)
   python -m peftjax.export --adapter=/path/to/peft_adapter --base=/path/to/bert --out=/tmp/m2
   # a finished causal-LM run (configs/lm_tiny.py, lm_quickstart.py), merged: an HF
   # LlamaForCausalLM directory with its tokenizer and chat template
@@ -18,7 +19,9 @@ r"""Export an adapter to Hugging Face formats.
 For a delta checkpoint the base is rebuilt from the adapter's manifest (``--base`` points at
 another copy of the same HF directory) and must match the adapter's base hash. For an HF PEFT
 adapter directory the base is ``--base`` (default: the bundled MiniLM), and the model pools as
-the adapter's head needs (``'cls_pooler'`` for a ``BertForSequenceClassification`` head).
+the adapter's head needs (``'cls_pooler'`` for a ``BertForSequenceClassification`` head); a
+``CAUSAL_LM`` adapter of a Llama-type model is merged into ``--base`` (a ``.gguf`` file or HF
+directory; default: the bundled SmolLM2-135M-Instruct) and written as ``LlamaForCausalLM``.
 A causal LM (``model.name='llama'``, a run's directory or its adapter file) is exported merged as
 an HF ``LlamaForCausalLM`` directory (:mod:`peftjax.models.lm_export`); ``--base`` then names
 another copy of its ``.gguf`` file or HF directory. ``--format=peft`` writes a LoRA run of
@@ -64,6 +67,7 @@ def run(adapter: str | None, out: str, *, fmt: str = 'merged', base: str = '',
   import pathlib  # pylint: disable=g-import-not-at-top
   from peftjax import delta  # pylint: disable=g-import-not-at-top
   from peftjax.hf import ExportError  # pylint: disable=g-import-not-at-top
+  from peftjax.hf import peft_llama_import  # pylint: disable=g-import-not-at-top
   from peftjax.models import lm_export  # pylint: disable=g-import-not-at-top
   from peftjax.serving import hf  # pylint: disable=g-import-not-at-top
   from peftjax.serving.files import library_from_files  # pylint: disable=g-import-not-at-top
@@ -84,6 +88,13 @@ def run(adapter: str | None, out: str, *, fmt: str = 'merged', base: str = '',
     return lm_export.export_workdir(workdir, out, overwrite=overwrite)
   _check_out(out, overwrite, source=adapter, base=base)
   if pathlib.Path(adapter).is_dir():
+    if peft_llama_import.is_causal_lm_adapter(adapter):
+      if fmt == 'peft':
+        raise ExportError(f'--adapter={adapter!r} is already an HF PEFT adapter of a causal LM; '
+                          'valid: --format=merged (merged into --base, default the bundled '
+                          'SmolLM2-135M-Instruct)')
+      cfg, params, tokenizer, _ = lm_export.merged_from_peft_dir(adapter, base=base)
+      return lm_export.write_hf(out, cfg, params, tokenizer, overwrite=overwrite)
     lib, _, _ = hf.library_from_peft(adapter, base=base)
   else:
     if lm_export.is_lm_manifest(delta.read_manifest(adapter)):

@@ -43,7 +43,8 @@ quantization of the base, not by the adapter); an HF directory is the hub id its
 names, else the file's stem; a random base (``model.pretrained='random'``) is ``'random'``.
 
 >>> config, tensors = to_peft_llama(lora, cfg, rank=8, alpha=16.0)  # doctest: +SKIP
->>> tensors['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'].shape  # doctest: +SKIP
+>>> key = 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+>>> tensors[key].shape  # doctest: +SKIP
 (8, 576)
 >>> save_peft_llama('/tmp/lm_peft', lora, cfg, rank=8, alpha=16.0)  # doctest: +SKIP
 PosixPath('/tmp/lm_peft')

@@ -291,6 +291,21 @@ def load_peft_llama(adapter_dir: str | os.PathLike, cfg) -> tuple[dict, dict[str
   return {'base': tree_lib.unflatten(base), 'peft': tree_lib.unflatten(flat)}, info
 
 
+def is_causal_lm_adapter(adapter_dir: str | os.PathLike) -> bool:
+  """Whether ``adapter_dir`` holds a PEFT adapter whose ``adapter_config.json`` says
+  ``task_type='CAUSAL_LM'`` (anything unreadable: False, for the caller's own checks to name).
+
+  >>> is_causal_lm_adapter('/tmp/lm_peft')  # doctest: +SKIP
+  True
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    config = json.loads((pathlib.Path(adapter_dir) / CONFIG_NAME).read_text())
+  except (OSError, ValueError, UnicodeDecodeError):
+    return False
+  return isinstance(config, dict) and config.get('task_type') in TASK_TYPES
+
+
 def peft_config(info: dict) -> dict:
   """The ``peft`` config section of an imported adapter (``peft.build`` makes its method).
 
@@ -305,7 +320,8 @@ def peft_config(info: dict) -> dict:
 def lora_method(info: dict):
   """The :class:`~peftjax.peft.lora.LoRA` method that runs an imported adapter's tree.
 
-  >>> logits = peft.apply(module, lora_method(info), params, trainable['peft'], inputs)  # doctest: +SKIP
+  >>> method = lora_method(info)  # doctest: +SKIP
+  >>> logits = peft.apply(module, method, params, trainable['peft'], inputs)  # doctest: +SKIP
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from peftjax import peft  # pylint: disable=g-import-not-at-top

@@ -264,6 +264,30 @@ def export_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: 
   return write_hf(out, cfg, params, tokenizer, overwrite=overwrite)
 
 
+def merged_from_peft_dir(adapter_dir: str | os.PathLike, *, base: str = ''):
+  """``(LlamaConfig, merged params, tokenizer, info)`` of an HF PEFT LoRA adapter of a
+  ``LlamaForCausalLM`` (:func:`peftjax.hf.peft_llama_import.load_peft_llama`) merged into
+  ``base`` (a ``.gguf`` file or HF directory; default: the bundled SmolLM2-135M-Instruct,
+  whatever the adapter's ``base_model_name_or_path`` says): PEFT's ``merge_and_unload``.
+
+  >>> cfg, params, tok, info = merged_from_peft_dir('/tmp/lm_peft', base='')  # doctest: +SKIP
+  """
+  from peftjax import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  from peftjax.hf import peft_llama_import  # pylint: disable=g-import-not-at-top
+  from peftjax.models.lm_build import build_lm  # pylint: disable=g-import-not-at-top
+  if base and not pathlib.Path(base).expanduser().exists():
+    raise LMExportError(f'--base={base!r} does not exist; valid: the .gguf file or HF '
+                        'directory the PEFT adapter was trained on')
+  model_cfg = ml_collections.ConfigDict(dict(name=LM_MODEL, pretrained=base, num_layers=0,
+                                             scan_layers=True, remat='none', grad_barrier=True))
+  built, tokenizer = build_lm(model_cfg)
+  cfg = built.module.cfg
+  trainable, info = peft_llama_import.load_peft_llama(adapter_dir, cfg)
+  params = tree_lib.combine(jax.device_get(built.params), trainable['base'])
+  method = peft_llama_import.lora_method(info)
+  return cfg, method.merge(params, trainable['peft']), tokenizer, info
+
+
 # Methods of a causal-LM run that have no plain PEFT LoRA form, and why.
 _NO_PEFT_FORM = {
     'dora': "DoRA's magnitude vector rescales each column of the merged weight, which a plain "
@@ -371,4 +395,5 @@ def export_peft_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, b
 
 __all__ = ['LMExportError', 'is_lm_manifest', 'run_config', 'check_mergeable',
            'merged_from_workdir', 'merged_from_adapter', 'write_hf', 'export_workdir',
-           'export_adapter', 'check_peft_export', 'export_peft_workdir', 'export_peft_adapter']
+           'export_adapter', 'merged_from_peft_dir', 'check_peft_export', 'export_peft_workdir',
+           'export_peft_adapter']

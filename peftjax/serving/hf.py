@@ -9,6 +9,10 @@
   fit the library's pooling exactly.
 * :func:`library_from_peft` — a library built for one HF PEFT adapter: the pooling its head
   needs (``'cls_pooler'`` for a ``BertForSequenceClassification`` head) is selected.
+* :func:`lm_adapter_from_peft` / :func:`lm_step_from_peft` — an HF PEFT LoRA adapter of a
+  ``LlamaForCausalLM`` (:mod:`peftjax.hf.peft_llama`) as our trainable partition and ``peft``
+  config (what :meth:`AdapterLibrary.add_trained` takes; :func:`load_peft` adds it to a library
+  of a :class:`~peftjax.models.llama.LlamaForCausalLM`), or as a generation step function.
 
 Exports never name a path of this machine: the base is named by its hub id when known
 (``sentence-transformers/all-MiniLM-L6-v2`` for the bundled MiniLM), else by its directory name.
@@ -28,6 +32,8 @@ from peftjax.hf import export_bert
 from peftjax.hf import load_peft_adapter
 from peftjax.hf import save_peft_adapter
 from peftjax.hf.peft_lora import PeftFormatError
+from peftjax.hf.peft_llama_import import load_peft_llama
+from peftjax.hf.peft_llama_import import peft_config as lm_peft_config
 from peftjax.models.bert import BertClassifier
 from peftjax.models.hf_bert import CheckpointError
 from peftjax.models.hf_bert import check_model_dir
@@ -158,7 +164,16 @@ def load_peft(lib, name: str, adapter_dir: str | pathlib.Path):
   it). The adapter must be servable exactly: its head must read what the library's model
   pools (a ``BertForSequenceClassification`` head needs ``model.pooling='cls_pooler'``), and an
   adapter without a head is refused (the library's own head is not what it was used with).
+  A library of a causal LM takes a ``CAUSAL_LM`` adapter (:func:`lm_adapter_from_peft`).
   """
+  from peftjax.models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
+  if isinstance(lib.module, LlamaForCausalLM):
+    trainable, cfg, info = lm_adapter_from_peft(adapter_dir, lib.module.cfg)
+    ad = lib.add_trained(name, trainable, 'lora', cfg)
+    ad.source = str(adapter_dir)
+    ad.manifest = {'base': {'source': info.get('base_model_name_or_path') or ''},
+                   'format': 'hf-peft'}
+    return ad
   module = _bert(lib)
   lora, head, info = load_peft_adapter(adapter_dir, module.cfg, pooling=module.pooling)
   if head is None:
@@ -213,3 +228,33 @@ def library_from_peft(adapter_dir: str | pathlib.Path, *, base: str = '', max_ra
   load_peft(lib, name, adapter_dir)
   names = info['class_names'] or [f'LABEL_{i}' for i in range(classes)]
   return lib, names, info
+
+
+def lm_adapter_from_peft(adapter_dir: str | pathlib.Path, cfg):
+  """``(trainable, peft_config, info)`` of an HF PEFT LoRA adapter of a ``LlamaForCausalLM``
+  for our :class:`~peftjax.models.llama.LlamaForCausalLM` of ``cfg``: ``trainable`` is
+  ``{'base': the embedding tables the file replaces (usually none), 'peft': the LoRA tree}``,
+  ``peft_config`` the ``peft`` section whose method runs it (``peft.build``), ``info`` what
+  :func:`peftjax.hf.peft_llama_import.load_peft_llama` says. Checked against ``cfg`` only:
+  PEFT files carry no hash of their base.
+
+  >>> trainable, peft_cfg, info = lm_adapter_from_peft('/tmp/lm_peft', cfg)  # doctest: +SKIP
+  """
+  trainable, info = load_peft_llama(adapter_dir, cfg)
+  return trainable, lm_peft_config(info), info
+
+
+def lm_step_from_peft(module, base_params: dict, adapter_dir: str | pathlib.Path):
+  """``(step, info)``: the generation step function (:func:`peftjax.generation.method_step`)
+  of ``module`` (a :class:`~peftjax.models.llama.LlamaForCausalLM`) with ``base_params`` and
+  the HF PEFT LoRA adapter ``adapter_dir`` applied, for :func:`peftjax.generation.generate`.
+
+  >>> step, info = lm_step_from_peft(model, params, '/tmp/lm_peft')  # doctest: +SKIP
+  >>> out = generation.generate(step, make_cache, ids, lengths)  # doctest: +SKIP
+  """
+  from peftjax import generation  # pylint: disable=g-import-not-at-top
+  from peftjax import peft  # pylint: disable=g-import-not-at-top
+  trainable, cfg, info = lm_adapter_from_peft(adapter_dir, module.cfg)
+  method = peft.build(ml_collections.ConfigDict(cfg))
+  params = tree_lib.combine(base_params, trainable['base'])
+  return generation.method_step(module, method, params, trainable['peft']), info
