@@ -19,6 +19,7 @@ with it to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,13 +29,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from peftjax import storage
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
 from peftjax.errors import UserInputError
+from peftjax.peft import layers
 from peftjax.peft.base import layer_scope
+from peftjax.peft.base import takes_deterministic
 from peftjax.peft.lora import Site
 from peftjax.quant import ops
 from peftjax.quant import qat
@@ -62,15 +66,34 @@ class Int8Model:
   def __call__(self, inputs: dict):
     return apply(self, inputs)
 
+  def as_module(self) -> 'Int8Module':
+    """The model as a flax module (:class:`Int8Module`) over :meth:`merged_params`."""
+    return Int8Module(self.module, tuple(self.sites), tuple(sorted(self.settings.items())))
+
+  def merged_params(self) -> dict:
+    """``params`` with the ``qparams`` beside their weights (:func:`with_qparams`)."""
+    return with_qparams(self.params, self.qparams)
+
+  def step(self):
+    """A decode step of this model (a causal LM honouring the cache contract of
+    :mod:`peftjax.generation.decode`): its weights are arguments of the compiled programs.
+
+    >>> out = generation.generate(model.step(), make_cache, ids, lengths, max_new_tokens=8)  # doctest: +SKIP
+    """
+    from peftjax import generation  # pylint: disable=g-import-not-at-top  (generation is below)
+    return generation.model_step(self.as_module(), self.merged_params())
+
   def jit(self):
     """A jitted ``inputs -> logits`` taking the weights as arguments, not as baked-in constants
     (which would copy every weight into the compiled program).
 
     >>> fwd = model.jit(); logits = fwd(inputs)  # doctest: +SKIP
     """
-    run = jax.jit(lambda params, qparams, inputs: apply(
-        dataclasses.replace(self, params=params, qparams=qparams), inputs))
-    return lambda inputs: run(self.params, self.qparams, inputs)
+    module = self.as_module()
+    run = jax.jit(lambda params, inputs: module.apply({'params': params}, **inputs,
+                                                      deterministic=True))
+    merged = self.merged_params()
+    return lambda inputs: run(merged, inputs)
 
   @property
   def weight_bytes(self) -> int:
@@ -94,8 +117,8 @@ def convert(module, params, inputs, quant_cfg, *, ranges: dict | None = None) ->
   if not quant_cfg.symmetric:
     raise ConfigError('quant.symmetric=False is invalid for int8 inference; valid: True (int8 '
                       'weights are symmetric so the int32 accumulator needs no weight zero point)')
-  activations = 'none' if quant_cfg.activations == 'none' else (
-      'static' if ranges is not None else 'dynamic')
+  activations = ('static' if ranges is not None else quant_cfg.activations
+                 if quant_cfg.activations in ('none', 'per_token') else 'dynamic')
   sites = qat.find_quant_sites(module, params, inputs, quant_cfg)
   flat = tree_lib.flatten(params)
   qparams = {}
@@ -113,7 +136,8 @@ def convert(module, params, inputs, quant_cfg, *, ranges: dict | None = None) ->
                           'quant.targets as the conversion')
       entry['x_scale'], entry['x_zero'] = scales[s.path]
     if s.kind == 'dense' and not quant_cfg.act_symmetric:
-      entry['colsum'] = jnp.sum(wq.astype(jnp.int32), axis=tuple(range(len(s.in_shape))))
+      k = len(s.lead)  # a stack's layer axes come first: one column sum per layer
+      entry['colsum'] = jnp.sum(wq.astype(jnp.int32), axis=tuple(range(k, k + len(s.in_shape))))
     qparams[s.path] = entry
   return Int8Model(module, tree_lib.unflatten(flat), qparams, sites,
                    _settings(quant_cfg, activations))
@@ -137,13 +161,37 @@ def _conv_fn(module: nn.Conv, x):
       rhs_dilation=as_tuple(module.kernel_dilation), dimension_numbers=dn, **kw)
 
 
+def _act_params(x, x_axes, st: dict):
+  """Per-call activation ``(scale, zero)``: per tensor ('dynamic') or per token ('per_token',
+  keepdims over the contracted ``x_axes``)."""
+  keep = qat.token_axes(x.ndim, x_axes) if st['activations'] == 'per_token' else None
+  return ops.minmax_params(x, st['act_bits'], symmetric=st['act_symmetric'], channel_axes=keep)
+
+
+def _int8_matmul(matmul, xq, w, rows: int):
+  """``matmul(xq, w)`` with an int32 accumulator. XLA CPU runs an int8 matrix-*vector* product
+  (one row: batch-1 decoding) ~20x slower than with two rows, so a lone row gets a zero twin."""
+  if rows == 1 and xq.ndim >= 2 and xq.shape[0] == 1:
+    pair = jnp.concatenate([xq, jnp.zeros_like(xq)], axis=0)
+    return matmul(pair, w, preferred_element_type=jnp.int32)[:1]
+  return matmul(xq, w, preferred_element_type=jnp.int32)
+
+
+def _per_row(scale, x_axes, n_out: int):
+  """A keepdims per-token scale of ``x`` laid out for the matmul's output (rows..., out...)."""
+  s = jnp.squeeze(scale, axis=tuple(x_axes))
+  return s.reshape(s.shape + (1,) * n_out)
+
+
 def _dense(site: Site, x, w, qp: dict, bias, st: dict, module=None):
   if site.kind == 'conv':
     n_in = len(site.in_shape)
+    x_axes = ()
     matmul = _conv_fn(module, x)
   else:
-    n_in = len(site.x_axes)
-    dims = ((site.x_axes, tuple(range(n_in))), ((), ()))
+    x_axes = layers.contracted_axes(module, x.ndim) if module is not None else site.x_axes
+    n_in = len(x_axes)
+    dims = ((x_axes, tuple(range(n_in))), ((), ()))
     matmul = lambda a, b, **kw: jax.lax.dot_general(a, b, dims, **kw)
   w_scale = qp['w_scale'].reshape(qp['w_scale'].shape[n_in:])  # drop the kept input dims
   if st['activations'] == 'none':  # weight-only: float matmul on the dequantized weight
@@ -152,12 +200,21 @@ def _dense(site: Site, x, w, qp: dict, bias, st: dict, module=None):
     if st['activations'] == 'static':
       x_scale, x_zero = qp['x_scale'], qp['x_zero']
     else:
-      x_scale, x_zero = ops.minmax_params(x, st['act_bits'], symmetric=st['act_symmetric'])
+      if st['activations'] == 'per_token' and site.kind == 'conv':
+        raise ConfigError(f"quant.activations='per_token' is invalid for the convolution "
+                          f"{site.path}; valid: 'dynamic', 'static' or 'none'")
+      x_scale, x_zero = _act_params(x, x_axes, st)
     xq = ops.quantize(x, x_scale, x_zero, st['act_bits'], st['act_symmetric'])
-    acc = matmul(xq, w, preferred_element_type=jnp.int32)
+    rows = int(np.prod([d for i, d in enumerate(x.shape) if i not in x_axes]))
+    acc = _int8_matmul(matmul, xq, w, rows if site.kind == 'dense' else 0)
+    if st['activations'] == 'per_token':
+      n_out = w.ndim - n_in
+      x_scale, x_zero = _per_row(x_scale, x_axes, n_out), _per_row(x_zero, x_axes, n_out)
+    else:
+      x_scale, x_zero = jnp.reshape(x_scale, ()), jnp.reshape(x_zero, ())
     if not st['act_symmetric']:  # (q - z)·W = q·W - z·colsum(W)
-      acc = acc - jnp.asarray(x_zero, jnp.int32).reshape(()) * qp['colsum']
-    y = acc.astype(jnp.float32) * (jnp.reshape(x_scale, ()) * w_scale)
+      acc = acc - x_zero.astype(jnp.int32) * qp['colsum']
+    y = acc.astype(jnp.float32) * (x_scale * w_scale)
     y = y.astype(x.dtype)
   return y if bias is None else y + bias.astype(y.dtype)
 
@@ -168,27 +225,104 @@ def _embed(ids, w, qp: dict):
   return rows * (jnp.take(scale, ids, axis=0)[..., None] if scale.size > 1 else scale)
 
 
-def int8_scope(model: Int8Model):
-  """Context under which the model's matched layers run from ``model.qparams``."""
-  by_path = {s.path: s for s in model.sites}
-  flat = tree_lib.flatten(model.params)
+def _attend(module, q, w, qp: dict, st: dict):
+  """A tied output layer ``q · Eᵀ`` on the int8 table: its rows' scales are the logits'
+  output-channel scales. ``q`` is quantized per call ('per_token' or per tensor: there is no
+  calibrated range for it) unless the model is weight-only."""
+  dtype = module.dtype or q.dtype
+  q = q.astype(dtype)
+  scale = qp['w_scale'].reshape(-1)
+  dims = (((q.ndim - 1,), (1,)), ((), ()))
+  matmul = lambda a, b, **kw: jax.lax.dot_general(a, b, dims, **kw)
+  if st['activations'] == 'none':
+    return (matmul(q, w.astype(dtype)) * scale.astype(dtype)).astype(dtype)
+  mode = {**st, 'activations': 'per_token' if st['activations'] == 'per_token' else 'dynamic'}
+  x_scale, x_zero = _act_params(q, (q.ndim - 1,), mode)
+  xq = ops.quantize(q, x_scale, x_zero, st['act_bits'], st['act_symmetric'])
+  acc = _int8_matmul(matmul, xq, w, int(np.prod(q.shape[:-1])))
+  if not st['act_symmetric']:
+    acc = acc - x_zero.astype(jnp.int32) * jnp.sum(w.astype(jnp.int32), axis=1)
+  # x_scale is (1,)*ndim per tensor or (..., 1) per token: it broadcasts over the vocabulary.
+  return (acc.astype(jnp.float32) * (x_scale * scale)).astype(dtype)
+
+
+# The int8 model's per-layer quantities, stored beside each weight in the forward's parameters.
+QPARAM_NAMES = ('w_scale', 'x_scale', 'x_zero', 'colsum')
+
+
+def with_qparams(params: dict, qparams: dict) -> dict:
+  """``params`` with each site's ``qparams`` beside its weight (``<layer>/w_scale``...): every
+  layer call reads its own from its variables, so a stacked layer (``nn.scan``) gets its
+  layer's slice of the scales, as of the weights.
+
+  >>> with_qparams({'d': {'kernel': wq}}, {'d': {'w_scale': s}})['d']['w_scale'] is s  # doctest: +SKIP
+  True
+  """
+  flat = tree_lib.flatten(params)
+  for path, entry in qparams.items():
+    for k, v in entry.items():
+      flat[f'{path}/{k}'] = v
+  return tree_lib.unflatten(flat)
+
+
+def int8_scope(sites, settings: dict):
+  """Context under which the ``sites``' layers run in int8 from their own parameters: the int8
+  weight and the ``qparams`` beside it (:func:`with_qparams`), and a tied embedding's
+  ``attend`` from the same int8 table."""
+  by_path = {s.path: s for s in sites}
+  settings = dict(settings)
 
   def wrap(path, module, call, x):
-    del call  # the float layer never runs: its weight in model.params is int8
-    site = by_path[path]
-    w = flat[site.weight_path]
+    del call  # the float layer never runs: its weight is int8
+    site, own = by_path[path], layers.params(module)
     if site.kind == 'embed':
-      return _embed(x, w, model.qparams[path])
-    return _dense(site, x, w, model.qparams[path], flat.get(f'{path}/bias'), model.settings,
-                  module)
+      return _embed(x, own['embedding'], own)
+    return _dense(site, x, own['kernel'], own, own.get('bias'), settings, module)
 
-  return layer_scope(_LAYERS, by_path, wrap)
+  def attend(path, module, call, q):
+    del path, call
+    own = layers.params(module)
+    return _attend(module, q, own['embedding'], own, settings)
+
+  embeds = [s.path for s in sites if s.kind == 'embed']
+
+  @contextlib.contextmanager
+  def scope():
+    with layer_scope(_LAYERS, by_path, wrap), \
+        layer_scope((nn.Embed,), embeds, attend, method='attend'):
+      yield
+  return scope()
 
 
 def apply(model: Int8Model, inputs: dict):
   """The int8 model's forward (eval mode): ``model.module`` with its matched layers in int8."""
-  with int8_scope(model):
-    return model.module.apply({'params': model.params}, **inputs, deterministic=True)
+  return model.as_module().apply({'params': model.merged_params()}, **inputs,
+                                 deterministic=True)
+
+
+class Int8Module(nn.Module):
+  """A model whose matched layers run in int8: ``inner`` under :func:`int8_scope`, in the same
+  scope (its parameters keep their paths: the int8 weights and, beside each, its ``qparams``;
+  see :meth:`Int8Model.merged_params`). Hashable, so it can be a jitted step's static part:
+  ``generation.model_step(Int8Module(...), params)`` decodes in int8 through the step contract
+  of :mod:`peftjax.generation.decode` (``logits_at`` passed on to a model that takes it).
+
+  >>> step = model.step()  # doctest: +SKIP  (an Int8Model's decode step)
+  """
+  inner: nn.Module
+  sites: tuple
+  settings: tuple  # sorted (key, value) pairs of Int8Model.settings
+
+  def setup(self):
+    nn.share_scope(self, self.inner)
+
+  def __call__(self, *args, logits_at=None, **kwargs):
+    if logits_at is not None:
+      kwargs['logits_at'] = logits_at
+    if 'deterministic' in kwargs and not takes_deterministic(self.inner):
+      kwargs.pop('deterministic')
+    with int8_scope(self.sites, dict(self.settings)):
+      return self.inner(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------- save / load

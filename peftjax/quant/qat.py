@@ -10,13 +10,24 @@ step, so LoRA, QAT and the rest compose without touching the model's code:
   float on top, e.g. ``y = Q(x)·Q(W) + s·(x·A)·B``; with ``quant.of='effective'`` the merged weight
   is, ``y = Q(x)·Q(W + s·A·B)``, so the trained adapter survives int8 export unchanged.
 * **activations** — the input of every matched Dense/DenseGeneral is fake-quantized: 'dynamic'
-  (this batch's min/max), 'static' (ranges calibrated on ``quant.calibration_batches`` batches
-  before training), 'lsq' (a learned step per layer, trained with the method's parameters) or
-  'none'. The method's own branches (LoRA, adapters) read the float input.
+  (this batch's min/max), 'per_token' (each token's own min/max: a row's grid never depends on
+  the other rows of a batch, as decoding needs), 'static' (ranges calibrated on
+  ``quant.calibration_batches`` batches before training), 'lsq' (a learned step per layer,
+  trained with the method's parameters) or 'none'. The method's own branches (LoRA, adapters)
+  read the float input.
 * **QLoRA** (``quant.qlora``) — the frozen base is *stored* in int8 with per-channel scales
-  (:meth:`Quantized.prepare_base`), a quarter of its float32 bytes, and dequantized inside the step;
-  the method trains in float on top. Merge it for serving with :func:`peftjax.quant.int8.convert`
-  on :meth:`Quantized.merge`, which re-quantizes the merged weights.
+  (:meth:`Quantized.prepare_base`), a quarter of its float32 bytes, and dequantized inside the
+  step; the method trains in float on top. Merge it for serving with
+  :func:`peftjax.quant.int8.convert` on :meth:`Quantized.merge`, which re-quantizes the merged
+  weights.
+
+Stacked layers (``nn.scan``: ``layers/attn/q_proj/kernel (L, in, out)``) get scales per layer
+and output channel, static ranges and LSQ steps per layer (``(L,)``, calibrated on the unrolled
+twin: :mod:`peftjax.quant.stacked`). A tied embedding (``quant.embeddings``; the Llama LM's
+``embed/embedding``, also its output layer through ``attend``) is quantized once with one scale
+per row: the lookup reads ``int8 row · row scale``, and ``attend``'s output channels are those
+rows, so both uses share the one grid; ``attend``'s input is quantized per call ('per_token' or
+'dynamic': no calibrated range).
 """
 from __future__ import annotations
 
@@ -33,14 +44,16 @@ from jax.sharding import PartitionSpec as P
 
 from peftjax import tree as tree_lib
 from peftjax.errors import ConfigError
+from peftjax.peft import layers
 from peftjax.peft.base import Method
 from peftjax.peft.base import layer_scope
 from peftjax.peft.lora import Site
 from peftjax.peft.lora import find_sites
 from peftjax.quant import observers
 from peftjax.quant import ops
+from peftjax.quant import stacked
 
-ACTIVATIONS = ('dynamic', 'static', 'lsq', 'none')
+ACTIVATIONS = ('dynamic', 'per_token', 'static', 'lsq', 'none')
 OF = ('base', 'effective')
 _MATMULS = (nn.Dense, nn.DenseGeneral, nn.Conv)  # layers whose input activations are quantized
 _ACT_KINDS = ('dense', 'conv')
@@ -71,14 +84,22 @@ def check_config(q) -> None:
                       '(QLoRA keeps the stored base fixed and the adapter in float)')
 
 
-def weight_channel_axes(site: Site, per_channel: bool = True) -> tuple | None:
-  """The weight axes that get their own scale: the output features (rows for embeddings)."""
+def weight_channel_axes(site: Site, per_channel: bool = True) -> tuple:
+  """The weight axes that get their own scale: a stack's layer axes (``site.lead``, e.g. the
+  ``nn.scan`` axis of ``layers/...``: every layer has its own scales), then the output features
+  (rows for embeddings). Per tensor (``per_channel=False``) keeps only the layer axes.
+
+  >>> weight_channel_axes(Site('layers/q', 'dense', (64,), (32,), (2,), lead=(30,)))
+  (0, 2)
+  """
+  lead = tuple(range(len(site.lead)))
   if not per_channel:
-    return None
+    return lead
+  k = len(site.lead)
   if site.kind == 'embed':
-    return (0,)
+    return lead + (k,)
   n_in = len(site.in_shape)
-  return tuple(range(n_in, n_in + len(site.out_shape)))
+  return lead + tuple(range(k + n_in, k + n_in + len(site.out_shape)))
 
 
 def find_quant_sites(module, params, inputs, q) -> list[Site]:
@@ -176,7 +197,10 @@ def activation_scope(q, scales: dict | None = None, lsq_steps: dict | None = Non
 
   The layers are recognised as they are called (type and kernel path), so nothing about the
   model is stored. ``scales`` (static: layer path -> ``(scale, zero_point)``) and ``lsq_steps``
-  (layer path -> step) are data; the static scales are held constant (``stop_gradient``).
+  (layer path -> step) are data; the static scales are held constant (``stop_gradient``). A
+  layer whose own parameters hold ``act_scale``/``act_zero`` (or ``act_step``) reads those
+  instead: :meth:`Quantized.layer_tree` puts them there, so a stacked layer (``nn.scan``) gets
+  its own layer's slice.
 
   >>> with activation_scope(config.quant):  # doctest: +SKIP  (dynamic ranges)
   ...   logits = model.apply({'params': params}, **inputs)
@@ -187,29 +211,68 @@ def activation_scope(q, scales: dict | None = None, lsq_steps: dict | None = Non
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
+    if context.method_name == 'attend' and isinstance(mod, nn.Embed):
+      if not pred(f"{'/'.join(mod.path)}/embedding", None):
+        return next_fun(*args, **kwargs)
+      # The tied output layer: its input (the final norm's output) has no calibrated range,
+      # so it is quantized per call whatever quant.activations says.
+      return _first_arg(next_fun, args, kwargs, lambda x: dynamic_fake_quant(x, q, (x.ndim - 1,)))
     if context.method_name != '__call__' or not isinstance(mod, _MATMULS):
       return next_fun(*args, **kwargs)
     path = '/'.join(mod.path)
     if not pred(f'{path}/kernel', None):
       return next_fun(*args, **kwargs)
     x = args[0] if args else next(iter(kwargs.values()))
+    own = layers.params(mod)  # a stacked layer's own slice (the method put it beside W)
     if q.activations == 'lsq':
+      step = own['act_step'] if 'act_step' in own else lsq_steps[path]
       # The optimizer may push a step through zero; LSQ needs it positive.
-      step = jnp.maximum(lsq_steps[path], ops.MIN_SCALE).astype(x.dtype)
+      step = jnp.maximum(step, ops.MIN_SCALE).astype(x.dtype)
       xq = ops.lsq_fake_quant(x, step, q.act_bits)
     elif q.activations == 'static':
-      if path not in scales:
+      if all(k in own for k in _STATIC):
+        pair = tuple(own[k] for k in _STATIC)
+      elif path in scales:
+        pair = scales[path]
+      else:
         raise KeyError(f'no calibrated activation range for {path}')
-      scale, zero = (jax.lax.stop_gradient(v).astype(x.dtype) for v in scales[path])
+      scale, zero = (jax.lax.stop_gradient(v).astype(x.dtype) for v in pair)
       xq = ops.fake_quant(x, scale, zero, q.act_bits, q.act_symmetric)
     else:
-      xq = ops.fake_quant_minmax(x, q.act_bits, symmetric=q.act_symmetric)
-    if args:
-      return next_fun(xq, *args[1:], **kwargs)
-    first = next(iter(kwargs))
-    return next_fun(**{**kwargs, first: xq})
+      if q.activations == 'per_token' and isinstance(mod, nn.Conv):
+        raise ConfigError(f"quant.activations='per_token' is invalid for the convolution {path}; "
+                          "valid: 'dynamic', 'static', 'lsq' or 'none'")
+      xq = dynamic_fake_quant(x, q, layers.contracted_axes(mod, x.ndim))
+    return _first_arg(next_fun, args, kwargs, lambda _: xq)
 
   return nn.intercept_methods(interceptor)
+
+
+def _first_arg(next_fun, args, kwargs, fn):
+  """``next_fun`` with its first argument ``x`` replaced by ``fn(x)``."""
+  if args:
+    return next_fun(fn(args[0]), *args[1:], **kwargs)
+  first = next(iter(kwargs))
+  return next_fun(**{**kwargs, first: fn(kwargs[first])})
+
+
+def token_axes(ndim: int, x_axes) -> tuple | None:
+  """The axes of an input that keep their own scale under 'per_token': all but the contracted
+  ones (a Dense's ``(batch, length, in)`` -> ``(0, 1)``: one scale per token).
+
+  >>> token_axes(3, (2,))
+  (0, 1)
+  """
+  x_axes = {a % ndim for a in x_axes}
+  return tuple(a for a in range(ndim) if a not in x_axes)
+
+
+def dynamic_fake_quant(x, q, x_axes):
+  """``x`` fake-quantized from its own min/max: one scale per token with
+  ``quant.activations='per_token'`` (``x_axes``: the axes the layer contracts), else one for
+  the whole tensor (the batch: a row's grid then depends on the other rows)."""
+  keep = token_axes(x.ndim, x_axes) if q.activations == 'per_token' else None
+  return ops.fake_quant_minmax(x, q.act_bits, symmetric=q.act_symmetric, channel_axes=keep)
 
 
 def _signature(tree) -> tuple:
@@ -228,7 +291,8 @@ def _sites_for(module, params_sig: tuple, inputs_sig: tuple, targets, embeddings
   call made inside such a context would show them abstract values).
   """
   params = tree_lib.unflatten({p: jax.ShapeDtypeStruct(s, d) for p, s, d in params_sig})
-  inputs = {p: np.zeros(s, d) for p, s, d in inputs_sig}  # numpy: never staged into a trace
+  # numpy: never staged into a trace; nested inputs (a decode step's cache) keep their nesting.
+  inputs = tree_lib.unflatten({p: np.zeros(s, d) for p, s, d in inputs_sig})
   q = types.SimpleNamespace(targets=targets if isinstance(targets, str) else list(targets),
                             embeddings=embeddings)
   return tuple(find_quant_sites(module, params, inputs, q))
@@ -308,9 +372,10 @@ class Quantized(Method):
     if not self.lsq:
       return inner
     # Placeholder steps; calibrate() sets them from real activations before training.
+    # One step per layer (a stack's layers each have their own: shape ``site.lead``).
     return {'method': inner,
-            'lsq': tree_lib.unflatten({f'{p}/act_step': jnp.ones((), jnp.float32)
-                                       for p in act_paths(sites)})}
+            'lsq': tree_lib.unflatten({f'{s.path}/act_step': jnp.ones(s.lead, jnp.float32)
+                                       for s in sites if s.kind in _ACT_KINDS})}
 
   def prepare_base(self, base_params, peft_params, *, module=None, inputs=None) -> dict:
     """The inner method's base; with QLoRA its frozen quantized weights stored in int8.
@@ -363,9 +428,19 @@ class Quantized(Method):
     sample = {k: batches[0][k] for k in input_keys}
     base = self.forward_base(base_params, peft_params, quantize=False, module=module,
                              inputs=sample)
-    fwd = lambda p, b: apply(module, self.inner, p, inner, {k: b[k] for k in input_keys})
     sites = self.sites(module, base, sample)
-    ranges = calibrate_ranges(fwd, base, sites, batches, self.q)
+    if stacked.is_stacked(sites):
+      # Observed per layer on the unrolled twin, which runs plain weights: the method merged.
+      try:
+        merged = self.inner.merge(base, inner)
+      except NotImplementedError as e:
+        raise ConfigError(f'quant.activations={self.q.activations!r} on stacked layers '
+                          f'calibrates the merged model; peft.method={self.inner.name!r} does '
+                          f"not merge ({e}); valid: quant.activations='dynamic'") from None
+      ranges = stacked.calibrate(module, merged, sites, batches, self.q, input_keys)
+    else:
+      fwd = lambda p, b: apply(module, self.inner, p, inner, {k: b[k] for k in input_keys})
+      ranges = calibrate_ranges(fwd, base, sites, batches, self.q)
     if self.static:
       scales = static_scales(ranges, self.q)
       return {'method': inner, 'static': tree_lib.unflatten(
@@ -432,9 +507,15 @@ class Quantized(Method):
       yield
 
   def layer_tree(self, peft_params) -> dict:
-    if self.qat and self.q.of == 'effective':  # the method is merged into the weights
-      return {}
-    return self.inner.layer_tree(self._parts(peft_params)[0])
+    """The inner method's layer leaves (none with 'effective': it is merged into the weights)
+    and the activation quantizers' (``act_step``, ``act_scale``, ``act_zero``), which mirror
+    the layers too: beside the kernel, a stacked layer reads its own layer's slice."""
+    inner, lsq, static = self._parts(peft_params)
+    own = {} if (self.qat and self.q.of == 'effective') else self.inner.layer_tree(inner)
+    quantizers = lsq if lsq is not None else static
+    if quantizers is None:
+      return own
+    return tree_lib.unflatten({**tree_lib.flatten(own), **tree_lib.flatten(quantizers)})
 
   def merge(self, base_params, peft_params) -> dict:
     """The float model with the method folded in (QLoRA: from the dequantized base)."""
