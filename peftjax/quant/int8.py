@@ -78,7 +78,8 @@ class Int8Model:
     """A decode step of this model (a causal LM honouring the cache contract of
     :mod:`peftjax.generation.decode`): its weights are arguments of the compiled programs.
 
-    >>> out = generation.generate(model.step(), make_cache, ids, lengths, max_new_tokens=8)  # doctest: +SKIP
+    >>> step = model.step()                                               # doctest: +SKIP
+    >>> out = generation.generate(step, make_cache, ids, lens, max_new_tokens=8)  # doctest: +SKIP
     """
     from peftjax import generation  # pylint: disable=g-import-not-at-top  (generation is below)
     return generation.model_step(self.as_module(), self.merged_params())
@@ -255,7 +256,8 @@ def with_qparams(params: dict, qparams: dict) -> dict:
   layer call reads its own from its variables, so a stacked layer (``nn.scan``) gets its
   layer's slice of the scales, as of the weights.
 
-  >>> with_qparams({'d': {'kernel': wq}}, {'d': {'w_scale': s}})['d']['w_scale'] is s  # doctest: +SKIP
+  >>> tree = with_qparams({'d': {'kernel': wq}}, {'d': {'w_scale': s}})  # doctest: +SKIP
+  >>> tree['d']['w_scale'] is s                                          # doctest: +SKIP
   True
   """
   flat = tree_lib.flatten(params)
