@@ -291,6 +291,20 @@ def load_peft_llama(adapter_dir: str | os.PathLike, cfg) -> tuple[dict, dict[str
   return {'base': tree_lib.unflatten(base), 'peft': tree_lib.unflatten(flat)}, info
 
 
+def with_tables(base_params: dict, tables: dict) -> dict:
+  """``base_params`` with the embedding tables an adapter replaces (``trainable['base']``).
+
+  >>> params = with_tables(params, trainable['base'])  # doctest: +SKIP
+  """
+  flat = tree_lib.flatten(base_params)
+  for path, value in tree_lib.flatten(tables).items():
+    if path not in flat or tuple(np.shape(flat[path])) != tuple(np.shape(value)):
+      raise PeftFormatError(f'the adapter replaces {path!r} {np.shape(value)}, which the base '
+                            f'has as {np.shape(flat.get(path)) if path in flat else "nothing"}')
+    flat[path] = value
+  return tree_lib.unflatten(flat)
+
+
 def is_causal_lm_adapter(adapter_dir: str | os.PathLike) -> bool:
   """Whether ``adapter_dir`` holds a PEFT adapter whose ``adapter_config.json`` says
   ``task_type='CAUSAL_LM'`` (anything unreadable: False, for the caller's own checks to name).

@@ -272,7 +272,6 @@ def merged_from_peft_dir(adapter_dir: str | os.PathLike, *, base: str = ''):
 
   >>> cfg, params, tok, info = merged_from_peft_dir('/tmp/lm_peft', base='')  # doctest: +SKIP
   """
-  from peftjax import tree as tree_lib  # pylint: disable=g-import-not-at-top
   from peftjax.hf import peft_llama_import  # pylint: disable=g-import-not-at-top
   from peftjax.models.lm_build import build_lm  # pylint: disable=g-import-not-at-top
   if base and not pathlib.Path(base).expanduser().exists():
@@ -283,7 +282,7 @@ def merged_from_peft_dir(adapter_dir: str | os.PathLike, *, base: str = ''):
   built, tokenizer = build_lm(model_cfg)
   cfg = built.module.cfg
   trainable, info = peft_llama_import.load_peft_llama(adapter_dir, cfg)
-  params = tree_lib.combine(jax.device_get(built.params), trainable['base'])
+  params = peft_llama_import.with_tables(jax.device_get(built.params), trainable['base'])
   method = peft_llama_import.lora_method(info)
   return cfg, method.merge(params, trainable['peft']), tokenizer, info
 

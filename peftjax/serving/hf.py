@@ -34,6 +34,7 @@ from peftjax.hf import save_peft_adapter
 from peftjax.hf.peft_lora import PeftFormatError
 from peftjax.hf.peft_llama_import import load_peft_llama
 from peftjax.hf.peft_llama_import import peft_config as lm_peft_config
+from peftjax.hf.peft_llama_import import with_tables
 from peftjax.models.bert import BertClassifier
 from peftjax.models.hf_bert import CheckpointError
 from peftjax.models.hf_bert import check_model_dir
@@ -256,5 +257,5 @@ def lm_step_from_peft(module, base_params: dict, adapter_dir: str | pathlib.Path
   from peftjax import peft  # pylint: disable=g-import-not-at-top
   trainable, cfg, info = lm_adapter_from_peft(adapter_dir, module.cfg)
   method = peft.build(ml_collections.ConfigDict(cfg))
-  params = tree_lib.combine(base_params, trainable['base'])
+  params = with_tables(base_params, trainable['base'])
   return generation.method_step(module, method, params, trainable['peft']), info
