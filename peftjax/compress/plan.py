@@ -3,8 +3,9 @@
 :func:`prepare` runs once, after the model is built and before the PEFT method sees it:
 
 1. ``init_from``: the base becomes a finished run's trained model (its method merged in).
-2. ``distill``: a finished run becomes the teacher; the student is built from its layers
-   (``student_layers``) or is the configured model.
+2. ``distill``: a finished run becomes the teacher (or, for a causal LM, ``'pretrained'``: the
+   model the run starts from); the student is built from its layers (``student_layers``: BERT's
+   or a Llama LM's, see :mod:`peftjax.compress.lm_distill`) or is the configured model.
 3. ``prune.kind = heads | ffn``: attention heads / FFN channels are removed (a smaller model).
 4. ``lowrank``: selected kernels become two SVD factors (two matmuls, fewer parameters).
 5. ``prune.kind = magnitude | nm``: the masks at step 0.
@@ -26,6 +27,7 @@ import optax
 
 from peftjax import tree as tree_lib
 from peftjax.compress import distill as distill_lib
+from peftjax.compress import lm_distill
 from peftjax.compress import lowrank
 from peftjax.compress import prune as prune_lib
 from peftjax.compress import structured
@@ -33,6 +35,7 @@ from peftjax.errors import ConfigError
 from peftjax.models.bert import BertClassifier
 from peftjax.models.build import Built
 from peftjax.models.build import sample_inputs
+from peftjax.models.llama import LlamaForCausalLM
 
 PRUNE_KINDS = ('none', 'magnitude', 'nm', 'heads', 'ffn')
 SCORES = ('magnitude', 'first_order')
@@ -83,9 +86,20 @@ def validate(cc) -> None:
   huffman.check_gap_bits(cc.share.gap_bits, 'compress.share.gap_bits')
 
 
+# compress.distill.teacher: the model the run starts from is the teacher (a causal LM's
+# pretrained model is a teacher as it is; a classifier's would have an untrained head).
+PRETRAINED_TEACHER = 'pretrained'
+
+
+def _sample(built: Built, image_shape=None) -> dict:
+  """Dummy inputs of the keys ``built`` reads (a causal LM reads no token types)."""
+  inputs = sample_inputs(built.input_keys, image_shape=image_shape)
+  return {k: v for k, v in inputs.items() if k in built.input_keys} or inputs
+
+
 def rebuild(built: Built, module: nn.Module, params: dict, image_shape=None) -> Built:
   """``built`` with another module and parameters; logical specs from the module's shapes."""
-  inputs = sample_inputs(built.input_keys, image_shape=image_shape)
+  inputs = _sample(built, image_shape)
   boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs)['params'])
   return dataclasses.replace(built, module=module, params=params,
                              logical_specs=nn.get_partition_spec(boxed))
@@ -105,7 +119,7 @@ def _check_teacher_fits(teacher: Built, student: Built, path: str, image_shape=N
   if tuple(teacher.input_keys) != tuple(student.input_keys):
     raise ConfigError(f'compress.distill.teacher={path!r} reads {teacher.input_keys}; the '
                       f'student reads {student.input_keys}: a teacher must take the same inputs')
-  inputs = sample_inputs(student.input_keys, image_shape=image_shape)
+  inputs = _sample(student, image_shape)
   shape = lambda b: jax.eval_shape(
       lambda p: _apply(b, p, inputs), b.params).shape
   t, s = shape(teacher), shape(student)
@@ -198,16 +212,34 @@ def prepare(config, built: Built, data, load_run: Callable[[str], tuple[Any, Bui
     plan.report['init_from'] = cc.init_from
 
   if cc.distill.teacher:
-    _, teacher = load_run(cc.distill.teacher)
-    _check_teacher_fits(teacher, built, cc.distill.teacher, data.info.image_shape)
+    d = cc.distill
+    causal = isinstance(built.module, LlamaForCausalLM)
+    if d.teacher == PRETRAINED_TEACHER:
+      if not causal:
+        raise ConfigError(f"compress.distill.teacher='{PRETRAINED_TEACHER}' is for a causal LM "
+                          f'(its pretrained model is a teacher as it is); this model is '
+                          f'{type(built.module).__name__}, whose head is untrained; valid: the '
+                          'workdir of a finished run')
+      teacher = built
+    else:
+      _, teacher = load_run(d.teacher)
+    _check_teacher_fits(teacher, built, d.teacher, data.info.image_shape)
+    if causal and (d.hidden_weight or d.attention_weight):
+      raise ConfigError(f'compress.distill.hidden_weight={d.hidden_weight}, attention_weight='
+                        f'{d.attention_weight}: layer matching is for BERT; valid for a causal '
+                        'LM: 0 (its KD matches the logits of the completion tokens)')
     plan.teacher = teacher
-    layers = cc.distill.student_layers
+    layers = d.student_layers
     if layers:
-      t_cfg = _bert_cfg(teacher, 'compress.distill.student_layers')
       layers = layers if isinstance(layers, str) else tuple(layers)
-      student = distill_lib.student_from_teacher(t_cfg, teacher.params, layers)
+      if isinstance(teacher.module, LlamaForCausalLM):
+        student = lm_distill.student_from_teacher(teacher.module.cfg, teacher.params, layers)
+      else:
+        t_cfg = _bert_cfg(teacher, 'compress.distill.student_layers')
+        student = distill_lib.student_from_teacher(t_cfg, teacher.params, layers)
       built = rebuild(built, teacher.module.clone(cfg=student.cfg), student.params)
-      built = dataclasses.replace(built, source=f'{cc.distill.teacher} (layers {layers})')
+      origin = teacher.source if d.teacher == PRETRAINED_TEACHER else d.teacher
+      built = dataclasses.replace(built, source=f'{origin} (layers {layers})')
       plan.layer_map = student.layer_map
     plan.report['distill'] = {'teacher': cc.distill.teacher,
                               'teacher_params': tree_lib.count(teacher.params),
