@@ -284,8 +284,9 @@ def _load_run(workdir: str):
 
   def build() -> Loaded:
     step = generation.method_step(module, setup.method, params['base'], params['peft'])
-    return Loaded(cfg, step, functools.partial(init_cache, cfg), tokenizer, stops, pad,
-                  str(workdir))
+    make_cache = generation.method_cache(functools.partial(init_cache, cfg), module,
+                                         setup.method, params['base'], params['peft'])
+    return Loaded(cfg, step, make_cache, tokenizer, stops, pad, str(workdir))
   return cfg, tokenizer, build
 
 

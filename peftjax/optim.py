@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import optax
 
 from peftjax import tree as tree_lib
@@ -83,12 +84,18 @@ def path_factors(multipliers=(), *, layer_decay: float = 1.0, num_layers: int = 
   """``path -> learning-rate factor`` from config: regex multipliers, then layer-wise decay.
 
   The first matching ``(regex, factor)`` wins; otherwise, with ``layer_decay < 1``, a path under
-  ``layer_i/`` gets ``decay**(num_layers - i)`` and one under ``embeddings/`` gets
+  ``layer_i/`` gets ``decay**(num_layers - i)`` and one under ``embeddings/`` (BERT) or
+  ``embed/`` (the Llama LM, whose tied table is also its output layer) gets
   ``decay**(num_layers + 1)`` (Howard & Ruder, 2018; Clark et al., 2020); everything else 1.
+  A leaf of a scanned stack (under ``layers/``, its first axis the layer) gets the array of
+  its layers' factors, ``decay**(num_layers - i)`` for ``i = 0..num_layers-1``, which
+  :func:`scale_by_path` applies slice by slice.
 
   >>> f = path_factors(layer_decay=0.5, num_layers=2)
   >>> f('encoder/layer_1/attention/query/lora_a'), f('encoder/embeddings/layer_norm/bias')
   (0.5, 0.125)
+  >>> f('layers/attn/q_proj/kernel')
+  array([0.25, 0.5 ])
   """
   rules = [(tree_lib.make_selector(r), f) for r, f in check_multipliers(multipliers)]
 
@@ -100,7 +107,9 @@ def path_factors(multipliers=(), *, layer_decay: float = 1.0, num_layers: int = 
       m = _LAYER.search(path)
       if m:
         return layer_decay ** (num_layers - int(m.group(1)))
-      if '/embeddings/' in f'/{path}':
+      if _STACK.search(path):
+        return layer_decay ** (num_layers - np.arange(num_layers, dtype=np.float64))
+      if '/embeddings/' in f'/{path}' or '/embed/' in f'/{path}':
         return layer_decay ** (num_layers + 1)
     return 1.0
 
@@ -108,6 +117,7 @@ def path_factors(multipliers=(), *, layer_decay: float = 1.0, num_layers: int = 
 
 
 _LAYER = re.compile(r'(?:^|/)layer_(\d+)/')
+_STACK = re.compile(r'(?:^|/)layers/')  # a scanned layer stack: the leaves' first axis is the layer
 
 
 def scale_by_path(factor) -> optax.GradientTransformation:
@@ -118,10 +128,19 @@ def scale_by_path(factor) -> optax.GradientTransformation:
   ``scale_by_path(path_factors((('lora_b$', 16.0),)))``. Stateless: factors are Python constants
   resolved from the static paths at trace time.
   """
+  def scaled(path, u):
+    f = factor(path)
+    if np.ndim(f) == 0:
+      return u if f == 1.0 else u * f
+    f = np.asarray(f, np.float32)  # per-layer factors of a stacked leaf, along its first axis
+    if u.ndim == 0 or u.shape[0] != f.shape[0]:
+      raise ValueError(f'{path}: {f.shape[0]} per-layer learning-rate factors for a leaf of '
+                       f'shape {u.shape}; valid: a stacked leaf whose first axis is the layer')
+    return u * f.reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype)
+
   def update_fn(updates, state, params=None):
     del params
-    return tree_lib.map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u,
-                                  updates), state
+    return tree_lib.map_with_path(scaled, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 

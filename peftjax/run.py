@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -207,9 +208,12 @@ def make_generator(setup: Setup, gen_cfg=None):
 
   def texts(trainable, frozen, prompt_ids, prompt_lengths, max_new_tokens: int, seed: int = 0):
     base = tree_lib.combine(frozen, trainable['base'])
-    step = generation.method_step(setup.built.module, setup.method, base, trainable['peft'])
+    module = setup.built.module
+    step = generation.method_step(module, setup.method, base, trainable['peft'])
+    make_cache = generation.method_cache(functools.partial(init_cache, cfg), module,
+                                         setup.method, base, trainable['peft'])
     out = generation.generate(
-        step, lambda b, n: init_cache(cfg, b, n), prompt_ids, prompt_lengths,
+        step, make_cache, prompt_ids, prompt_lengths,
         max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stops,
         pad_id=tok.pad_id or 0, rng=seed, max_positions=cfg.max_position)
     return [tok.decode([int(t) for t in ids[:n] if int(t) not in stops])

@@ -38,8 +38,12 @@ def check_targets(schedule, base_params) -> None:
   paths = tree_lib.paths(base_params)
   for start, regex in check_schedule(schedule):
     if not tree_lib.select(base_params, regex):
+      stacked = any(p.startswith('layers/') for p in paths)
+      hint = (' (the layers are one scanned stack, layers/..., whose leaves hold every layer: '
+              'per-layer groups need --config.model.scan_layers=False, which names them '
+              'layer_<i>/...)' if stacked else '')
       raise ConfigError(f'train.unfreeze group ({start}, {regex!r}) matches no base parameter; '
-                        f'closest paths: {tree_lib.closest_paths(regex, paths)}')
+                        f'closest paths: {tree_lib.closest_paths(regex, paths)}{hint}')
 
 
 def selector(base: tree_lib.Selector, schedule, update: int) -> tree_lib.Selector:

@@ -13,6 +13,8 @@ from peftjax.generation.decode import cache_batch_axes
 from peftjax.generation.decode import compile_count
 from peftjax.generation.decode import generate
 from peftjax.generation.decode import length_bucket
+from peftjax.generation.decode import method_cache
+from peftjax.generation.decode import method_prefix
 from peftjax.generation.decode import method_step
 from peftjax.generation.decode import model_step
 from peftjax.generation.decode import shared_prefix

@@ -198,6 +198,40 @@ def method_step(module, method, base_params, peft_params) -> jax.tree_util.Parti
   return jax.tree_util.Partial(_MethodStep(module, method), base_params, peft_params)
 
 
+def method_prefix(module, method, base_params, peft_params):
+  """The prefix ``method`` puts before every sequence of ``module`` (prompt or prefix tuning:
+  ``prefix_kv``'s layout, see :mod:`peftjax.models.llama`), or None (a method whose
+  ``adds_prefix`` is false): one forward of a single token through the method, reading what the
+  model's hook sowed (``intermediates/prefix``).
+
+  >>> method_prefix(model, peft.build(cfg.peft), base, trained['peft']).shape  # doctest: +SKIP
+  (30, 2, 20, 3, 64)
+  """
+  from peftjax import peft  # pylint: disable=g-import-not-at-top  (generation is below peft)
+  if not getattr(method, 'adds_prefix', False):
+    return None
+  one = {'input_ids': jnp.zeros((1, 1), jnp.int32)}
+  _, _, found = peft.apply(module, method, base_params, peft_params, one,
+                           capture=lambda mdl, name: False)  # only what was sown
+  prefix = found.get('prefix')
+  return None if prefix is None else prefix[0]
+
+
+def method_cache(make_cache: Callable[..., Any], module, method, base_params, peft_params):
+  """``make_cache(batch, max_len)`` for decoding ``module`` through ``method``: with the
+  method's prefix (:func:`method_prefix`) computed once, here, and put in every cache
+  (``make_cache(..., prefix_kv=...)``, as :func:`peftjax.models.llama.init_cache` takes it), so
+  prefill and decode attend it without recomputing it; ``make_cache`` itself for a method
+  without one.
+
+  >>> cache_fn = method_cache(functools.partial(init_cache, cfg), model, method, base, p)  # doctest: +SKIP
+  """
+  prefix = method_prefix(module, method, base_params, peft_params)
+  if prefix is None:
+    return make_cache
+  return functools.partial(make_cache, prefix_kv=prefix)
+
+
 def _gathering(step, input_ids, positions, cache, logits_at=None):
   """A step without ``logits_at``: its full logits, gathered at ``logits_at``."""
   return _gather(step(input_ids, positions, cache), logits_at)

@@ -208,7 +208,7 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, segments, cache=None):
+  def __call__(self, x, positions, segments, cache=None, prefix=None):
     cfg = self.cfg
     b, t, _ = x.shape
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -237,10 +237,22 @@ class Attention(nn.Module):
     qg = q.reshape(b, t, kvh, g, d)
     scores = jnp.einsum('btkgd,bskd->bkgts', qg, keys.astype(q.dtype)).astype(jnp.float32)
     scores = scores / math.sqrt(d)
-    scores = jnp.where(_mask(positions, k_pos, q_seg, k_seg, cfg.sliding_window), scores,
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', probs, values.astype(cfg.dtype)).reshape(b, t, h * d)
+    low = jnp.finfo(jnp.float32).min
+    scores = jnp.where(_mask(positions, k_pos, q_seg, k_seg, cfg.sliding_window), scores, low)
+    if prefix is None:
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+      out = jnp.einsum('bkgts,bskd->btkgd', probs, values.astype(cfg.dtype))
+    else:
+      # One softmax over [prefix keys, token keys]; the prefix is scored apart and never
+      # concatenated with the keys, which in decoding would copy the layer's cache every step.
+      pk, pv = (jnp.broadcast_to(prefix[n], (b,) + prefix[n].shape[1:]) for n in ('k', 'v'))
+      p_scores = jnp.einsum('btkgd,bnkd->bkgtn', qg, pk.astype(q.dtype)).astype(jnp.float32)
+      p_scores = jnp.where(prefix['mask'][:, None, None, None, :], p_scores / math.sqrt(d), low)
+      n = pk.shape[1]
+      probs = jax.nn.softmax(jnp.concatenate([p_scores, scores], -1), axis=-1).astype(cfg.dtype)
+      out = (jnp.einsum('bkgtn,bnkd->btkgd', probs[..., :n], pv.astype(cfg.dtype))
+             + jnp.einsum('bkgts,bskd->btkgd', probs[..., n:], values.astype(cfg.dtype)))
+    out = out.reshape(b, t, h * d)
     out = _constrain(out, ('batch', 'length', 'heads'))
     out = dense(cfg.hidden_size, 'o_proj', ('heads', 'embed'), False)(out)
     return out, new_cache
@@ -277,20 +289,21 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  Called as ``(carry, _) -> (carry, {})`` so that ``nn.scan`` can stack it; the carry is
-  ``(x, positions, segments, cache)``, the cache (see :class:`Attention`) or None.
+  Called as ``(carry, prefix) -> (carry, {})`` so that ``nn.scan`` can stack it; the carry is
+  ``(x, positions, segments, cache)``, the cache (see :class:`Attention`) or None, and
+  ``prefix`` this layer's ``{'k', 'v', 'mask'}`` key/value prefix or ``{}``.
   """
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, carry, unused):
-    del unused
+  def __call__(self, carry, prefix):
     cfg = self.cfg
     x, positions, segments, cache = carry
     if cfg.grad_barrier:
       x = grad_barrier(x)
     attn, cache = Attention(cfg, name='attn')(
-        RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='attn_norm')(x), positions, segments, cache)
+        RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='attn_norm')(x), positions, segments, cache,
+        prefix or None)
     x = _constrain(x + attn, ('batch', 'length', 'embed'))
     x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='mlp_norm')(x))
     x = _constrain(x, ('batch', 'length', 'embed'))
@@ -319,13 +332,33 @@ class LlamaForCausalLM(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-               deterministic: bool = True, logits_at=None):
+               deterministic: bool = True, logits_at=None, prompt_embeds=None, prefix_kv=None,
+               prefix_mask=None):
     """Logits (B, T, vocab); ``(logits, new cache)`` when ``cache`` is given.
 
     ``logits_at`` (B, K) int: the output layer runs only at those indices of the T axis and the
     logits are (B, K, vocab). Prefill needs one position per row, and the output layer is a
     fifth of a small model's FLOPs per token (49,152 x 576 of SmolLM2's ~135M).
     ``deterministic`` is accepted for the loop's sake; the model has no dropout.
+
+    The two hook points of prompt and prefix tuning (:mod:`peftjax.peft.hooks`):
+
+    * ``prefix_kv`` (layers, 2, n, kv_heads, head_dim), or (layers, B, 2, n, ...) one per row:
+      keys and values every query of the layer attends before its own row's tokens (padding
+      stays masked; the sliding window does not apply to them). Keys are used as given (no
+      rotation): a prefix has no position. Grouped-query models take one per *key/value* head.
+    * ``prompt_embeds`` (n, D): soft tokens in front of every row (of every packed sequence).
+      They run through the layers at positions ``-n..-1`` attending only each other, and the
+      text attends their keys and values as a prefix: exactly the model on ``[prompts; text]``
+      with the text at positions ``n..`` (RoPE scores depend only on distances). The logits
+      are the text's alone, so the task reads them unchanged.
+
+    ``prefix_mask`` (B, n) bool marks each row's valid prefix slots (per-row prefixes of
+    different lengths, padded to one ``n``); default all valid. With a ``cache``, the prefix is
+    the cache's own (``init_cache(prefix_kv=...)``): it was computed once, before prefill, and
+    decoding never recomputes it; hook values passed with such a cache must have its length,
+    and a cache without a prefix refuses them. The prefix a forward computed is sown as
+    ``intermediates/prefix`` (see :func:`prefix_of`).
     """
     del deterministic
     cfg = self.cfg
@@ -335,20 +368,28 @@ class LlamaForCausalLM(nn.Module):
     segments = None if attention_mask is None else attention_mask.astype(jnp.int32)
     embed = TableEmbed(cfg.vocab_size, cfg.hidden_size, name='embed', dtype=cfg.dtype,
                      embedding_init=_init(('vocab', 'embed')))
-    x = _constrain(embed(input_ids), ('batch', 'length', 'embed'))
-    kv = None if cache is None else {'k': cache['k'], 'v': cache['v'], 'layer': jnp.int32(0)}
-    carry = (x, positions, segments, kv)
     block = _block_class(cfg)
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=0, length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
-      carry, _ = stack(cfg, name='layers')(carry, {})
+                      metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+      run = lambda carry, xs: stack(carry, xs)[0]
     else:
-      for i in range(cfg.num_layers):
-        carry, _ = block(cfg, name=f'layer_{i}')(carry, {})
-    x, kv = carry[0], carry[3]
-    new_cache = None if kv is None else {'k': kv['k'], 'v': kv['v']}
+      blocks = [block(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
+
+      def run(carry, xs):
+        for i, layer in enumerate(blocks):
+          carry, _ = layer(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+        return carry
+
+    prefix = self._prefix(run, b, cache, prompt_embeds, prefix_kv, prefix_mask)
+    x = _constrain(embed(input_ids), ('batch', 'length', 'embed'))
+    kv = None if cache is None else {'k': cache['k'], 'v': cache['v'], 'layer': jnp.int32(0)}
+    xs = {} if prefix is None else {
+        'k': prefix['k'], 'v': prefix['v'],
+        'mask': jnp.broadcast_to(prefix['mask'], (cfg.num_layers,) + prefix['mask'].shape)}
+    x, _, _, kv = run((x, positions, segments, kv), xs)
+    new_cache = None if kv is None else {**cache, 'k': kv['k'], 'v': kv['v']}
     if logits_at is not None:
       x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, name='norm')(x)
@@ -360,16 +401,120 @@ class LlamaForCausalLM(nn.Module):
     logits = _constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
     return logits if cache is None else (logits, new_cache)
 
+  def _prefix(self, run, b, cache, prompt_embeds, prefix_kv, prefix_mask):
+    """This forward's ``{'k', 'v'}`` (layers, 1 or B, n, kv_heads, head_dim) and ``'mask'``
+    (B, n), or None: the cache's, else the hooks' (prompts run through ``run``, the stack)."""
+    cfg = self.cfg
+    n_hook = ((0 if prompt_embeds is None else prompt_embeds.shape[0])
+              + (0 if prefix_kv is None else prefix_kv.shape[-3]))
+    if cache is not None and 'prefix_k' in cache:
+      n = cache['prefix_k'].shape[2]
+      if n_hook and n_hook != n:
+        raise ValueError(f'the cache holds a prefix of {n} slots, the prompt_embeds/prefix_kv '
+                         f'given are {n_hook}; valid: the hook values the cache was made with')
+      return {'k': cache['prefix_k'], 'v': cache['prefix_v'], 'mask': cache['prefix_mask']}
+    if not n_hook:
+      return None
+    if cache is not None:
+      raise ValueError('prompt_embeds/prefix_kv with a cache that holds no prefix: in decoding '
+                       'the prefix lives in the cache, computed once; make it with '
+                       'init_cache(cfg, batch, length, prefix_kv=prefix_of(...))')
+    parts = []
+    if prompt_embeds is not None:
+      parts.append(self._prompt_kv(run, prompt_embeds))
+    if prefix_kv is not None:
+      parts.append(_split_kv(prefix_kv, cfg, b))
+    rows = max(k.shape[1] for k, _ in parts)
+    k, v = (jnp.concatenate([jnp.broadcast_to(p[j], p[j].shape[:1] + (rows,) + p[j].shape[2:])
+                             for p in parts], axis=2) for j in (0, 1))
+    self.sow('intermediates', 'prefix', jnp.stack([k[:, 0], v[:, 0]], axis=1) if rows == 1
+             else jnp.stack([k, v], axis=2))
+    mask = jnp.ones((b, n_hook), bool) if prefix_mask is None else jnp.asarray(prefix_mask, bool)
+    if mask.shape != (b, n_hook):
+      raise ValueError(f'prefix_mask has shape {mask.shape}; valid: (batch, prefix length) = '
+                       f'{(b, n_hook)}')
+    return {'k': k, 'v': v, 'mask': mask}
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:
+  def _prompt_kv(self, run, prompts):
+    """The layers' keys and values of soft prompts (n, D) at positions ``-n..-1``."""
+    cfg = self.cfg
+    n = prompts.shape[0]
+    if prompts.ndim != 2 or prompts.shape[1] != cfg.hidden_size:
+      raise ValueError(f'prompt_embeds has shape {prompts.shape}; valid: (n, hidden_size='
+                       f'{cfg.hidden_size})')
+    # Run at positions 0..n-1 through a cache of n slots, then turn the keys back by n: RoPE
+    # is a rotation, so that is the keys at -n..-1 (the text keeps its positions from 0).
+    empty = init_cache(cfg, 1, n)
+    pos = jnp.arange(n, dtype=jnp.int32)[None]
+    x = _constrain(jnp.asarray(prompts, cfg.dtype)[None], ('batch', 'length', 'embed'))
+    _, _, _, kv = run((x, pos, None, {**empty, 'layer': jnp.int32(0)}), {})
+    keys = rope(kv['k'].reshape((-1, n) + kv['k'].shape[3:]),
+                jnp.full((cfg.num_layers, n), -n, jnp.int32), inv_frequencies(cfg))
+    return keys.reshape(kv['k'].shape), kv['v']
+
+  def prefix_layout(self) -> tuple[int, int, int, int]:
+    """``(num_layers, hidden, kv_heads, head_dim)``: the layout of this model's ``prefix_kv``
+    (prefix tuning reads it; no weights needed).
+
+    >>> LlamaForCausalLM(LlamaConfig(num_layers=2)).prefix_layout()
+    (2, 576, 3, 64)
+    """
+    cfg = self.cfg
+    return cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+
+
+def _split_kv(prefix_kv, cfg: LlamaConfig, b: int):
+  """``(k, v)`` (layers, 1 or B, n, kv_heads, head_dim) of a ``prefix_kv`` hook value."""
+  shape = tuple(prefix_kv.shape)
+  tail = (cfg.num_kv_heads, cfg.head_dim)
+  if len(shape) == 5 and shape[:2] == (cfg.num_layers, 2) and shape[3:] == tail:
+    return prefix_kv[:, 0][:, None], prefix_kv[:, 1][:, None]
+  if len(shape) == 6 and shape[:3] == (cfg.num_layers, b, 2) and shape[4:] == tail:
+    return prefix_kv[:, :, 0], prefix_kv[:, :, 1]
+  raise ValueError(f'prefix_kv has shape {shape}; valid: (layers={cfg.num_layers}, 2, n, '
+                   f'kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}) or (layers, '
+                   f'batch={b}, 2, n, kv_heads, head_dim)')
+
+
+def prefix_of(state) -> jax.Array | None:
+  """The prefix a forward computed (``prefix_kv`` layout), from its ``intermediates``; None if
+  it had none. The prefix of a prompt-/prefix-tuned model, computed once for decoding::
+
+    _, state = model.apply({'params': p}, ids, prompt_embeds=e, mutable=['intermediates'])
+    cache = init_cache(cfg, batch, length, prefix_kv=prefix_of(state))
+
+  >>> prefix_of({'intermediates': {}}) is None
+  True
+  """
+  found = state.get('intermediates', state).get('prefix')
+  return None if found is None else found[0]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
+               prefix_kv=None, prefix_mask=None) -> dict:
   """An empty KV cache: ``{'k', 'v'}`` of shape (layers, batch, max_len, kv_heads, head_dim).
+
+  With ``prefix_kv`` (the hook's layout, see :meth:`LlamaForCausalLM.__call__`; e.g.
+  :func:`prefix_of` a prompt-tuned forward) the cache also holds the prefix every query
+  attends, ``prefix_k``/``prefix_v`` (layers, batch, n, kv_heads, head_dim), and
+  ``prefix_mask`` (batch, n) (default all valid): computed once, it lives in the cache.
 
   >>> cache = init_cache(LlamaConfig(num_layers=2), batch=4, max_len=64)
   >>> cache['k'].shape
   (2, 4, 64, 3, 64)
   """
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  cache = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  if prefix_kv is None:
+    return cache
+  k, v = _split_kv(jnp.asarray(prefix_kv), cfg, batch)
+  n = k.shape[2]
+  full = (cfg.num_layers, batch, n, cfg.num_kv_heads, cfg.head_dim)
+  mask = jnp.ones((batch, n), bool) if prefix_mask is None else jnp.asarray(prefix_mask, bool)
+  if mask.shape != (batch, n):
+    raise ValueError(f'prefix_mask has shape {mask.shape}; valid: (batch, n) = {(batch, n)}')
+  return {**cache, 'prefix_k': jnp.broadcast_to(k, full).astype(dtype),
+          'prefix_v': jnp.broadcast_to(v, full).astype(dtype), 'prefix_mask': mask}
 
 
 # Logical axes of the cache (for placing it on a mesh).

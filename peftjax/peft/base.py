@@ -82,6 +82,9 @@ def build(peft_cfg) -> 'Method':
 class Method:
   """Base class: a method that trains nothing of its own and unfreezes ``trainable_base``."""
   name = 'base'
+  # Whether the method puts keys/values before every sequence through a model's hook (prompt,
+  # prefix tuning): decoding then computes that prefix once and keeps it in the KV cache.
+  adds_prefix = False
 
   def __init__(self, peft_cfg):
     self.cfg = peft_cfg
@@ -251,6 +254,7 @@ class Compose(Method):
     super().__init__(methods[0].cfg)
     self.methods = methods
     self.name = '+'.join(m.name for m in methods)
+    self.adds_prefix = any(m.adds_prefix for m in methods)
 
   @property
   def trainable_base(self):

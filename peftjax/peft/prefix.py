@@ -7,6 +7,14 @@ and the output length is unchanged. They reach the model through its ``prefix_kv
 interceptor, so the model never knows which method runs. Prefixes bypass the key/value
 projections: they *are* the keys and values, as in the paper.
 
+On the Llama LM (``LlamaForCausalLM``, which declares ``prefix_kv`` and ``prefix_layout()``)
+there is one prefix per *key/value* head (grouped-query attention shares them across each
+group of query heads), ``(num_layers, 2, n, kv_heads, head_dim)``; the keys carry no rotation.
+In generation they live in the KV cache (``init_cache(prefix_kv=...)``), written once before
+prefill (:func:`peftjax.generation.decode.method_cache`). The token init runs the tokens
+through the model's ``prompt_embeds`` hook: the keys and values of ``n`` real tokens placed
+before the text.
+
 Two parameterizations (``peft.prefix.reparam``):
 
 * ``True`` (the paper's, for stable training): an ``(n, D)`` embedding ``E`` and a two-layer MLP
@@ -74,6 +82,14 @@ def attention_shape(base_params) -> tuple[int, int, int, int]:
   return len(shapes), d, h, dh
 
 
+def layout(owner, base_params) -> tuple[int, int, int, int]:
+  """``(num_layers, D, heads, head_dim)`` of the prefixes the hooked module ``owner`` takes: its
+  own ``prefix_layout()`` if it has one (the Llama LM: one prefix per *key/value* head), else
+  read off BERT's key kernels (:func:`attention_shape`) in ``base_params``."""
+  fn = getattr(owner, 'prefix_layout', None)
+  return tuple(fn()) if callable(fn) else attention_shape(base_params)
+
+
 def _subtree(base_params, path: str):
   """The params under module path ``path`` ('' is the whole tree), as the hooked module sees
   them."""
@@ -92,7 +108,8 @@ def hook_owner(module, base_params, inputs) -> tuple[str, hooks.Survey]:
         f'`prefix_kv` keyword and puts the prefixes in front of its attention keys/values; '
         f'{s.model} has none (its forward calls {s.called_text()}), so the prefixes would '
         "reach nothing (a model's parameter names are not a hook). Valid: a model with such a "
-        "hook (e.g. peftjax's BERT, peftjax.models.BertClassifier / BertEncoder), or "
+        "hook (peftjax's BERT, peftjax.models.BertClassifier / BertEncoder, or its Llama LM, "
+        'peftjax.models.LlamaForCausalLM), or '
         'peft.method=prompt, which needs only an embedding layer on the token ids')
   path = s.hooks[_HOOK]
   try:
@@ -100,7 +117,7 @@ def hook_owner(module, base_params, inputs) -> tuple[str, hooks.Survey]:
   except (KeyError, TypeError):
     sub = base_params
   try:
-    attention_shape(sub)
+    layout(module if not path else None, sub)
   except ConfigError as e:
     raise ConfigError(f'peft.method=prefix: {s.model} declares the `prefix_kv` hook (at '
                       f'{path or "the model"!r}), but the hook reads its attention layout off '
@@ -116,6 +133,8 @@ def _token_key_values(module, base_params, inputs, n: int, rng, s=None) -> jax.A
   :class:`~peftjax.errors.ConfigError`.
   """
   owner, s = hook_owner(module, base_params, inputs) if s is None else s
+  if not owner and callable(getattr(module, 'prefix_layout', None)):
+    return _prompted_key_values(module, base_params, inputs, n, rng, s)
   flat = tree_lib.flatten(base_params)
   under = f'{owner}/' if owner else ''
   key_paths = sorted((int(m.group(1)), p[:-len('/kernel')]) for p in flat
@@ -168,6 +187,32 @@ def _token_key_values(module, base_params, inputs, n: int, rng, s=None) -> jax.A
   return kv.transpose(2, 0, 1, 3, 4).reshape(n, -1)
 
 
+def _prompted_key_values(module, base_params, inputs, n: int, rng, s) -> jax.Array:
+  """``(n, L * 2 * kv_heads * head_dim)``: the keys and values a model with its own prefix
+  layout (the Llama LM) computes for ``n`` random tokens placed before the text, read from the
+  prefix its ``prompt_embeds`` hook sows (``intermediates/prefix``, the ``prefix_kv``
+  layout)."""
+  if s.embed_shape is None or 'prompt_embeds' not in s.hooks:
+    raise ConfigError(f'peft.method=prefix initializes the prefixes from real tokens\' keys and '
+                      f'values through the model\'s prompt_embeds hook and input embedding; '
+                      f'{s.model} lacks one (hooks: {sorted(s.hooks)}, called: '
+                      f'{s.called_text()})')
+  vocab = s.embed_shape[0]
+  ids = jax.random.randint(rng, (n,), 0, vocab)
+  table = tree_lib.flatten(base_params)[f'{s.embed_path}/embedding']
+  named = {k: v[:1, :1] if tuple(np.shape(v))[:2] == s.token_shape[:2] else v
+           for k, v in inputs.items() if k not in ('cache', 'logits_at', 'positions')}
+  _, state = module.apply({'params': base_params}, **named, prompt_embeds=table[ids],
+                          mutable=['intermediates'], **hooks.mode(module))
+  found = state.get('intermediates', {}).get('prefix')
+  if found is None:
+    raise ConfigError(f'peft.method=prefix: {s.model}.prefix_layout exists but its forward '
+                      'sowed no intermediates/prefix; valid: a model whose prompt_embeds hook '
+                      'sows the prefix it computes (see peftjax/models/llama.py)')
+  kv = found[0]  # (L, 2, n, H, Dh)
+  return kv.transpose(2, 0, 1, 3, 4).reshape(n, -1)
+
+
 @register('prefix')
 class Prefix(Method):
   """Prefix tuning from config ``peft.prefix``: ``length``, ``reparam``, ``hidden``.
@@ -178,6 +223,8 @@ class Prefix(Method):
   >>> method.materialize(prefix, params)['prefix'].shape    # doctest: +SKIP
   (6, 2, 10, 12, 32)
   """
+
+  adds_prefix = True  # decoding keeps the prefix in the KV cache
 
   def __init__(self, peft_cfg):
     super().__init__(peft_cfg)
@@ -195,7 +242,8 @@ class Prefix(Method):
     prefixes at step 0; both variants start from the same prefixes for the same rng.
     """
     owner, s = hook_owner(module, base_params, inputs)  # refuses a model without the hook
-    shape = attention_shape(_subtree(base_params, owner))
+    shape = layout(module if not owner else None, _subtree(base_params, owner))
+    self.shape = shape
     _, d, _, _ = shape
     n, hidden = self.cfg.prefix.length, self.cfg.prefix.hidden
     k_emb, k_hid, k_tok = jax.random.split(rng, 3)
@@ -230,15 +278,21 @@ class Prefix(Method):
     n = x.shape[0]
     return x.reshape(n, num_layers, 2, h, dh).transpose(1, 2, 0, 3, 4)
 
-  def materialize(self, peft_params, base_params) -> dict:
+  def materialize(self, peft_params, base_params, module=None) -> dict:
     """``{'prefix': (num_layers, 2, n, heads, head_dim)}``: the prefixes, without the MLP.
 
-    The tree a ``prefix.reparam=False`` method runs with (same outputs, to float rounding);
-    ``base_params`` (arrays or shapes) gives the layer and head layout.
+    The tree a ``prefix.reparam=False`` method runs with (same outputs, to float rounding).
+    The layer and head layout comes from ``module`` (a model with ``prefix_layout()``, as the
+    Llama LM), else from this method's ``init``, else from BERT's key kernels in
+    ``base_params`` (arrays or shapes).
     """
     if 'prefix' in peft_params:
       return {'prefix': peft_params['prefix']}
-    return {'prefix': self._prefixes(peft_params, True, attention_shape(base_params))}
+    if module is not None:
+      shape = layout(module, base_params)
+    else:
+      shape = self.shape if self.shape is not None else attention_shape(base_params)
+    return {'prefix': self._prefixes(peft_params, True, shape)}
 
   def intercept(self, peft_params, *, rng=None, deterministic: bool = True):
     del rng, deterministic  # no dropout on the prefixes
@@ -248,7 +302,7 @@ class Prefix(Method):
     # Computed inside the traced forward, so gradients reach the embedding and the MLP; the
     # layer and head layout is read off the hooked module's own weights (nothing is stored).
     return hooks.hook_scope('prefix_kv', lambda mod: self._prefixes(
-        peft_params, True, attention_shape(nn.meta.unbox(mod.variables['params']))))
+        peft_params, True, layout(mod, nn.meta.unbox(mod.variables['params']))))
 
   def merge(self, base_params, peft_params) -> dict:
     raise NotImplementedError(

@@ -221,15 +221,25 @@ def _captured_table(module, base_params, inputs, path):
   return jax.jit(grab)(base_params, dict(inputs))
 
 
-def text_token_ids(text: str) -> np.ndarray:
+def text_token_ids(text: str, vocab_size: int | None = None) -> np.ndarray:
   """Token ids of ``text`` under the bundled MiniLM tokenizer, without [CLS] and [SEP].
+
+  ``vocab_size`` (the model's table rows) must be that tokenizer's: its ids index no other
+  vocabulary (a language model's rows of those ids are unrelated tokens), so another size is
+  refused with a :class:`~peftjax.errors.ConfigError`.
 
   >>> text_token_ids('hello world')  # doctest: +SKIP
   array([7592, 2088], dtype=int32)
   """
   from peftjax.data import Tokenizer  # pylint: disable=g-import-not-at-top  (only for 'text')
   from peftjax.data import minilm_dir  # pylint: disable=g-import-not-at-top
-  enc = Tokenizer(minilm_dir() / 'tokenizer.json', max_length=512).encode([text])
+  tok = Tokenizer(minilm_dir() / 'tokenizer.json', max_length=512)
+  if vocab_size is not None and vocab_size != tok.vocab_size:
+    raise ConfigError(f"peft.prompt.init='text' tokenizes peft.prompt.init_text with the bundled "
+                      f'MiniLM tokenizer ({tok.vocab_size} ids); the model\'s input embedding '
+                      f'has {vocab_size} rows, another vocabulary. Valid: '
+                      "peft.prompt.init='vocab' for this model")
+  enc = tok.encode([text])
   ids = enc['input_ids'][0][enc['attention_mask'][0] > 0]
   return ids[1:-1]  # drop [CLS] and [SEP]: the prompt is content, not a second sentence
 
@@ -242,6 +252,8 @@ class PromptTuning(Method):
   >>> prompts = method.init(rng, model, params, inputs)       # doctest: +SKIP  {'prompt': (20, D)}
   >>> logits = peft.apply(model, method, params, prompts, inputs)  # doctest: +SKIP
   """
+
+  adds_prefix = True  # decoding keeps the prefix in the KV cache
 
   def __init__(self, peft_cfg):
     super().__init__(peft_cfg)
@@ -259,7 +271,7 @@ class PromptTuning(Method):
     if self.cfg.prompt.init == 'vocab':
       ids = jax.random.randint(rng, (n,), 0, table.shape[0])
     else:
-      ids = text_token_ids(self.cfg.prompt.init_text)
+      ids = text_token_ids(self.cfg.prompt.init_text, int(table.shape[0]))
       if ids.size == 0:
         raise ConfigError(f'peft.prompt.init_text={self.cfg.prompt.init_text!r} has no tokens')
       if ids.max() >= table.shape[0]:
