@@ -11,6 +11,7 @@ clear error naming the field, and a refused export writes nothing. With a Python
 transformers and peft ($PEFTJAX_HF_PYTHON) PEFT's own PeftModel loads the exports and the
 hand-built adapters with equal logits.
 """
+import dataclasses
 import json
 import math
 import os
@@ -533,6 +534,24 @@ def test_refused_export_is_one_clear_error_and_writes_nothing(trained, tmp_path,
     assert f in message, (f, message)
   assert '\n' not in message
   assert _files(tmp_path, trained['workdir']) == before and not (tmp_path / 'out').exists()
+
+
+def test_cut_checkpoint_and_trained_base_leaves_are_refused():
+  """A PEFT adapter names the whole published checkpoint and holds LoRA factors only."""
+  from peftjax.models import lm_export
+  model = _config().model
+  model.pretrained, model.num_layers = '', 2  # the bundled 30-layer SmolLM2, cut to 2
+  cut = dataclasses.replace(_small_cfg(True), num_layers=2)
+  with pytest.raises(UserInputError) as e:
+    lm_export._check_peft_model(model, cut, {}, '--workdir=run')
+  assert str(e.value) == (
+      "--workdir=run: model.num_layers=2 keeps 2 of the checkpoint's 30 layers; a PEFT adapter "
+      'applies to the whole checkpoint and would give other logits there; valid: '
+      '--format=merged (an exact LlamaForCausalLM of these 2 layers)')
+  model.pretrained = 'random'  # a random base is the whole model at any depth
+  lm_export._check_peft_model(model, _small_cfg(True), {}, '--workdir=run')
+  with pytest.raises(UserInputError, match=r"trains base leaves \['norm/scale'\], which a PEFT"):
+    lm_export._check_peft_model(model, _small_cfg(True), {'norm': {'scale': np.ones(3)}}, 'x')
 
 
 def _bad_tree(case):
