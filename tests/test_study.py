@@ -48,3 +48,53 @@ def test_report_aggregates_seeds(tmp_path):
   assert (out / 'pareto.png').stat().st_size > 1000
   # 3 LoRA runs of 12 x 7 s and 3 full runs of 12 x 10 s wall time: 612 s.
   assert '6 runs, 10 minutes of training' in (out / 'results.md').read_text()
+
+
+# ---------------------------------------------------------------------------- the LM study
+
+LM_CONFIG = 'experiments/lm_methods/config.py'
+
+
+def test_lm_study_covers_every_method_seed_and_task():
+  from experiments.lm_methods import config as lm_study
+  runs = sweep.expand(LM_CONFIG)
+  assert len(runs) == 10 * 3 * 2 and len({sweep.run_name(r) for r in runs}) == 60
+  assert {r['peft.method'] for r in runs} == {'full', 'lora', 'dora', 'pissa', 'ia3', 'adapter',
+                                               'prompt', 'prefix'}
+  assert {r['data.name'] for r in runs} == {'rt_instructions', 'word_reverse'}
+  pilot = sweep.expand(LM_CONFIG, 'pilot=1')
+  assert len(pilot) == sum(len(v) for v in lm_study.PILOT.values()) == 20
+  assert {r['seed'] for r in pilot} == {0} and all('data.name' not in r for r in pilot)
+  c = lm_study.get_config('pilot=1,steps=20')
+  assert c.data.eval_split == 'validation' and c.train.steps == 20
+  assert lm_study.get_config().data.eval_split == ''  # the study itself: no validation pass
+  assert len(sweep.expand(LM_CONFIG, 'tasks=rt')) == 30
+
+
+def test_lm_report_aggregates_seeds_per_task(tmp_path):
+  from experiments.lm_methods import config as lm_study
+  from experiments.lm_methods import report as lm_report
+
+  def fake(overrides, em, params):
+    d = tmp_path / sweep.run_name(overrides)
+    d.mkdir(parents=True)
+    (d / 'summary.json').write_text(json.dumps({
+        'exact_match_after': em, 'trainable_params': params, 'total_params': 134_515_008,
+        'wall_seconds': 60.0}))
+
+  for seed, em in zip(lm_study.SEEDS, (0.80, 0.82, 0.84)):
+    fake({**lm_study.METHODS['LoRA'], 'data.name': 'rt_instructions', 'seed': seed}, em,
+         921_600)
+  fake({**lm_study.METHODS['LoRA'], 'data.name': 'word_reverse', 'seed': 0}, 0.25, 921_600)
+  speed = tmp_path / 'speed.json'
+  speed.write_text(json.dumps({'methods': {'LoRA': {'step_time_vs_full': 0.5,
+                                                    'decode_tokens_per_s_b16': 300.0}}}))
+  out = tmp_path / 'out'
+  table = lm_report.main([f'--workdir={tmp_path}', f'--out={out}', f'--speed={speed}'])
+  (lora,) = table
+  assert np.isclose(lora['tasks']['rt']['mean'], 0.82)
+  assert lora['tasks']['reverse']['seeds'] == 1 and lora['adapter_bytes'] == 4 * 921_600
+  text = (out / 'results.md').read_text()
+  assert ('| LoRA | 921,600 | 0.685 | 3,686,400 | 0.8200 ± 0.0163 (n=3) | '
+          '0.2500 ± 0.0000 (n=1) | 0.50 | 300.0 |') in text
+  assert '4 runs, 4 minutes' in text and (out / 'pareto.png').stat().st_size > 1000
