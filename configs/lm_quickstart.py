@@ -5,10 +5,14 @@ on the test split before (zero-shot) and after fine-tuning.
   python -m peftjax.main --config=configs/lm_quickstart.py --workdir=/tmp/lm_run
   python -m peftjax.main --config=configs/lm_quickstart.py:full ...   # full fine-tuning
   python -m peftjax.main --config=configs/lm_quickstart.py:ia3 ...    # IA3
+  ... :dora, :pissa, :adapter (Houlsby), :prompt (16 soft tokens), :prefix (16 per-layer KV)
 """
 from configs import common
 
-VARIANTS = ('lora', 'full', 'ia3')
+VARIANTS = ('lora', 'full', 'ia3', 'dora', 'pissa', 'adapter', 'prompt', 'prefix')
+# Peak learning rates (the LM study's pilot: experiments/lm_methods/config.py).
+RATES = {'lora': 1e-3, 'full': 2e-5, 'ia3': 3e-3, 'dora': 1e-3, 'pissa': 3e-4, 'adapter': 1e-3,
+         'prompt': 3e-2, 'prefix': 1e-3}
 
 
 def get_config(arg=None):
@@ -27,11 +31,17 @@ def get_config(arg=None):
   c.peft.lora.targets = r'attn/(q|k|v|o)_proj/kernel$'
   c.peft.ia3.targets = r'attn/(k_proj|v_proj)$'
   c.peft.ia3.ffn_targets = r'mlp/down_proj$'
+  c.peft.adapter.attn_targets = r'attn/o_proj$'  # after attention and after the MLP
+  c.peft.adapter.ffn_targets = r'mlp/down_proj$'
+  c.peft.adapter.size = 16
+  c.peft.prompt.length = 16  # soft tokens before the chat-templated prompt
+  c.peft.prefix.length = 16  # per-layer keys/values, one per key-value head (GQA)
+  c.peft.prefix.hidden = 256
   c.data.eval_split = ''  # the test split is scored before and after training; nothing between
   c.generate.max_new_tokens = 8
   c.generate.teacher_forced = False  # exact match only: the loss pass would double the eval time
   c.generate.batch_size = 64
-  c.optim.learning_rate = {'lora': 1e-3, 'full': 2e-5, 'ia3': 3e-3}[method]
+  c.optim.learning_rate = RATES[method]
   c.optim.warmup_steps = 10
   c.optim.weight_decay = 0.0 if method != 'full' else 0.01
   c.train.steps = 100

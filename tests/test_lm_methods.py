@@ -42,8 +42,6 @@ def _config(peft_overrides=None, **sections):
   c = lm_tiny.get_config()
   c.data.packing = 'pack'  # several sequences per row: the hooks must respect the segments
   c.data.max_length = 256
-  c.peft.adapter.attn_targets = r'attn/o_proj$'  # Houlsby: after attention and after the MLP
-  c.peft.adapter.ffn_targets = r'mlp/down_proj$'
   for key, value in (peft_overrides or {}).items():
     *parents, leaf = key.split('.')
     section = c.peft

@@ -56,14 +56,7 @@ def get_config(arg=None):
   c.generate.max_eval_examples = s['eval']
   if s['pilot']:
     c.data.eval_split = 'validation'  # the pilot chooses on validation, never on test
-  # Method settings for the LM (the encoder's defaults name BERT's modules).
-  c.peft.adapter.attn_targets = r'attn/o_proj$'
-  c.peft.adapter.ffn_targets = r'mlp/down_proj$'
-  c.peft.adapter.size = 16
-  c.peft.prompt.length = 16
-  c.peft.prefix.length = 16
-  c.peft.prefix.hidden = 256
-  return c
+  return c  # the methods' LM settings (adapter targets, prompt/prefix lengths): lm_quickstart's
 
 
 def sweep(add, arg=None):
