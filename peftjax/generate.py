@@ -10,13 +10,24 @@ Hugging Face directory (``config.json``, ``model.safetensors`` or shards with an
 ``tokenizer.json``) of a ``llama``, ``mistral`` or ``qwen2`` model. ``--workdir`` generates with
 a trained run instead (its base model with its adapter applied).
 
+Many adapters at once: ``--adapter name=PATH`` (repeated) loads causal-LM runs' adapter files
+(``adapter.safetensors``, written with ``train.save_adapter=True``: LoRA of any rank, IA3, prompt
+or prefix tuning) into one library over their shared base (:mod:`peftjax.serving.lm_library`;
+``--model`` gives another copy of that base's checkpoint), and each input record names its
+``"adapter"`` (``"base"`` for the base model; optional with a single ``--adapter``). Records of
+different adapters share batches: one jitted prefill and decode program for any mix::
+
+  python -m peftjax.generate --adapter a=runs/a/adapter.safetensors \
+      --adapter b=runs/b/adapter.safetensors --input requests.jsonl --output out.jsonl
+
 Input lines are ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}, ...]}`` (an
-``"id"`` is copied through). With ``--chat`` (the default when the tokenizer has a chat
-template) a prompt becomes one user message and the template is applied with the generation
-prompt; ``--nochat`` feeds the prompt as plain text. Each output line is ``{"line", "id"?,
-"completion", "prompt_tokens", "completion_tokens", "finish_reason"}`` in input order, where
-``completion_tokens`` counts the stop token when there was one (``finish_reason`` "stop") and
-``finish_reason`` is "length" when ``--max_new_tokens`` ran out.
+``"id"`` is copied through; with ``--adapter``, an ``"adapter"``). With ``--chat`` (the default
+when the tokenizer has a chat template) a prompt becomes one user message and the template is
+applied with the generation prompt; ``--nochat`` feeds the prompt as plain text. Each output
+line is ``{"line", "id"?, "adapter"?, "completion", "prompt_tokens", "completion_tokens",
+"finish_reason"}`` in input order, where ``completion_tokens`` counts the stop token when there
+was one (``finish_reason`` "stop") and ``finish_reason`` is "length" when ``--max_new_tokens``
+ran out.
 
 Every flag, the whole input and every prompt's length are checked before the weights are
 loaded; the output is written atomically at the end, so on any error it is absent (or the
@@ -59,6 +70,11 @@ def define_flags():
                      'probability; 1 = all.')
   flags.DEFINE_integer('seed', 0, 'Random seed of the sampling.')
   flags.DEFINE_integer('batch_size', 8, 'Prompts per generation batch (--input).')
+  flags.DEFINE_multi_string('adapter', [], 'name=path of a causal-LM adapter file '
+                            '(adapter.safetensors, train.save_adapter=True); repeat it: each '
+                            '--input record names its "adapter" ("base": none), and all of them '
+                            'generate in shared batches. The base is the adapters\' own (or '
+                            '--model).')
 
 
 class GenerateError(UserInputError):
@@ -69,7 +85,7 @@ class GenerateError(UserInputError):
 
 
 def check_flags(*, prompt, input_path, output_path, workdir, model, max_new_tokens,
-                temperature, top_k, top_p, batch_size):
+                temperature, top_k, top_p, batch_size, adapters=()):
   """The sampling setting, after checking every flag (each error names its flag)."""
   from peftjax.generation import SamplingConfig  # pylint: disable=g-import-not-at-top
   from peftjax.generation import SamplingError  # pylint: disable=g-import-not-at-top
@@ -85,6 +101,14 @@ def check_flags(*, prompt, input_path, output_path, workdir, model, max_new_toke
   if workdir and model:
     raise GenerateError(f'--workdir={workdir!r} and --model={model!r} are both given; a run '
                         'generates with its own model: give one of them')
+  if adapters and workdir:
+    raise GenerateError(f'--workdir={workdir!r} and --adapter are both given; a run generates '
+                        'with its own adapter: give --adapter name=<run>/adapter.safetensors '
+                        'for each run instead')
+  if adapters and prompt is not None and len(adapters) != 1:
+    raise GenerateError(f'--prompt streams one completion, with one adapter; {len(adapters)} '
+                        '--adapter flags are given: use --input (each record names its '
+                        '"adapter") or a single --adapter')
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise GenerateError(f'--max_new_tokens={max_new_tokens} is invalid; valid: an integer >= 1')
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -95,9 +119,12 @@ def check_flags(*, prompt, input_path, output_path, workdir, model, max_new_toke
     raise GenerateError(f'--{e}') from None
 
 
-def read_requests(path: str) -> list[dict]:
-  """Every record of a JSONL input, validated: ``[{'line', 'prompt' | 'messages', 'id'?}]``.
+def read_requests(path: str, adapters: list[str] | None = None) -> list[dict]:
+  """Every record of a JSONL input, validated: ``[{'line', 'prompt' | 'messages', 'id'?,
+  'adapter'?}]``.
 
+  With ``adapters`` (the ``--adapter`` names) every record names one of them, or ``"base"``
+  (optional with a single adapter, the default then); without, a record naming one is refused.
   Raises :class:`GenerateError` naming ``file:line`` (1-based) and what is wrong. UTF-8 (a
   byte-order mark is allowed); blank lines are skipped.
 
@@ -148,9 +175,43 @@ def read_requests(path: str) -> list[dict]:
                             '[{"role": "user", "content": "..."}]}')
       if 'id' in rec:
         item['id'] = rec['id']
+      if adapters is not None or 'adapter' in rec:
+        item['adapter'] = _record_adapter(rec, adapters, where)
       out.append(item)
   if not out:
     raise GenerateError(f'--input={path!r} has no records (it is empty or only blank lines)')
+  return out
+
+
+def _record_adapter(rec: dict, adapters: list[str] | None, where: str) -> str:
+  """The adapter a record names (checked against the ``--adapter`` names and ``"base"``)."""
+  if adapters is None:
+    raise GenerateError(f'{where}: the record names "adapter" {rec["adapter"]!r:.60}, but no '
+                        '--adapter is given; valid: --adapter name=path/to/adapter.safetensors '
+                        'for each adapter the records name')
+  valid = ', '.join(repr(n) for n in ['base', *adapters])
+  if 'adapter' not in rec:
+    if len(adapters) == 1:
+      return adapters[0]
+    raise GenerateError(f'{where}: the record has no "adapter"; with several --adapter flags '
+                        f'each record names its own; valid: {valid}')
+  name = rec['adapter']
+  if not isinstance(name, str) or name not in ('base', *adapters):
+    raise GenerateError(f'{where}: unknown "adapter" {name!r:.60}; valid: {valid}')
+  return name
+
+
+def parse_adapters(specs) -> dict[str, str]:
+  """``--adapter name=path`` flags as ``{name: path}`` (each file must exist; ``base`` is the
+  base model's own name)."""
+  from peftjax import predict  # pylint: disable=g-import-not-at-top  (the same flag's rules)
+  try:
+    out = predict.parse_adapters(list(specs))
+  except predict.PredictError as e:
+    raise GenerateError(str(e)) from None
+  if 'base' in out:
+    raise GenerateError(f"--adapter base={out['base']!r}: 'base' names the base model (records "
+                        'with "adapter": "base" run it); choose another name')
   return out
 
 
@@ -168,6 +229,7 @@ class Loaded:
   stop_ids: tuple
   pad_id: int
   source: str
+  library: Any = None  # an LMAdapterLibrary with --adapter: each record names its adapter
 
 
 def resolve_model(model: str) -> pathlib.Path:
@@ -234,7 +296,7 @@ def special_ids(tokenizer) -> tuple[tuple, int]:
   return tuple(sorted(stops)), int(pad or 0)
 
 
-def load(model: str = '', workdir: str = ''):
+def load(model: str = '', workdir: str = '', adapters: dict[str, str] | None = None):
   """``(cfg, tokenizer, build)``: the metadata and tokenizer now, ``build() -> Loaded`` later."""
   import functools  # pylint: disable=g-import-not-at-top
   from peftjax import generation  # pylint: disable=g-import-not-at-top
@@ -242,6 +304,8 @@ def load(model: str = '', workdir: str = ''):
   from peftjax.models.llama import init_cache  # pylint: disable=g-import-not-at-top
   if workdir:
     return _load_run(workdir)
+  if adapters:
+    return _load_library(adapters, model)
   path = resolve_model(model)
   cfg, tokenizer, load_params = open_model(path)
   stops, pad = special_ids(tokenizer)
@@ -288,6 +352,23 @@ def _load_run(workdir: str):
                                          setup.method, params['base'], params['peft'])
     return Loaded(cfg, step, make_cache, tokenizer, stops, pad, str(workdir))
   return cfg, tokenizer, build
+
+
+def _load_library(adapters: dict[str, str], model: str = ''):
+  """The adapters' base (``--model``: another copy of its checkpoint) and tokenizer, from the
+  manifests (each checked: a causal-LM adapter of a servable method, one shared base); the
+  library of all of them later."""
+  from peftjax.serving import lm_files  # pylint: disable=g-import-not-at-top
+  manifests = lm_files.read_manifests(adapters)
+  info = lm_files.base_model(adapters, manifests, model, field='--model')
+  stops, pad = special_ids(info.tokenizer)
+
+  def build() -> Loaded:
+    lib, _ = lm_files.library_from_files(adapters, base=model, manifests=manifests)
+    step, make_cache = lib.step([next(iter(adapters))])  # --prompt: the single adapter
+    return Loaded(lib.cfg, step, make_cache, info.tokenizer, stops, pad,
+                  ', '.join(f'{n}={p}' for n, p in adapters.items()), library=lib)
+  return info.cfg, info.tokenizer, build
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -338,9 +419,10 @@ def encode_requests(requests: list[dict], tokenizer, *, chat: bool, max_new_toke
 
 
 def complete(lm: Loaded, prompts: list[list[int]], *, max_new_tokens: int, sampling, seed: int,
-             batch_size: int) -> list[dict]:
+             batch_size: int, adapters: list[str] | None = None) -> list[dict]:
   """``{'completion', 'prompt_tokens', 'completion_tokens', 'finish_reason'}`` per prompt, in
-  order. Prompts are sorted by length into batches so each batch pads little."""
+  order. Prompts are sorted by length into batches so each batch pads little; with a library,
+  ``adapters`` names each prompt's adapter, and one batch mixes them."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from peftjax import generation  # pylint: disable=g-import-not-at-top
@@ -354,10 +436,13 @@ def complete(lm: Loaded, prompts: list[list[int]], *, max_new_tokens: int, sampl
     for row, i in enumerate(chunk):
       ids[row, :len(prompts[i])] = prompts[i]
     lengths = np.asarray([len(prompts[i]) for i in chunk], np.int32)
-    out = generation.generate(lm.step, lm.make_cache, ids, lengths,
-                              max_new_tokens=max_new_tokens, sampling=sampling,
-                              stop_ids=lm.stop_ids, rng=jax.random.fold_in(key, start),
-                              pad_id=lm.pad_id, max_positions=lm.cfg.max_position)
+    args = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=lm.stop_ids,
+                rng=jax.random.fold_in(key, start), pad_id=lm.pad_id,
+                max_positions=lm.cfg.max_position)
+    if lm.library is not None:
+      out = lm.library.generate(ids, lengths, [adapters[i] for i in chunk], **args)
+    else:
+      out = generation.generate(lm.step, lm.make_cache, ids, lengths, **args)
     for row, i in enumerate(chunk):
       n = int(out.lengths[row])
       toks = out.ids[row, :n].tolist()
@@ -406,7 +491,7 @@ def run(*, prompt: str | None = None, input_path: str | None = None,
         output_path: str | None = None, model: str = '', workdir: str = '',
         chat: bool | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
         top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-        out=None) -> dict:
+        adapters=(), out=None) -> dict:
   """The whole job (what ``main`` calls); returns a summary. Flags, input records and prompt
   lengths are checked before the weights are read; the output file is written atomically."""
   from peftjax import predict  # pylint: disable=g-import-not-at-top  (its output checks)
@@ -414,17 +499,18 @@ def run(*, prompt: str | None = None, input_path: str | None = None,
   sampling = check_flags(prompt=prompt, input_path=input_path, output_path=output_path,
                          workdir=workdir, model=model, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p,
-                         batch_size=batch_size)
+                         batch_size=batch_size, adapters=adapters)
+  named = parse_adapters(adapters) if adapters else {}
   out_path = None
   if input_path is not None:
     try:
-      out_path = predict.check_output(output_path, input_path, {})
+      out_path = predict.check_output(output_path, input_path, named)
     except predict.PredictError as e:
       raise GenerateError(str(e)) from None
-    requests = read_requests(input_path)
+    requests = read_requests(input_path, list(named) if named else None)
   else:
     requests = [{'line': 1, 'prompt': prompt}]
-  cfg, tokenizer, build = load(model, workdir)
+  cfg, tokenizer, build = load(model, workdir, named)
   chat_on = use_chat(chat, tokenizer)
   ids = encode_requests(requests, tokenizer, chat=chat_on, max_new_tokens=max_new_tokens,
                         max_positions=cfg.max_position,
@@ -435,14 +521,16 @@ def run(*, prompt: str | None = None, input_path: str | None = None,
                         seed=seed, out=out)
     return {'records': 1, 'chat': chat_on, 'model': lm.source, **rec}
   results = complete(lm, ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                     batch_size=batch_size)
+                     batch_size=batch_size,
+                     adapters=[r['adapter'] for r in requests] if named else None)
   lines = []
   for r, res in zip(requests, results):
     lines.append(json.dumps({'line': r['line'], **({'id': r['id']} if 'id' in r else {}),
-                             **res}, ensure_ascii=False) + '\n')
+                             **({'adapter': r['adapter']} if named else {}), **res},
+                            ensure_ascii=False) + '\n')
   storage.write_bytes_atomic(out_path, ''.join(lines).encode('utf-8'))
   return {'records': len(results), 'chat': chat_on, 'model': lm.source,
-          'output': str(out_path),
+          'output': str(out_path), **({'adapters': list(named)} if named else {}),
           'completion_tokens': sum(r['completion_tokens'] for r in results)}
 
 
@@ -452,7 +540,7 @@ def main(argv):
   s = run(prompt=f.prompt, input_path=f.input, output_path=f.output, model=f.model,
           workdir=f.workdir, chat=f.chat, max_new_tokens=f.max_new_tokens,
           temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, seed=f.seed,
-          batch_size=f.batch_size)
+          batch_size=f.batch_size, adapters=f.adapter)
   if 'output' in s:
     print(f"wrote {s['records']} completions ({s['completion_tokens']} tokens) -> "
           f"{s['output']}")
