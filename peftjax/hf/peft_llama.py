@@ -69,6 +69,7 @@ from peftjax.hf.peft_lora import PREFIX
 from peftjax.hf.peft_lora import WEIGHTS_NAME
 from peftjax.hf.peft_lora import PeftFormatError
 from peftjax.hf.peft_lora import _scale
+from peftjax.hf.peft_lora import lora_config
 
 TASK_TYPES = ('CAUSAL_LM',)
 SMOLLM2_HUB_ID = 'HuggingFaceTB/SmolLM2-135M-Instruct'  # what the bundled GGUF quantizes
@@ -274,32 +275,9 @@ def to_peft_llama(lora_tree, cfg, *, rank: int, alpha: float, rslora: bool = Fal
       for key in keys:
         rank_pattern[key] = int(r)
         alpha_pattern[key] = scale * (math.sqrt(r) if rslora else r)
-  config = {
-      'peft_type': 'LORA',
-      'task_type': 'CAUSAL_LM',
-      'base_model_name_or_path': name,
-      'revision': None,
-      'inference_mode': True,
-      'auto_mapping': None,
-      'r': int(rank),
-      'lora_alpha': alpha,
-      'use_rslora': bool(rslora),
-      'lora_dropout': float(dropout),
-      'target_modules': sorted(targets),
-      'modules_to_save': None,
-      'rank_pattern': rank_pattern,
-      'alpha_pattern': alpha_pattern,
-      'bias': 'none',
-      'fan_in_fan_out': False,
-      'use_dora': False,
-      'init_lora_weights': True,
-      'layers_to_transform': None,
-      'layers_pattern': None,
-      'layer_replication': None,
-      'loftq_config': {},
-      'megatron_config': None,
-      'megatron_core': 'megatron.core',
-  }
+  config = lora_config(
+      'CAUSAL_LM', name, rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+      target_modules=sorted(targets), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
   if tied_embed:
     config['ensure_weight_tying'] = True
   return config, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}

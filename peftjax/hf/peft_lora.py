@@ -216,6 +216,44 @@ def _dense_pair(value, what: str, d: int | None = None) -> tuple[np.ndarray, np.
   return kernel, bias
 
 
+
+def lora_config(task_type: str, base_model_name_or_path: str, *, rank: int, alpha: float,
+                rslora: bool, dropout: float, target_modules, modules_to_save=None,
+                rank_pattern=None, alpha_pattern=None) -> dict:
+  """A PEFT ``adapter_config.json`` dict of a plain LoRA adapter (no DoRA, biases, LoftQ...):
+  the fields PEFT's ``LoraConfig`` writes, shared by the BERT and the Llama exports.
+
+  >>> lora_config('CAUSAL_LM', 'random', rank=8, alpha=16.0, rslora=False, dropout=0.0,
+  ...             target_modules=['q_proj'])['r']
+  8
+  """
+  return {
+      'peft_type': 'LORA',
+      'task_type': task_type,
+      'base_model_name_or_path': base_model_name_or_path,
+      'revision': None,
+      'inference_mode': True,
+      'auto_mapping': None,
+      'r': int(rank),
+      'lora_alpha': alpha,
+      'use_rslora': bool(rslora),
+      'lora_dropout': float(dropout),
+      'target_modules': target_modules,
+      'modules_to_save': modules_to_save,
+      'rank_pattern': dict(rank_pattern or {}),
+      'alpha_pattern': dict(alpha_pattern or {}),
+      'bias': 'none',
+      'fan_in_fan_out': False,
+      'use_dora': False,
+      'init_lora_weights': True,
+      'layers_to_transform': None,
+      'layers_pattern': None,
+      'layer_replication': None,
+      'loftq_config': {},
+      'megatron_config': None,
+      'megatron_core': 'megatron.core',
+  }
+
 def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, head=None,
             pooler=None, pooling: str = 'cls_pooler', base_model_name_or_path: str = '',
             dropout: float = 0.0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -294,32 +332,11 @@ def to_peft(lora_tree: dict, *, rank: int, alpha: float, rslora: bool = False, h
     tensors[f'{prefix}pooler.dense.weight'] = kernel.T
     tensors[f'{prefix}pooler.dense.bias'] = bias
     to_save.append('pooler')
-  config = {
-      'peft_type': 'LORA',
-      'task_type': 'SEQ_CLS' if seq_cls else 'FEATURE_EXTRACTION',
-      'base_model_name_or_path': _portable_name(base_model_name_or_path),
-      'revision': None,
-      'inference_mode': True,
-      'auto_mapping': None,
-      'r': int(rank),
-      'lora_alpha': alpha,
-      'use_rslora': bool(rslora),
-      'lora_dropout': float(dropout),
-      'target_modules': _target_modules(names),
-      'modules_to_save': to_save or None,
-      'rank_pattern': rank_pattern,
-      'alpha_pattern': alpha_pattern,
-      'bias': 'none',
-      'fan_in_fan_out': False,
-      'use_dora': False,
-      'init_lora_weights': True,
-      'layers_to_transform': None,
-      'layers_pattern': None,
-      'layer_replication': None,
-      'loftq_config': {},
-      'megatron_config': None,
-      'megatron_core': 'megatron.core',
-  }
+  config = lora_config(
+      'SEQ_CLS' if seq_cls else 'FEATURE_EXTRACTION', _portable_name(base_model_name_or_path),
+      rank=rank, alpha=alpha, rslora=rslora, dropout=dropout,
+      target_modules=_target_modules(names), modules_to_save=to_save or None,
+      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
   return config, {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
 
