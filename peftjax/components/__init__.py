@@ -17,6 +17,7 @@ from peftjax.components import l2sp
 from peftjax.components import lowrank
 from peftjax.components import moe_aux
 from peftjax.components import prune
+from peftjax.components import quant_report
 from peftjax.components import unfreeze
 from peftjax.components.base import Component
 from peftjax.components.base import LossContext
@@ -34,6 +35,7 @@ REGISTRY: list[tuple[str, Callable]] = [
     ('prune', prune.from_config),
     ('compression_report', compression_report.from_config),
     ('l2sp', l2sp.from_config),
+    ('quant_report', quant_report.from_config),
 ]
 
 

@@ -322,7 +322,8 @@ def size_summary(params: dict, cc) -> dict:
 
   ``float32_bytes`` stores every weight; ``sparse_bytes`` stores the nonzero weights of pruned
   targets as float32 values plus ``share.gap_bits``-bit relative indices (Deep Compression's
-  sparse format, before sharing and Huffman coding).
+  sparse format, before sharing and Huffman coding); with N:M pruning ``nm_bytes`` stores them
+  in the N:M format (:func:`nm_bytes`).
   """
   from peftjax.compress import huffman  # pylint: disable=g-import-not-at-top
   params = jax.device_get(params)
@@ -336,4 +337,19 @@ def size_summary(params: dict, cc) -> dict:
     out.update(target_sparsity=zeros / max(size, 1), nonzero_params=out['params'] - zeros,
                sparse_bytes=huffman.compressed_size(params, masks=masks, huffman=False,
                                                     gap_bits=cc.share.gap_bits)['total']['bytes'])
+    if cc.prune.kind == 'nm':
+      out['nm_bytes'] = nm_bytes(out['params'], size, cc.prune.n, cc.prune.m)
   return out
+
+
+def nm_bytes(params: int, target_size: int, n: int, m: int) -> int:
+  """Bytes of a model whose ``target_size`` pruned weights are stored in the N:M format (the
+  ``n`` kept float32 values of every group of ``m``, each with a ``ceil(log2 m)``-bit index in
+  its group: 2:4 is 2 values and 4 bits per 4 weights) and its other weights as float32.
+
+  >>> nm_bytes(params=16, target_size=8, n=2, m=4)  # 8 float32 + 4 kept values + 4 x 2 bits
+  49
+  """
+  kept = target_size * n // m
+  index_bits = kept * max(int(np.ceil(np.log2(m))), 1)
+  return 4 * (params - target_size) + 4 * kept + -(-index_bits // 8)

@@ -108,22 +108,31 @@ def _settings(quant_cfg, activations: str) -> dict:
   return s
 
 
-def convert(module, params, inputs, quant_cfg, *, ranges: dict | None = None) -> Int8Model:
+def convert(module, params, inputs, quant_cfg, *, ranges: dict | None = None,
+            scales: dict | None = None) -> Int8Model:
   """An :class:`Int8Model` from float ``params`` (merge any adapter into them first).
 
-  ``ranges`` (from :func:`peftjax.quant.qat.calibrate_ranges`) gives static activation scales;
-  without it, activations are quantized dynamically (``quant.activations='none'``: weight-only).
+  ``ranges`` (from :func:`peftjax.quant.qat.calibrate_ranges` or
+  :func:`peftjax.quant.stacked.calibrate`) gives static activation scales, or ``scales``
+  (layer path -> ``(scale, zero_point)``, e.g. a static QAT run's) gives them directly;
+  without either, activations are quantized per call ('dynamic', or 'per_token' when
+  ``quant.activations`` says so; ``'none'``: weight-only).
   """
   qat.check_config(quant_cfg)
   if not quant_cfg.symmetric:
     raise ConfigError('quant.symmetric=False is invalid for int8 inference; valid: True (int8 '
                       'weights are symmetric so the int32 accumulator needs no weight zero point)')
-  activations = ('static' if ranges is not None else quant_cfg.activations
-                 if quant_cfg.activations in ('none', 'per_token') else 'dynamic')
+  if ranges is not None and scales is not None:
+    raise ValueError('convert: pass ranges or scales, not both')
+  activations = ('static' if ranges is not None or scales is not None else
+                 quant_cfg.activations if quant_cfg.activations in ('none', 'per_token')
+                 else 'dynamic')
   sites = qat.find_quant_sites(module, params, inputs, quant_cfg)
   flat = tree_lib.flatten(params)
   qparams = {}
-  scales = qat.static_scales(ranges, quant_cfg) if ranges is not None else {}
+  if ranges is not None:
+    scales = qat.static_scales(ranges, quant_cfg)
+  scales = scales or {}
   for s in sites:
     wq, w_scale = qat.quantize_weight(flat[s.weight_path], s, quant_cfg)
     flat[s.weight_path] = wq  # int8 in place of the float weight: same path, same shape
@@ -317,6 +326,11 @@ class Int8Module(nn.Module):
 
   def setup(self):
     nn.share_scope(self, self.inner)
+
+  @property
+  def cfg(self):
+    """The inner model's config (a decoder's, for its cache)."""
+    return self.inner.cfg
 
   def __call__(self, *args, logits_at=None, **kwargs):
     if logits_at is not None:

@@ -1,0 +1,129 @@
+"""The ``quant`` entry of ``summary.json`` for a causal LM: what is served and how it scores.
+
+On for a causal-LM run with ``quant.qat``, ``quant.qlora`` or ``quant.ptq`` (post-training
+quantization at the end of the run; a field of ``configs/lm_compress.py``). At the end of the
+run:
+
+* a model trained whole (``peft.method='full'``, or a distilled student), QAT or not, is
+  converted to a real int8 model (:func:`peftjax.quant.int8.convert`: the QAT grid, or PTQ's
+  with static ranges calibrated on ``quant.calibration_batches`` train batches) and its exact
+  match is *generated in int8* (:meth:`peftjax.quant.int8.Int8Model.step`): ``int8_exact_match``
+  beside the run's own ``exact_match_after`` (the float or fake-quant model);
+* a method with parameters of its own (LoRA on a QLoRA or QAT base) is served as trained, an
+  int8 base with the float method beside it (its ``exact_match_after`` is that model's): the
+  bytes are reported, the int8 conversion of the merged model is
+  ``python -m peftjax.quant.convert`` (the report sees the final base only).
+
+``served_bytes`` (top level, with ``served``, a description) is the bytes of the weights a
+server holds: int8 weights, their scales and the float rest (norms; a method's parameters).
+
+>>> comp = from_config(config, setup)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from peftjax import tree as tree_lib
+from peftjax.components.base import Component
+from peftjax.errors import ConfigError
+
+
+def _inner_tree(method, peft_params):
+  """The method's own parameters (a :class:`Quantized` wrapper's inner method's)."""
+  from peftjax.quant import qat  # pylint: disable=g-import-not-at-top
+  if isinstance(method, qat.Quantized):
+    return method._parts(peft_params)[0]  # pylint: disable=protected-access
+  return peft_params
+
+
+def int8_exact_match(config, setup, model) -> dict:
+  """``{'exact_match': ...}`` of ``model`` (an :class:`Int8Model` of ``setup``'s LM) on the
+  test split, generated in int8 as the run's own evaluation generates."""
+  from peftjax import peft  # pylint: disable=g-import-not-at-top  (run imports components)
+  from peftjax import run as run_lib  # pylint: disable=g-import-not-at-top
+  built = dataclasses.replace(setup.built, module=model.as_module(), params=None)
+  t_setup = dataclasses.replace(setup, built=built, method=peft.Method(config.peft))
+  texts = run_lib.make_generator(t_setup, config.generate)
+  return run_lib.generation_eval(t_setup, texts, {'base': model.merged_params(), 'peft': {}},
+                                 {}, config.data.test_split)
+
+
+def _sample(setup) -> dict:
+  inputs = setup.task.sample_inputs(setup.built, setup.data)
+  return {k: v for k, v in inputs.items() if k in setup.built.input_keys}
+
+
+def report_fn(config, setup):
+  """``report(base) -> {'quant': ..., 'served_bytes', 'served'}`` (see the module docstring)."""
+  from peftjax.quant import int8  # pylint: disable=g-import-not-at-top
+  from peftjax.quant import qat  # pylint: disable=g-import-not-at-top
+  from peftjax.quant import stacked  # pylint: disable=g-import-not-at-top
+  q, method = config.quant, setup.method
+  own = _inner_tree(method, setup.trainable['peft'])
+  own_bytes = qat.bytes_of(own)  # shapes are fixed from step 0: the final bytes
+  static = method.static_scales(setup.trainable['peft']) if (
+      isinstance(method, qat.Quantized) and method.static) else None  # never trained
+
+  def report(base):
+    module, inputs = setup.built.module, _sample(setup)
+    stored = qat.Quantized._stored(base)  # pylint: disable=protected-access  (QLoRA's int8)
+    float_base = qat.load_int8(base, stored) if stored else base
+    out = {'float_bytes': qat.bytes_of(float_base), 'method_bytes': own_bytes}
+    if tree_lib.flatten(own):
+      int8_bytes = (qat.bytes_of(base) if stored else
+                    int8.convert(module, float_base, inputs, q).weight_bytes)
+      convert = 'int8 inference of the merged model: python -m peftjax.quant.convert'
+      if q.qat and q.of == 'effective':  # trained as the int8 grid of the merged weights
+        served, what = int8_bytes, f'int8 model of the merged weights (as trained); {convert}'
+      else:
+        served = int8_bytes + own_bytes
+        what = (f'int8 base + float {method.name} parameters (unmerged), as trained; '
+                f'{convert}')
+      out.update(int8_base_bytes=int8_bytes)
+    else:
+      if static is not None:
+        model, how = int8.convert(module, float_base, inputs, q, scales=static), 'static (QAT)'
+      elif q.activations == 'static' and not q.qat:
+        batches = setup.data.train_batches(config.train.batch_size, config.seed)
+        sites = qat.find_quant_sites(module, float_base, inputs, q)
+        ranges = stacked.calibrate(module, float_base, sites,
+                                   [batches[i] for i in range(q.calibration_batches)], q,
+                                   setup.built.input_keys)
+        model = int8.convert(module, float_base, inputs, q, ranges=ranges)
+        how = f'static ({q.observer}, {q.calibration_batches} batches)'
+      elif q.activations == 'lsq':
+        raise ConfigError("quant.activations='lsq': the learned steps are the method's "
+                          'parameters, which the report does not see; valid: per_token, '
+                          'dynamic, static or none')
+      else:
+        model = int8.convert(module, float_base, inputs, q)
+        how = model.settings['activations']
+      served = model.weight_bytes
+      what = f'real int8 model (weights per channel, activations {how})'
+      em = int8_exact_match(config, setup, model)
+      out.update(int8_layers=len(model.sites), activations=how,
+                 **{f'int8_{k}': v for k, v in em.items()})
+    out['served_bytes'] = served
+    return {'quant': out, 'served_bytes': served, 'served': what}
+  return report
+
+
+def from_config(config, setup) -> Component | None:
+  """On for a causal LM with ``quant.qat``, ``quant.qlora`` or ``quant.ptq``."""
+  q = config.quant
+  ptq = bool(q.get('ptq', False))
+  if not (q.qat or q.qlora or ptq):
+    return None
+  causal = getattr(setup.task, 'name', '') == 'causal_lm'
+  if not causal:
+    if ptq:
+      raise ConfigError('quant.ptq=True converts a causal LM at the end of its run; for this '
+                        f'{getattr(setup.task, "name", "")} run convert the finished run: '
+                        'python -m peftjax.quant.convert --config=... --workdir=...')
+    return None
+  if ptq and tree_lib.flatten(_inner_tree(setup.method, setup.trainable['peft'])):
+    raise ConfigError(
+        f'quant.ptq=True with peft.method={setup.method.name!r}: its parameters stay outside '
+        'the base the end-of-run report converts; valid: peft.method=full (or a distilled '
+        'student), or python -m peftjax.quant.convert on the finished run')
+  return Component('quant_report', report=report_fn(config, setup))
