@@ -145,3 +145,27 @@ def test_static_ptq_variant_through_main(tmp_path):
   assert s['served_bytes'] == s['quant']['served_bytes']
 
 
+
+
+def test_ptq_tool_converts_a_finished_lora_run_to_a_saved_int8_model(tmp_path):
+  from peftjax.quant import int8
+  from peftjax.quant import lm
+  from peftjax.quant.convert import ptq
+  c, wd, _, setup, trained = _finished('qlora')
+  s = ptq(c, wd, str(tmp_path / 'int8'), timing_steps=1, log=lambda m: None)
+  assert s['activations'] == 'per_token' and s['int8_layers'] == 8
+  assert set(s['float']) == set(s['int8']) == {'exact_match'}
+  assert s['int8_bytes'] < s['float_bytes'] / 3 and s['generate_time_ratio'] > 0
+  # The saved model: LoRA merged into the dequantized base and re-quantized, in int8, equal to
+  # the merged model converted here (its weights, scales and forward).
+  merged = setup.method.merge(trained['base'], trained['peft'])
+  loaded = int8.load(tmp_path / 'int8', setup.built.module, merged)
+  fresh, _ = lm.int8_model(c, setup, merged)
+  flat, want = tree_lib.flatten(loaded.merged_params()), tree_lib.flatten(fresh.merged_params())
+  assert sorted(flat) == sorted(want)
+  for p, v in want.items():
+    np.testing.assert_array_equal(flat[p], v)
+    assert flat[p].dtype == v.dtype
+  assert all(flat[st.weight_path].dtype == jnp.int8 for st in loaded.sites)
+  inputs = lm.sample_inputs(setup)
+  np.testing.assert_array_equal(loaded.jit()(inputs), fresh.jit()(inputs))

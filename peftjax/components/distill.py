@@ -5,7 +5,6 @@ or, for a causal LM, :func:`peftjax.compress.lm_distill.objective` (KD on the co
 tokens)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -80,12 +79,8 @@ def _pretrained_teacher_score(config, setup, teacher):
   """``report()`` of a pretrained LM teacher: its exact match on the test split, generated as
   the run's own evaluation generates (the score a student is compared with)."""
   def score():
-    from peftjax import peft  # pylint: disable=g-import-not-at-top  (run imports components)
-    from peftjax import run as run_lib  # pylint: disable=g-import-not-at-top
-    t_setup = dataclasses.replace(setup, built=teacher, method=peft.Method(config.peft))
-    texts = run_lib.make_generator(t_setup, config.generate)
-    metrics = run_lib.generation_eval(t_setup, texts, {'base': teacher.params, 'peft': {}}, {},
-                                      config.data.test_split)
+    from peftjax.quant import lm  # pylint: disable=g-import-not-at-top
+    metrics = lm.exact_match(config, setup, teacher.module, teacher.params)
     return {f'teacher_{k}': v for k, v in metrics.items()}
   return score
 

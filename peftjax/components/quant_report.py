@@ -21,8 +21,6 @@ server holds: int8 weights, their scales and the float rest (norms; a method's p
 """
 from __future__ import annotations
 
-import dataclasses
-
 from peftjax import tree as tree_lib
 from peftjax.components.base import Component
 from peftjax.errors import ConfigError
@@ -36,28 +34,11 @@ def _inner_tree(method, peft_params):
   return peft_params
 
 
-def int8_exact_match(config, setup, model) -> dict:
-  """``{'exact_match': ...}`` of ``model`` (an :class:`Int8Model` of ``setup``'s LM) on the
-  test split, generated in int8 as the run's own evaluation generates."""
-  from peftjax import peft  # pylint: disable=g-import-not-at-top  (run imports components)
-  from peftjax import run as run_lib  # pylint: disable=g-import-not-at-top
-  built = dataclasses.replace(setup.built, module=model.as_module(), params=None)
-  t_setup = dataclasses.replace(setup, built=built, method=peft.Method(config.peft))
-  texts = run_lib.make_generator(t_setup, config.generate)
-  return run_lib.generation_eval(t_setup, texts, {'base': model.merged_params(), 'peft': {}},
-                                 {}, config.data.test_split)
-
-
-def _sample(setup) -> dict:
-  inputs = setup.task.sample_inputs(setup.built, setup.data)
-  return {k: v for k, v in inputs.items() if k in setup.built.input_keys}
-
-
 def report_fn(config, setup):
   """``report(base) -> {'quant': ..., 'served_bytes', 'served'}`` (see the module docstring)."""
   from peftjax.quant import int8  # pylint: disable=g-import-not-at-top
+  from peftjax.quant import lm  # pylint: disable=g-import-not-at-top
   from peftjax.quant import qat  # pylint: disable=g-import-not-at-top
-  from peftjax.quant import stacked  # pylint: disable=g-import-not-at-top
   q, method = config.quant, setup.method
   own = _inner_tree(method, setup.trainable['peft'])
   own_bytes = qat.bytes_of(own)  # shapes are fixed from step 0: the final bytes
@@ -65,13 +46,12 @@ def report_fn(config, setup):
       isinstance(method, qat.Quantized) and method.static) else None  # never trained
 
   def report(base):
-    module, inputs = setup.built.module, _sample(setup)
     stored = qat.Quantized._stored(base)  # pylint: disable=protected-access  (QLoRA's int8)
     float_base = qat.load_int8(base, stored) if stored else base
     out = {'float_bytes': qat.bytes_of(float_base), 'method_bytes': own_bytes}
     if tree_lib.flatten(own):
-      int8_bytes = (qat.bytes_of(base) if stored else
-                    int8.convert(module, float_base, inputs, q).weight_bytes)
+      int8_bytes = (qat.bytes_of(base) if stored else int8.convert(
+          setup.built.module, float_base, lm.sample_inputs(setup), q).weight_bytes)
       convert = 'int8 inference of the merged model: python -m peftjax.quant.convert'
       if q.qat and q.of == 'effective':  # trained as the int8 grid of the merged weights
         served, what = int8_bytes, f'int8 model of the merged weights (as trained); {convert}'
@@ -81,26 +61,14 @@ def report_fn(config, setup):
                 f'{convert}')
       out.update(int8_base_bytes=int8_bytes)
     else:
-      if static is not None:
-        model, how = int8.convert(module, float_base, inputs, q, scales=static), 'static (QAT)'
-      elif q.activations == 'static' and not q.qat:
-        batches = setup.data.train_batches(config.train.batch_size, config.seed)
-        sites = qat.find_quant_sites(module, float_base, inputs, q)
-        ranges = stacked.calibrate(module, float_base, sites,
-                                   [batches[i] for i in range(q.calibration_batches)], q,
-                                   setup.built.input_keys)
-        model = int8.convert(module, float_base, inputs, q, ranges=ranges)
-        how = f'static ({q.observer}, {q.calibration_batches} batches)'
-      elif q.activations == 'lsq':
+      if q.qat and q.activations == 'lsq':
         raise ConfigError("quant.activations='lsq': the learned steps are the method's "
                           'parameters, which the report does not see; valid: per_token, '
                           'dynamic, static or none')
-      else:
-        model = int8.convert(module, float_base, inputs, q)
-        how = model.settings['activations']
+      model, how = lm.int8_model(config, setup, float_base, static=static)
       served = model.weight_bytes
       what = f'real int8 model (weights per channel, activations {how})'
-      em = int8_exact_match(config, setup, model)
+      em = lm.exact_match(config, setup, model.as_module(), model.merged_params())
       out.update(int8_layers=len(model.sites), activations=how,
                  **{f'int8_{k}': v for k, v in em.items()})
     out['served_bytes'] = served
