@@ -191,6 +191,15 @@ def test_static_ranges_are_calibrated_per_layer_on_the_unrolled_twin():
                                for k, v in zip(('act_scale', 'act_zero'), sz)})
   ref = peft.apply(MODEL, method, params(), {'method': {}, 'static': static}, inputs)
   np.testing.assert_allclose(model.jit()(inputs), ref, atol=2e-5, rtol=1e-5)
+  # Static QAT calibrates the same per-layer scales; LSQ starts one step per layer from them.
+  got = method.calibrate(MODEL, params(), {}, batches, ('input_ids',))['static']
+  for p, v in tree_lib.flatten(static).items():
+    np.testing.assert_allclose(tree_lib.flatten(got)[p], v, rtol=1e-6)
+  lsq = _qat_method(_quant('lsq'))
+  steps = lsq.calibrate(MODEL, params(), lsq.init(jax.random.key(0), MODEL, params(), inputs),
+                        batches, ('input_ids',))['lsq']
+  step = tree_lib.flatten(steps)['layers/mlp/down_proj/act_step']
+  np.testing.assert_allclose(step, np.maximum(-np.asarray(lo), np.asarray(hi)) / 127, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- distillation

@@ -256,7 +256,7 @@ def _first_arg(next_fun, args, kwargs, fn):
   return next_fun(**{**kwargs, first: fn(kwargs[first])})
 
 
-def token_axes(ndim: int, x_axes) -> tuple | None:
+def token_axes(ndim: int, x_axes) -> tuple:
   """The axes of an input that keep their own scale under 'per_token': all but the contracted
   ones (a Dense's ``(batch, length, in)`` -> ``(0, 1)``: one scale per token).
 
