@@ -314,3 +314,45 @@ def test_bad_variants_and_ptq_of_a_lora_run_are_refused():
   c = _tiny('qlora', quant__qlora=False, quant__ptq=True)
   with pytest.raises(ConfigError, match="quant.ptq=True with peft.method='lora'"):
     run_lib.build_setup(c)
+
+
+def test_wanda_scores_weigh_each_weight_by_its_inputs_norm_per_layer():
+  from peftjax.compress import prune
+  from peftjax.compress import wanda
+  batches = [{'input_ids': jnp.asarray(PROMPTS),
+              'attention_mask': jnp.asarray((np.arange(9) < LENGTHS[:, None]).astype(np.int32))}]
+  scores = wanda.wanda_scores(MODEL, params(), lm_compress.LAYER_KERNELS, batches,
+                              ('input_ids', 'attention_mask'))
+  # Layer 2's down_proj by hand: its input in the unrolled twin, real tokens only.
+  twin, seen = stacked.unrolled_module(MODEL), {}
+
+  def spy(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and '/'.join(context.module.path) == \
+        'layer_2/mlp/down_proj':
+      seen['x'] = np.asarray(args[0])
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(spy):
+    twin.apply({'params': stacked.unroll(params(), 3)}, **batches[0])
+  real = seen['x'][np.asarray(batches[0]['attention_mask']) > 0]
+  w = np.asarray(tree_lib.flatten(params())['layers/mlp/down_proj/kernel'][2])
+  got = tree_lib.flatten(scores)['layers/mlp/down_proj/kernel']
+  assert got.shape == (3, CFG.intermediate_size, CFG.hidden_size)
+  np.testing.assert_allclose(got[2], np.abs(w) * np.sqrt((real ** 2).sum(0))[:, None],
+                             rtol=1e-5)
+  masks = tree_lib.flatten(prune.nm_masks(scores, n=2, m=4, targets=lm_compress.LAYER_KERNELS))
+  by_weight = tree_lib.flatten(prune.nm_masks(params(), n=2, m=4,
+                                              targets=lm_compress.LAYER_KERNELS))
+  assert sorted(masks) == sorted(by_weight)
+  assert any(not np.array_equal(masks[p], by_weight[p]) for p in masks)  # another ranking
+
+
+def test_bad_prune_scores_are_refused():
+  from peftjax.compress import plan
+  c = lm_compress.get_config('prune24_lora')
+  c.compress.prune.score = 'first_order'
+  with pytest.raises(ConfigError, match="compress.prune.score='first_order' with kind='nm'"):
+    plan.validate(c.compress)
+  c.compress.prune.score, c.compress.prune.kind, c.compress.prune.end_step = 'wanda', \
+      'magnitude', 10
+  with pytest.raises(ConfigError, match="score='wanda' with end_step=10"):
+    plan.validate(c.compress)

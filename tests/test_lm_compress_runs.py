@@ -89,7 +89,8 @@ def test_24_pattern_holds_in_every_group_of_four_after_training():
                               + n_target // 2 * 2 // 8)
   assert summary['served_bytes'] == comp['nm_bytes'] + comp['method_bytes']
   # A trained base (full fine-tuning) is masked again after every update: still 2:4.
-  c = _tiny('prune24_lora', peft__method='full', optim__learning_rate=1e-2)
+  c = _tiny('prune24_lora', peft__method='full', optim__learning_rate=1e-2,
+            compress__prune__score='magnitude')
   setup = run_lib.build_setup(c)
   tx, state = run_lib.initial_state(c, setup, setup.trainable)
   step = jax.jit(step_lib.make_train_step(run_lib.setup_forward(setup), tx, setup.task,

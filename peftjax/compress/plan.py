@@ -31,6 +31,7 @@ from peftjax.compress import lm_distill
 from peftjax.compress import lowrank
 from peftjax.compress import prune as prune_lib
 from peftjax.compress import structured
+from peftjax.compress import wanda
 from peftjax.errors import ConfigError
 from peftjax.models.bert import BertClassifier
 from peftjax.models.build import Built
@@ -38,7 +39,8 @@ from peftjax.models.build import sample_inputs
 from peftjax.models.llama import LlamaForCausalLM
 
 PRUNE_KINDS = ('none', 'magnitude', 'nm', 'heads', 'ffn')
-SCORES = ('magnitude', 'first_order')
+SCORES = ('magnitude', 'first_order')  # heads/ffn
+MASK_SCORES = ('magnitude', 'wanda')  # magnitude/nm: |w|, or |w| times its input's norm
 
 
 @dataclasses.dataclass
@@ -70,6 +72,17 @@ def validate(cc) -> None:
           'valid: 0 <= begin_step < end_step and every >= 1 (or end_step=0: one shot)')
   if p.kind == 'nm' and not (1 <= p.n <= p.m):
     raise ConfigError(f'compress.prune.n={p.n}, m={p.m}; valid: 1 <= n <= m (2:4 keeps 2 of 4)')
+  if p.kind in ('magnitude', 'nm'):
+    if p.score not in MASK_SCORES:
+      raise ConfigError(f'compress.prune.score={p.score!r} with kind={p.kind!r}; valid: '
+                        f'{", ".join(map(repr, MASK_SCORES))} (wanda: |w| times the norm of '
+                        'its input over compress.prune.score_batches train batches)')
+    if p.score == 'wanda' and p.kind == 'magnitude' and p.end_step:
+      raise ConfigError(f"compress.prune.score='wanda' with end_step={p.end_step}: gradual "
+                        "pruning re-ranks the trained weights by magnitude; valid: end_step=0 "
+                        "(one shot) or score='magnitude'")
+    if p.score == 'wanda' and p.score_batches < 1:
+      raise ConfigError(f'compress.prune.score_batches={p.score_batches}; valid: >= 1')
   if p.kind in ('heads', 'ffn') and p.score not in SCORES:
     raise ConfigError(f'compress.prune.score={p.score!r}; valid: {", ".join(SCORES)}')
   d = cc.distill
@@ -262,14 +275,20 @@ def prepare(config, built: Built, data, load_run: Callable[[str], tuple[Any, Bui
     plan.report['lowrank'] = {k: rep[k] for k in rep if k != 'kernels'}
     plan.report['lowrank']['ranks'] = {k: v['rank'] for k, v in rep['kernels'].items()}
 
+  if p.kind in ('magnitude', 'nm'):
+    ranked = built.params
+    if p.score == 'wanda':  # |w| times its input's norm on calibration batches
+      batches = data.train_batches(config.train.batch_size, config.seed)
+      ranked = wanda.wanda_scores(built.module, built.params, p.targets,
+                                  [batches[i] for i in range(p.score_batches)], built.input_keys)
   if p.kind == 'magnitude':
     plan.gradual = p.end_step > 0
     s0 = _schedule(p, 0) if plan.gradual else p.sparsity
-    plan.masks = prune_lib.magnitude_masks(built.params, s0, targets=p.targets, scope=p.scope)
+    plan.masks = prune_lib.magnitude_masks(ranked, s0, targets=p.targets, scope=p.scope)
   elif p.kind == 'nm':
-    plan.masks = prune_lib.nm_masks(built.params, n=p.n, m=p.m, targets=p.targets)
+    plan.masks = prune_lib.nm_masks(ranked, n=p.n, m=p.m, targets=p.targets)
   if plan.masks is not None:
-    plan.report['prune'] = {'kind': p.kind, 'targets': p.targets,
+    plan.report['prune'] = {'kind': p.kind, 'targets': p.targets, 'score': p.score,
                             'leaves': len(tree_lib.flatten(plan.masks))}
     # Pruned before the method sees the base (e.g. PiSSA's SVD of the pruned weight).
     built = dataclasses.replace(built, params=prune_lib.apply_masks(built.params, plan.masks))
