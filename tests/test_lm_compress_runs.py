@@ -170,3 +170,9 @@ def test_ptq_tool_converts_a_finished_lora_run_to_a_saved_int8_model(tmp_path):
   assert all(flat[st.weight_path].dtype == jnp.int8 for st in loaded.sites)
   inputs = lm.sample_inputs(setup)
   np.testing.assert_array_equal(loaded.jit()(inputs), fresh.jit()(inputs))
+  # The end-of-run report given the trained LoRA (when the loop passes it) converts the same
+  # merged model and scores it the same.
+  from peftjax.components import quant_report
+  r = quant_report.report_fn(c, setup)(trained['base'], peft=trained['peft'])
+  assert r['quant']['int8_exact_match'] == s['int8']['exact_match']
+  assert r['served_bytes'] == fresh.weight_bytes == s['int8_bytes']

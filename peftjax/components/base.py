@@ -20,12 +20,14 @@ each one that is set, in the order the components are listed, and know no compon
 * ``after_update(micro_step, params, state) -> (params, state)``: after each update (pruning
   masks re-applied, so pruned weights stay zero);
 * ``report(params) -> dict``: entries merged into ``summary.json`` (``params`` the final full
-  base on the host).
+  base on the host; a report declaring ``report(params, peft=None)`` also gets the trained
+  method parameters when the loop passes them).
 
 >>> comp = Component('double', loss=lambda ctx: (ctx.params['peft']['w'].sum(), {}))  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple
 
 
@@ -82,8 +84,13 @@ def changes_at(components) -> frozenset:
   return frozenset().union(*(c.changes_at for c in components))
 
 
-def merge_reports(components, params) -> dict:
-  """The components' reports merged (nested dicts merged key by key)."""
+def merge_reports(components, params, peft=None) -> dict:
+  """The components' reports merged (nested dicts merged key by key).
+
+  ``peft`` (the trained method parameters, on the host) goes to the reports that take it
+  (``report(params, peft=None)``: e.g. the quant report merges a LoRA into the base to convert
+  the merged model); the others get the base alone.
+  """
   out: dict = {}
 
   def merge(dst, src):
@@ -94,5 +101,6 @@ def merge_reports(components, params) -> dict:
         dst[k] = v
   for c in components:
     if c.report is not None:
-      merge(out, c.report(params))
+      takes = peft is not None and 'peft' in inspect.signature(c.report).parameters
+      merge(out, c.report(params, peft=peft) if takes else c.report(params))
   return out

@@ -9,10 +9,11 @@ run:
   with static ranges calibrated on ``quant.calibration_batches`` train batches) and its exact
   match is *generated in int8* (:meth:`peftjax.quant.int8.Int8Model.step`): ``int8_exact_match``
   beside the run's own ``exact_match_after`` (the float or fake-quant model);
-* a method with parameters of its own (LoRA on a QLoRA or QAT base) is served as trained, an
-  int8 base with the float method beside it (its ``exact_match_after`` is that model's): the
-  bytes are reported, the int8 conversion of the merged model is
-  ``python -m peftjax.quant.convert`` (the report sees the final base only).
+* a method with parameters of its own (LoRA on a QLoRA or QAT base) is merged into the base
+  and converted the same way when the loop passes the trained method parameters to the report
+  (``report(base, peft)``); given the base alone it is reported as served as trained, an int8
+  base with the float method beside it (its ``exact_match_after`` is that model's), with its
+  bytes, and the int8 model of the merged weights is ``python -m peftjax.quant.convert``'s.
 
 ``served_bytes`` (top level, with ``served``, a description) is the bytes of the weights a
 server holds: int8 weights, their scales and the float rest (norms; a method's parameters).
@@ -45,15 +46,21 @@ def report_fn(config, setup):
   static = method.static_scales(setup.trainable['peft']) if (
       isinstance(method, qat.Quantized) and method.static) else None  # never trained
 
-  def report(base):
+  def report(base, peft=None):
     stored = qat.Quantized._stored(base)  # pylint: disable=protected-access  (QLoRA's int8)
     float_base = qat.load_int8(base, stored) if stored else base
     out = {'float_bytes': qat.bytes_of(float_base), 'method_bytes': own_bytes}
-    if tree_lib.flatten(own):
+    has_own = bool(tree_lib.flatten(own))
+    if has_own and peft is not None:
+      # The trained method at hand (the loop passed it): merged, then converted like a model
+      # trained whole (QLoRA: into the dequantized base, re-quantized).
+      float_base = method.merge(base, peft)
+    lsq = q.qat and q.activations == 'lsq'  # learned steps: no int8 model of them here
+    if lsq or (has_own and peft is None):
       int8_bytes = (qat.bytes_of(base) if stored else int8.convert(
           setup.built.module, float_base, lm.sample_inputs(setup), q).weight_bytes)
       convert = 'int8 inference of the merged model: python -m peftjax.quant.convert'
-      if q.qat and q.of == 'effective':  # trained as the int8 grid of the merged weights
+      if lsq or (q.qat and q.of == 'effective'):  # trained as the int8 grid of these weights
         served, what = int8_bytes, f'int8 model of the merged weights (as trained); {convert}'
       else:
         served = int8_bytes + own_bytes
@@ -61,10 +68,6 @@ def report_fn(config, setup):
                 f'{convert}')
       out.update(int8_base_bytes=int8_bytes)
     else:
-      if q.qat and q.activations == 'lsq':
-        raise ConfigError("quant.activations='lsq': the learned steps are the method's "
-                          'parameters, which the report does not see; valid: per_token, '
-                          'dynamic, static or none')
       model, how = lm.int8_model(config, setup, float_base, static=static)
       served = model.weight_bytes
       what = f'real int8 model (weights per channel, activations {how})'
