@@ -246,6 +246,16 @@ def test_refusals_change_nothing(base, adapters, lib, prompts, tmp_path):
     lib.load('other', path)
   _same_state(lib, before)
   assert lib.base_hash() == delta.base_hash(jax.device_get(params))
+  # A fixed prefix length and slot count are limits, not grown.
+  small = LMAdapterLibrary(module, params, max_rank=8, max_prefix=4, slots=2)
+  with pytest.raises(AdapterError, match=r'its prefix has 5 positions, over the library '
+                                         r'max_prefix=4'):
+    small.add_method('prompt', *adapters['prompt'])
+  small.add_method('ia3', *adapters['ia3'])
+  before = _state(small)
+  with pytest.raises(AdapterError, match=r"slots=2 \(one is the base\), all in use by \['ia3'\]"):
+    small.add_method('lora4', *adapters['lora4'])
+  _same_state(small, before)
 
 
 # ------------------------------------------------------------------------------ compiles
@@ -284,6 +294,25 @@ def test_hot_swap_and_another_mix_compile_nothing(base, adapters, lib, prompts, 
   before = generation.compile_count()
   lib.generate(ids, lengths, no_ia3[:-1] + ['ia3_q'], max_new_tokens=NEW)
   assert generation.compile_count() == before + 1
+
+
+def test_hf_peft_adapter_serves_as_its_lora(base, adapters, prompts, alone, tmp_path):
+  """An HF PEFT LoRA adapter of a LlamaForCausalLM (the tied embedding too) joins a library
+  through serving.hf.load_peft and generates as the adapter it was written from."""
+  from peftjax.hf import save_peft_llama
+  from peftjax.serving import hf
+  module, params, _ = base
+  method, p = adapters['lora4']
+  save_peft_llama(tmp_path / 'peft', p, module.cfg, rank=4, alpha=8.0)
+  lib = LMAdapterLibrary(module, params, max_rank=4)
+  hf.load_peft(lib, 'peft', tmp_path / 'peft')
+  assert lib['peft'].manifest['format'] == 'hf-peft'
+  assert sorted(lib['peft'].lora) == ['embed', 'layers/attn/k_proj', 'layers/attn/o_proj',
+                                      'layers/attn/q_proj', 'layers/attn/v_proj']
+  ids, lengths = prompts
+  out = lib.generate(ids[:2], lengths[:2], ['peft', 'base'], max_new_tokens=NEW)
+  assert out.ids[0].tolist() == alone(base, 'lora4', adapters['lora4'], ids[0], lengths[0])
+  assert out.ids[1].tolist() == alone(base, 'base', None, ids[1], lengths[1])
 
 
 # ------------------------------------------------------------------------------ files and CLI
