@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant = ml_collections.ConfigDict()  # int8 quantization (peftjax/quant/)
   c.quant.qat = False  # quantization-aware training: fake-quant (STE) of the matched matmuls
   c.quant.qlora = False  # hold the frozen base in int8 (weight-only) while the method trains
+  # post-training quantization at the end of a causal-LM run: the trained model (LoRA merged)
+  # converted to int8 and its exact match generated in int8 (peftjax/components/quant_report.py)
+  c.quant.ptq = False
   c.quant.bits = 8  # weight bits, 2..8
   c.quant.act_bits = 8  # activation bits, 2..8
   c.quant.targets = r'encoder/.*kernel$'  # regex over weight paths whose matmuls are quantized
@@ -130,7 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.symmetric = True  # weights: symmetric (zero point 0) or asymmetric
   c.quant.act_symmetric = True  # activations: symmetric, or asymmetric with a zero point
   # Activation scales: 'dynamic' (per batch, from its min/max), 'static' (calibrated before
-  # training/conversion), 'lsq' (learned step size, QAT only), 'none' (weight-only).
+  # training/conversion), 'lsq' (learned step size, QAT only), 'none' (weight-only), 'per_token'
+  # (one scale per token: a row's result does not depend on the rest of its batch).
   c.quant.activations = 'dynamic'
   # With a PEFT method, QAT quantizes 'base' (the frozen base; the method stays float on top) or
   # 'effective' (the merged weight, e.g. W + s·A·B; needs a mergeable method).
@@ -163,10 +167,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.compress.prune.m = 4  # nm: ... of every m (the group size)
   c.compress.prune.keep_heads = 6  # heads: heads kept in every layer
   c.compress.prune.keep_ffn = 768  # ffn: FFN channels kept in every layer
-  c.compress.prune.score = 'magnitude'  # heads/ffn: 'magnitude' | 'first_order' (|sum w*grad|)
-  c.compress.prune.score_batches = 4  # first_order: train batches the gradients are summed over
+  # heads/ffn: 'magnitude' | 'first_order' (|sum w*grad|); nm and one-shot magnitude masks:
+  # 'magnitude' | 'wanda' (|w| times its input's norm over score_batches train batches)
+  c.compress.prune.score = 'magnitude'
+  c.compress.prune.score_batches = 4  # first_order / wanda: train batches scored
   c.compress.distill = ml_collections.ConfigDict()  # knowledge distillation from a teacher run
-  c.compress.distill.teacher = ''  # workdir of a finished run: its model is the teacher; '' = off
+  # workdir of a finished run: its model is the teacher; 'pretrained' (causal LMs): the model
+  # the run starts from; '' = off
+  c.compress.distill.teacher = ''
   # The student: 'every_other' (the teacher's layers 0, 2, 4, ... with its head: DistilBERT's
   # init), a tuple of teacher layer indices, or '' (the model section: e.g. model.num_layers=3).
   c.compress.distill.student_layers = 'every_other'

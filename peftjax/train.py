@@ -575,7 +575,8 @@ def _train_and_evaluate(config, workdir: str, fresh: bool, run: _RunState) -> di
   }
   if any(c.report is not None for c in components):
     summary.update(comp_lib.merge_reports(
-        components, sharding.to_host(tree_lib.combine(frozen, state.params['base']))))
+        components, sharding.to_host(tree_lib.combine(frozen, state.params['base'])),
+        peft=sharding.to_host(state.params['peft'])))
   if t.save_adapter:
     # The trainable partition alone, with its provenance (peftjax/delta.py). Every process
     # gathers (a collective when weights are sharded over processes); process 0 writes.

@@ -92,9 +92,4 @@ def from_config(config, setup) -> Component | None:
                         f'{getattr(setup.task, "name", "")} run convert the finished run: '
                         'python -m peftjax.quant.convert --config=... --workdir=...')
     return None
-  if ptq and tree_lib.flatten(_inner_tree(setup.method, setup.trainable['peft'])):
-    raise ConfigError(
-        f'quant.ptq=True with peft.method={setup.method.name!r}: its parameters stay outside '
-        'the base the end-of-run report converts; valid: peft.method=full (or a distilled '
-        'student), or python -m peftjax.quant.convert on the finished run')
   return Component('quant_report', report=report_fn(config, setup))
