@@ -80,8 +80,5 @@ def get_config(arg=None):
       overrides = {k: v for k, v in overrides.items() if k.startswith('compress.')}
   else:
     c = lm_quickstart.get_config(method)
-  # Post-training quantization at the end of the run (components/quant_report.py); a field of
-  # this config only.
-  c.quant.ptq = False
   c.update_from_flattened_dict(overrides)
   return c
