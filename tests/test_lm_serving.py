@@ -222,6 +222,8 @@ def test_refusals_change_nothing(base, adapters, lib, prompts, tmp_path):
   with pytest.raises(AdapterError, match=r"adapter 'nope' is not in the library; valid: "
                                          r"'base', 'lora4', 'rslora8'"):
     lib.generate(ids[:2], lengths[:2], ['lora4', 'nope'], max_new_tokens=NEW)
+  with pytest.raises(AdapterError, match=r'share_prefix=True is invalid for a library batch'):
+    lib.generate(ids[:2], lengths[:2], ['lora4', 'base'], max_new_tokens=NEW, share_prefix=True)
   # Another model shape: the tiny model at width 32.
   small = _config({})
   small.model.llama.hidden_size, small.model.llama.head_dim = 32, 8
@@ -385,6 +387,21 @@ def test_generate_cli_with_two_adapter_files(plain, files, file_lib, alone):
     want = alone(plain, ('plain', r['adapter']), ad, ids, len(ids))
     assert r['completion'] == tokenizer.decode(want) and r['completion_tokens'] == NEW, r
     assert r['prompt_tokens'] == len(ids) and r['finish_reason'] == 'length'
+
+
+def test_generate_cli_streams_a_prompt_through_one_adapter(plain, files, file_lib, alone):
+  import io
+  paths, _ = files
+  _, _, tokenizer = plain
+  shown = io.StringIO()
+  rec = generate_run(prompt='To be or not', adapters=[f'b={paths["b"]}'], chat=False,
+                     max_new_tokens=NEW, out=shown)
+  ids = np.asarray(tokenizer.encode('To be or not', add_special_tokens=True), np.int32)
+  lib, _ = file_lib
+  want = alone(plain, ('plain', 'b'), (lib['b'].method_obj, lib['b'].peft_params), ids,
+               len(ids))
+  assert rec['completion'] == tokenizer.decode(want) == shown.getvalue()[:-1]
+  assert rec['completion_tokens'] == NEW
 
 
 def test_generate_cli_refusals_write_nothing(files, tmp_path):

@@ -484,6 +484,10 @@ class LMAdapterLibrary:
     if isinstance(adapters, str) or rows != len(adapters):
       raise AdapterError(f'adapters names {1 if isinstance(adapters, str) else len(adapters)} '
                          f'rows for {rows} prompt rows; valid: one adapter name per prompt row')
+    if kwargs.pop('share_prefix', False):
+      raise AdapterError('share_prefix=True is invalid for a library batch: a prefix shared by '
+                         'the rows is computed once, but each row\'s keys and values are its own '
+                         "adapter's; valid: False (the default here)")
     step, make_cache = self.step(adapters)
     kwargs.setdefault('max_positions', self.cfg.max_position)
     return generation.generate(step, make_cache, prompt_ids, prompt_lengths, share_prefix=False,
