@@ -127,8 +127,26 @@ def test_committed_lm_results_have_the_keys():
   assert r['details']['tokens_generated'] == {'b1_n': n, 'b1_1': 1, 'b16_n': 16 * n, 'b16_1': 16}
 
 
+LM_SERVING_KEYS = ('mixed_adapters_decode_ratio', 'mixed_adapters_prefill_ratio',
+                   'prefix_decode_ratio', 'swap_recompiles', 'int8_decode_speedup')
+
+
+def test_committed_lm_serving_results_have_the_keys():
+  from benchmarks import lm_serving
+  r = json.loads(pathlib.Path(lm_serving.RESULTS).read_text())
+  for k in LM_SERVING_KEYS:
+    assert k in r, k
+  assert r['swap_recompiles'] == 0 and r['int8_decode_speedup'] > 0
+  s = r['settings']
+  assert (s['num_layers'], s['hidden_size'], s['dtype']) == (30, 576, 'float32')  # SmolLM2-135M
+  assert (s['requests'], s['adapters'], s['prompt_length']) == (16, 8, 128)
+  assert s['lora']['rank'] == 8 and s['timed_decode_steps'] >= 20
+  assert s['timed_prefill_rounds'] >= 20
+  assert set(r['target_notes']) == set(r['meets_targets']) == set(lm_serving.TARGETS)
+
+
 @pytest.mark.parametrize('name', ['lora_vs_full', 'quant', 'moe', 'multi_adapter', 'precision',
-                                  'compression_bench', 'any_model', 'lm'])
+                                  'compression_bench', 'any_model', 'lm', 'lm_serving'])
 def test_committed_results_name_the_cpu(name):
   # Ratios from a CPU without AVX512-BF16 or AMX say nothing of bf16 on one that has them.
   s = json.loads((RESULTS / f'{name}.json').read_text())['settings']
