@@ -79,7 +79,6 @@ def base_model(adapters: dict[str, str], manifests: dict[str, dict], base: str =
                field: str = '--model') -> BaseModel:
   """The base of the first adapter (``base``, a ``.gguf`` file or HF directory, replaces its
   ``model.pretrained``: another copy of the same checkpoint), without its weights."""
-  import dataclasses as dc  # pylint: disable=g-import-not-at-top
   from peftjax.data.lm_tokenizer import LMTokenizer  # pylint: disable=g-import-not-at-top
   from peftjax.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top
   name, first = next(iter(manifests.items()))
@@ -98,9 +97,9 @@ def base_model(adapters: dict[str, str], manifests: dict[str, dict], base: str =
   else:
     from peftjax import generate as generate_lib  # pylint: disable=g-import-not-at-top
     cfg, tokenizer, _ = generate_lib.open_model(generate_lib.resolve_model(model_cfg.pretrained))
-    cfg = dc.replace(cfg, **over)
+    cfg = dataclasses.replace(cfg, **over)
   if model_cfg.get('num_layers'):
-    cfg = dc.replace(cfg, num_layers=int(model_cfg.num_layers))
+    cfg = dataclasses.replace(cfg, num_layers=int(model_cfg.num_layers))
   return BaseModel(model_cfg, seed, cfg, tokenizer)
 
 

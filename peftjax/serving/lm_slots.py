@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 
 import jax
-import jax.numpy as jnp
 
 from peftjax import tree as tree_lib
 from peftjax.peft import layers
