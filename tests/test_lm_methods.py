@@ -372,3 +372,26 @@ def test_gradual_unfreezing_on_the_lm(tmp_path):
   assert moved == mlp and len(mlp) == 6
   with pytest.raises(ConfigError, match='scan_layers=False'):
     run_lib.build_setup(_config(train__unfreeze=((0, 'layer_1/'),)))
+
+
+def test_rows_with_different_cached_prefixes_do_not_share_their_prompt(methods):
+  """generate() runs a shared prompt prefix once only when every row's cache starts alike:
+  rows with their own prefixes (a multi-adapter batch) each get their own prefix's tokens."""
+  m = methods('lora')
+  cfg = m.module.cfg
+  prefixes = 3.0 * jax.random.normal(jax.random.key(9), (cfg.num_layers, 2, 2, 4,
+                                                         cfg.num_kv_heads, cfg.head_dim))
+  step = generation.model_step(m.module, m.base0)
+  prompt = np.asarray(m.batch['input_ids'][0, :24])
+  ids, lengths = np.stack([prompt, prompt]), np.array([24, 24])
+  assert generation.shared_prefix(ids, lengths) >= 16
+
+  def per_row(b, n, rows=(0, 1)):
+    return init_cache(cfg, b, n, prefix_kv=jnp.stack([prefixes[:, r] for r in rows][:b], 1))
+
+  both = generation.generate(step, per_row, ids, lengths, max_new_tokens=5)
+  for r in range(2):
+    alone = generation.generate(step, functools.partial(per_row, rows=(r,)), ids[r:r + 1],
+                                lengths[r:r + 1], max_new_tokens=5)
+    np.testing.assert_array_equal(both.ids[r], alone.ids[0])
+  assert not np.array_equal(both.ids[0], both.ids[1])  # the prefixes matter

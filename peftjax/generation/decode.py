@@ -295,6 +295,15 @@ def cache_batch_axes(cache: Callable[[int, int], Any], max_len: int) -> tuple:
   return tuple(axes)
 
 
+def _rows_alike(cache, batch_axes: tuple) -> bool:
+  """Whether every row of ``cache`` equals row 0 (an empty cache; one prefix for all rows):
+  only then may the rows' shared prefix run once and its cache be copied to each."""
+  for x, ax in zip(jax.tree.leaves(cache), batch_axes):
+    if not bool(jnp.all(x == jax.lax.slice_in_dim(x, 0, 1, axis=ax))):
+      return False
+  return True
+
+
 def _decode(step, tok, pos, cache, rng, t, sampling):
   """Token ``t`` of each row: feed token ``t - 1`` (``tok``) at ``pos``."""
   logits, cache = step(tok[:, None], pos[:, None], cache)
@@ -438,7 +447,12 @@ def generate(step_fn, cache: Callable[[int, int], Any], prompt_ids, prompt_lengt
   lens[:rows] = lengths
   live = np.arange(b) < rows
   axes = cache_batch_axes(cache, p + n_new) if prefix else ()
-  out, count, _ = _generate_program(_as_step(step_fn), padded, lens, live, cache(b, p + n_new),
+  made = cache(b, p + n_new)
+  if prefix and not _rows_alike(made, axes):
+    # The rows start from different caches (per-row prefixes of a multi-adapter batch): the
+    # shared tokens' keys differ per row, so each row runs its whole prompt.
+    prefix, axes = 0, ()
+  out, count, _ = _generate_program(_as_step(step_fn), padded, lens, live, made,
                                     _key(rng), max_new_tokens=n_new, sampling=sampling,
                                     stop_ids=stops, pad_id=pad, prefix=prefix, batch_axes=axes)
   return Generation(np.asarray(out)[:rows], np.asarray(count)[:rows])
