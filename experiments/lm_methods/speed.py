@@ -13,7 +13,6 @@ in the KV cache): 33 tokens minus 1 token, over the 32 decode steps between.
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
 import sys
 

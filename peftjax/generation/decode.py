@@ -224,7 +224,8 @@ def method_cache(make_cache: Callable[..., Any], module, method, base_params, pe
   prefill and decode attend it without recomputing it; ``make_cache`` itself for a method
   without one.
 
-  >>> cache_fn = method_cache(functools.partial(init_cache, cfg), model, method, base, p)  # doctest: +SKIP
+  >>> make = functools.partial(init_cache, cfg)
+  >>> cache_fn = method_cache(make, model, method, base, p)  # doctest: +SKIP
   """
   prefix = method_prefix(module, method, base_params, peft_params)
   if prefix is None:
