@@ -4,7 +4,7 @@ two tasks scored by exact match of the generated answer.
   python -m experiments.sweep --config=experiments/lm_methods/config.py \\
       --workdir=experiments/lm_methods/runs                       # the study (resumable)
   python -m experiments.sweep --config=experiments/lm_methods/config.py:pilot=1 \\
-      --workdir=/tmp/lm_pilot                                      # the learning-rate pilot
+      --workdir=experiments/lm_methods/pilot                       # the learning-rate pilot
   python -m experiments.lm_methods.report --workdir=experiments/lm_methods/runs
 
 Tasks: ``rt`` -- the Rotten Tomatoes reviews as instructions (answer 'positive'/'negative');

@@ -1,7 +1,7 @@
 """Tables and the Pareto plot of the LM method study, from its sweep workdir (and speed.json).
 
   python -m experiments.lm_methods.report --workdir=experiments/lm_methods/runs
-  python -m experiments.lm_methods.report --workdir=/tmp/lm_pilot --pilot   # the LR pilot
+  python -m experiments.lm_methods.report --workdir=experiments/lm_methods/pilot --pilot
 
 Writes ``results.md`` and ``pareto.png`` next to this file. Exact match is the generated
 answer equal to the reference (``summary.json``'s ``exact_match_after``), mean ± std over the
