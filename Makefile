@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/compression_bench.py
 	$(PY) benchmarks/any_model.py
 	$(PY) benchmarks/lm.py
+	$(PY) benchmarks/lm_serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -102,7 +102,7 @@ def test_make_bench_runs_every_benchmark_as_a_script():
 # Quick modes: per benchmark, its headline keys and the exact (not timed) figures it must report.
 # The heavy ones take 1-2 min of CPU each; their default-run cover is test_benchmark_starts_as_a_script
 # (any_model's agreement of its candidates is test_scan_stack's and test_nnx's in the default run).
-HEAVY = {'quant', 'moe', 'precision', 'compression_bench', 'any_model'}
+HEAVY = {'quant', 'moe', 'precision', 'compression_bench', 'any_model', 'lm_serving'}
 
 
 def _check_lora_vs_full(r):
@@ -195,6 +195,13 @@ def _check_any_model(r):
   assert set(first) == {'scan', 'unrolled', 'nnx'} and max(first.values()) - min(first.values()) < 1e-3
 
 
+def _check_lm_serving(r):
+  for k in ('mixed_adapters_decode_ratio', 'mixed_adapters_prefill_ratio', 'prefix_decode_ratio',
+            'int8_decode_speedup'):
+    assert r[k] > 0, k
+  assert r['swap_recompiles'] == 0  # a count, not a timing: a hot swap compiles nothing
+
+
 def _check_lm(r):
   for k in ('lora_vs_full_step_ratio', 'train_mfu', 'decode_tokens_per_s_b1',
             'decode_tokens_per_s_b16', 'decode_roofline_b1', 'batch16_vs_batch1_throughput',
@@ -224,7 +231,7 @@ def _check_lm(r):
 CHECKS = {'lora_vs_full': _check_lora_vs_full, 'quant': _check_quant, 'moe': _check_moe,
           'multi_adapter': _check_multi_adapter, 'precision': _check_precision,
           'compression_bench': _check_compression, 'any_model': _check_any_model,
-          'lm': _check_lm}
+          'lm': _check_lm, 'lm_serving': _check_lm_serving}
 
 
 def _printed_json(stdout: str) -> dict:
